@@ -1,0 +1,200 @@
+"""Hugging Face compatible checkpoint directories for Decision Transformers.
+
+A directory holds:
+
+- `config.json`: `DecisionTransformerConfig` fields (see `DTConfig.to_dict`);
+- `model.safetensors`: tensors named and shaped as in HF's `DecisionTransformerModel`, that is
+  GPT-2 `Conv1D` weights stored [in, out] (glmgym's `nn.Linear` keeps [out, in]; we transpose);
+- `glmgym.json` (optional): what evaluation needs besides weights: state mean/std, reward scale,
+  target returns, env id, context length, dataset.
+
+Loading accepts `model.safetensors` or `pytorch_model.bin`; the latter only through
+`torch.load(weights_only=True)`, so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from glmgym._io import atomic_dir, atomic_write_json
+from glmgym.agents.config import DTConfig
+from glmgym.agents.model import DecisionTransformer
+from glmgym.errors import GlmgymError
+
+__all__ = [
+    "EXTRAS_FILE",
+    "Checkpoint",
+    "from_hf_state_dict",
+    "load_checkpoint",
+    "save_checkpoint",
+    "to_hf_state_dict",
+]
+
+EXTRAS_FILE = "glmgym.json"
+_CONV1D = re.compile(r"^encoder\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# Buffers that older transformers versions saved with GPT-2 attention; they hold no weights.
+_IGNORED = re.compile(r"^encoder\.h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model and the glmgym extras (empty for a bare HF directory)."""
+
+    model: DecisionTransformer
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state_mean(self) -> np.ndarray:
+        """State normalization mean (zeros, i.e. identity, when the checkpoint has none)."""
+        return np.asarray(self.extras.get("state_mean", np.zeros(self.model.config.state_dim)),
+                          dtype=np.float32)
+
+    @property
+    def state_std(self) -> np.ndarray:
+        """State normalization std (ones when the checkpoint has none)."""
+        return np.asarray(self.extras.get("state_std", np.ones(self.model.config.state_dim)),
+                          dtype=np.float32)
+
+
+def to_hf_state_dict(model: DecisionTransformer) -> dict[str, torch.Tensor]:
+    """glmgym parameters -> HF tensor names and layouts (Conv1D weights as [in, out])."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu()
+        out[name] = (t.t() if _CONV1D.match(name) else t).contiguous()
+    return out
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF tensor names and layouts -> glmgym parameters (drops GPT-2's stored mask buffers)."""
+    return {
+        name: (t.t() if _CONV1D.match(name) else t)
+        for name, t in state.items()
+        if not _IGNORED.match(name)
+    }
+
+
+def save_checkpoint(
+    model: DecisionTransformer,
+    path: str | Path,
+    extras: dict[str, Any] | None = None,
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (the old one, if any, is replaced whole).
+
+    Args:
+        model: the model to save (any device; a DDP wrapper must be unwrapped first).
+        path: the directory to write.
+        extras: JSON-serializable glmgym data (numpy arrays become lists).
+        extra_files: more files to put in the directory: name -> JSON data, or a callable that
+            receives the destination path and writes it.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        atomic_write_json(tmp / "config.json", model.config.to_dict())
+        save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if extras is not None:
+            atomic_write_json(tmp / EXTRAS_FILE, _jsonable(extras))
+        for name, content in (extra_files or {}).items():
+            if callable(content):
+                content(tmp / name)
+            else:
+                atomic_write_json(tmp / name, _jsonable(content))
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read the weights of a checkpoint directory (safetensors preferred, then .bin)."""
+    st, bin_ = path / "model.safetensors", path / "pytorch_model.bin"
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError) as exc:
+            raise GlmgymError(f"{st} is not a readable safetensors file: {exc}") from None
+    if bin_.is_file():
+        try:
+            state = torch.load(bin_, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise GlmgymError(
+                f"refusing to load {bin_}: it needs pickled code to load "
+                f"(only plain tensors are accepted; weights_only=True). Details: {exc}"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise GlmgymError(f"{bin_} is not a readable PyTorch file: {exc}") from None
+        if not isinstance(state, dict):
+            raise GlmgymError(f"{bin_} does not hold a state dict")
+        return state
+    raise GlmgymError(f"{path} has no model.safetensors or pytorch_model.bin")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint directory written by glmgym or by transformers' `save_pretrained`.
+
+    Raises:
+        GlmgymError: the directory, `config.json` or the weights are missing or malformed.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise GlmgymError(f"checkpoint directory {path} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise GlmgymError(f"{path} is not a checkpoint directory: it has no config.json")
+    try:
+        config = DTConfig.from_dict(json.loads(cfg_file.read_text()))
+    except json.JSONDecodeError as exc:
+        raise GlmgymError(f"{cfg_file} is not valid JSON: {exc}") from None
+    state = from_hf_state_dict(read_state_dict(path))
+    with torch.device("meta"):
+        model = DecisionTransformer(config)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise GlmgymError(
+            f"weights in {path} do not match config.json: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    for name, ref in model.state_dict().items():
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise GlmgymError(
+                f"weights in {path} do not match config.json: {name} has shape "
+                f"{tuple(state[name].shape)}, expected {tuple(ref.shape)}"
+            )
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    model = model.to(device).eval()
+    extras: dict[str, Any] = {}
+    extras_file = path / EXTRAS_FILE
+    if extras_file.is_file():
+        try:
+            extras = json.loads(extras_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise GlmgymError(f"{extras_file} is not valid JSON: {exc}") from None
+        for key in ("state_mean", "state_std"):
+            if key in extras and len(extras[key]) != config.state_dim:
+                raise GlmgymError(f"{extras_file}: {key} has {len(extras[key])} entries, "
+                                  f"state_dim is {config.state_dim}")
+    return Checkpoint(model=model, extras=extras)

@@ -1,0 +1,220 @@
+"""Typed configs of the agents pillar.
+
+`DTConfig` mirrors Hugging Face's `DecisionTransformerConfig` field for field (same names, same
+meaning, same defaults), so a `config.json` written by either library loads in the other.
+`TrainConfig` and `EvalConfig` are the entry points of `glmgym agent train` / `evaluate`; the CLI
+is generated from them, so their defaults are the only defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from glmgym.errors import GlmgymError
+
+__all__ = ["ACTIVATIONS", "DTConfig", "EvalConfig", "TrainConfig"]
+
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "tanh", "silu")
+
+# GPT-2 options of the HF config that change the math; glmgym supports their default value only
+# and refuses a config that sets another one rather than silently computing something else.
+_UNSUPPORTED_IF_SET = {
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "scale_attn_weights": True,
+}
+
+
+@dataclass
+class DTConfig:
+    """Architecture of a Decision Transformer (Hugging Face `DecisionTransformerConfig` fields)."""
+
+    state_dim: int = 17
+    """Size of the state (observation) vector."""
+    act_dim: int = 4
+    """Size of the action vector."""
+    hidden_size: int = 128
+    """Width of every token embedding and of the GPT encoder."""
+    max_ep_len: int = 4096
+    """Rows of the timestep embedding: the largest timestep the model can embed, plus one."""
+    action_tanh: bool = True
+    """Squash predicted actions with tanh (actions live in [-1, 1])."""
+    vocab_size: int = 1
+    """Rows of the (unused) GPT token embedding `encoder.wte`, kept for checkpoint compatibility."""
+    n_positions: int = 1024
+    """Rows of the GPT position embedding `encoder.wpe` (only row 0 is used, as in HF)."""
+    n_layer: int = 3
+    """Number of transformer blocks."""
+    n_head: int = 1
+    """Attention heads per block."""
+    n_inner: int | None = None
+    """Inner width of the MLP; None means 4 * hidden_size."""
+    activation_function: str = "relu"
+    """MLP activation: relu, gelu, gelu_new, tanh or silu."""
+    resid_pdrop: float = 0.1
+    """Dropout after the attention and MLP projections."""
+    embd_pdrop: float = 0.1
+    """Dropout on the token embeddings."""
+    attn_pdrop: float = 0.1
+    """Dropout on the attention probabilities."""
+    layer_norm_epsilon: float = 1e-5
+    """Epsilon of the encoder's layer norms."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal weight initialization."""
+
+    def __post_init__(self) -> None:
+        for name in ("state_dim", "act_dim", "hidden_size", "max_ep_len", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise GlmgymError(f"DTConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.n_head:
+            raise GlmgymError(
+                f"hidden_size ({self.hidden_size}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.activation_function not in ACTIVATIONS:
+            raise GlmgymError(
+                f"unsupported activation_function {self.activation_function!r}; "
+                f"choose one of {', '.join(ACTIVATIONS)}"
+            )
+
+    @property
+    def inner_size(self) -> int:
+        """The MLP's inner width."""
+        return self.n_inner if self.n_inner is not None else 4 * self.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `config.json` content, readable by `transformers.DecisionTransformerConfig`."""
+        out = {"architectures": ["DecisionTransformerModel"], "model_type": "decision_transformer"}
+        out.update(dataclasses.asdict(self))
+        out.update(_UNSUPPORTED_IF_SET)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DTConfig:
+        """Build from a `config.json` dict; unknown generic HF keys are ignored.
+
+        Raises:
+            GlmgymError: the config is not a Decision Transformer, or sets an option glmgym does
+                not implement.
+        """
+        model_type = data.get("model_type", "decision_transformer")
+        if model_type != "decision_transformer":
+            raise GlmgymError(f"config.json has model_type {model_type!r}, not 'decision_transformer'")
+        for key, supported in _UNSUPPORTED_IF_SET.items():
+            if key in data and data[key] != supported:
+                raise GlmgymError(f"config.json sets {key}={data[key]!r}; glmgym supports {supported!r} only")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as exc:
+            raise GlmgymError(f"config.json is malformed: {exc}") from None
+
+
+@dataclass
+class TrainConfig:
+    """Options of `glmgym agent train`. Defaults are the paper's (Chen et al. 2021, gym)."""
+
+    dataset: str = "random:Hopper-v5"
+    """Dataset spec: d4rl:NAME, d4rl:PATH.hdf5, minari:ID, random:ENV_ID[:EPISODES], or a path."""
+    env: str | None = None
+    """Gymnasium env id for evaluation; default: derived from the dataset (hopper -> Hopper-v5)."""
+    steps: int = 100_000
+    """Total gradient steps."""
+    batch_size: int = 64
+    """Windows per gradient step (global: split across processes under torchrun)."""
+    context_len: int = 20
+    """K, the number of timesteps in a window."""
+    hidden_size: int = 128
+    """Transformer width."""
+    n_layer: int = 3
+    """Transformer blocks."""
+    n_head: int = 1
+    """Attention heads."""
+    dropout: float = 0.1
+    """Dropout for embeddings, residuals and attention."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup_steps: int = 10_000
+    """Linear learning-rate warmup steps (constant afterwards)."""
+    grad_clip: float = 0.25
+    """Gradient norm clip."""
+    reward_scale: float = 1000.0
+    """Returns-to-go are divided by this before entering the model."""
+    max_ep_len: int = 1000
+    """Largest episode length (size of the timestep embedding)."""
+    target_returns: tuple[float, ...] | None = field(
+        default=None, metadata={"flag": "--target-return", "metavar": "R"}
+    )
+    """Returns to condition on at evaluation; default: the paper's for the env, else 1x and 0.5x
+    the best return in the dataset."""
+    eval_every: int = 10_000
+    """Evaluate every N steps (0: only at the end)."""
+    eval_episodes: int = 10
+    """Episodes per target return at each evaluation (0: no evaluation)."""
+    save_every: int = 10_000
+    """Write a checkpoint every N steps (and always at the end)."""
+    log_every: int = 100
+    """Write a log line every N steps."""
+    seed: int = 0
+    """Seed for weights, batches and evaluation episodes."""
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
+    """fp32, or bf16 autocast for the forward pass."""
+    device: str = "auto"
+    """Torch device: auto (cuda when present), cpu, cuda, cuda:1, ..."""
+    out: str | None = None
+    """Run directory; default: runs/dt-<dataset>-<time>. Must not hold an earlier run."""
+    resume: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Continue the run in DIR (a run directory or one of its checkpoints) exactly where it stopped."""
+    download: bool = False
+    """Allow Minari to download a dataset that is not in the local store."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "context_len", "hidden_size", "n_layer", "n_head",
+                    "max_ep_len", "log_every", "save_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise GlmgymError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_episodes", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise GlmgymError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GlmgymError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.learning_rate <= 0 or self.reward_scale <= 0 or self.grad_clip <= 0:
+            raise GlmgymError("--learning-rate, --reward-scale and --grad-clip must be positive")
+        if self.precision not in ("fp32", "bf16"):
+            raise GlmgymError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+
+
+@dataclass
+class EvalConfig:
+    """Options of `glmgym agent evaluate`."""
+
+    checkpoint: str = field(default="", metadata={"metavar": "DIR"})
+    """Checkpoint directory (glmgym's, or one written by transformers' save_pretrained)."""
+    env: str | None = None
+    """Gymnasium env id; default: the one recorded in the checkpoint."""
+    episodes: int = 10
+    """Episodes per target return, run at once in a vector env."""
+    target_returns: tuple[float, ...] | None = field(
+        default=None, metadata={"flag": "--target-return", "metavar": "R"}
+    )
+    """Returns to condition on; default: those recorded in the checkpoint."""
+    seed: int = 0
+    """Seed of the first episode; episode i uses seed + i."""
+    json: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """Also write the report as JSON to FILE."""
+    device: str = "auto"
+    """Torch device: auto, cpu, cuda, ..."""
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise GlmgymError("--checkpoint DIR is required")
+        if self.episodes <= 0:
+            raise GlmgymError(f"--episodes must be positive, got {self.episodes}")

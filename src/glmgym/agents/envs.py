@@ -1,0 +1,108 @@
+"""Dataset names -> Gymnasium env ids, D4RL reference scores, vector environments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from glmgym.errors import GlmgymError
+
+__all__ = [
+    "D4RL_REF_SCORES",
+    "ENV_IDS",
+    "PAPER_TARGET_RETURNS",
+    "RefScores",
+    "env_family",
+    "env_id_for_dataset",
+    "make_vector_env",
+    "normalized_score",
+    "reference_scores",
+]
+
+ENV_IDS = {
+    "hopper": "Hopper-v5",
+    "halfcheetah": "HalfCheetah-v5",
+    "walker2d": "Walker2d-v5",
+    "ant": "Ant-v5",
+}
+
+
+@dataclass(frozen=True)
+class RefScores:
+    """Returns that map to normalized scores 0 (random policy) and 100 (expert)."""
+
+    min: float
+    max: float
+    source: str
+
+
+D4RL_REF_SCORES = {
+    "hopper": RefScores(-20.272305, 3234.3, "D4RL"),
+    "halfcheetah": RefScores(-280.178953, 12135.0, "D4RL"),
+    "walker2d": RefScores(1.629008, 4592.3, "D4RL"),
+    "ant": RefScores(-325.6, 3879.7, "D4RL"),
+}
+
+# Target returns of the paper's gym experiments (kzl/decision-transformer).
+PAPER_TARGET_RETURNS = {
+    "hopper": (3600.0, 1800.0),
+    "halfcheetah": (12000.0, 6000.0),
+    "walker2d": (5000.0, 2500.0),
+    "ant": (6000.0, 3000.0),  # not in the paper; chosen the same way (above the best D4RL return)
+}
+
+
+def env_family(name: str | None) -> str | None:
+    """'hopper-medium-v2', 'mujoco/hopper/medium-v0' or 'Hopper-v5' -> 'hopper' (or None)."""
+    if not name:
+        return None
+    lowered = name.lower().replace("/", "-").replace("_", "-")
+    for family in sorted(ENV_IDS, key=len, reverse=True):
+        if family in lowered.split("-") or lowered.startswith(family):
+            return family
+    return None
+
+
+def env_id_for_dataset(dataset_name: str, recorded_env_id: str | None = None) -> str:
+    """The Gymnasium env to evaluate a dataset in: hopper -> Hopper-v5 (v5 also for D4RL's v2)."""
+    family = env_family(dataset_name)
+    if family is not None:
+        return ENV_IDS[family]
+    if recorded_env_id:
+        return recorded_env_id
+    raise GlmgymError(
+        f"cannot tell which environment dataset {dataset_name!r} comes from; pass --env ENV_ID"
+    )
+
+
+def reference_scores(env_id: str | None, metadata: dict | None = None) -> RefScores | None:
+    """D4RL's reference scores for the four MuJoCo families; else the dataset's own, if any."""
+    family = env_family(env_id)
+    if family in D4RL_REF_SCORES:
+        return D4RL_REF_SCORES[family]
+    metadata = metadata or {}
+    if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
+        return RefScores(float(metadata["ref_min_score"]), float(metadata["ref_max_score"]), "dataset")
+    return None
+
+
+def normalized_score(returns: np.ndarray | float, ref: RefScores) -> np.ndarray:
+    """D4RL normalized score, x100: 100 * (R - min) / (max - min)."""
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - ref.min) / (ref.max - ref.min)
+
+
+def make_vector_env(env_id: str, num_envs: int):
+    """A synchronous Gymnasium vector env (MuJoCo steps are too cheap to pay for processes).
+
+    Raises:
+        GlmgymError: unknown env id or missing simulator.
+    """
+    import gymnasium as gym
+
+    try:
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+    except gym.error.Error as exc:
+        raise GlmgymError(f"cannot create environment {env_id!r}: {exc}") from None
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise GlmgymError(f"cannot create environment {env_id!r}: missing dependency ({exc})") from None

@@ -1,0 +1,209 @@
+"""Decision Transformer (Chen et al., 2021) as a plain `nn.Module`.
+
+The module tree and parameter names follow Hugging Face's `DecisionTransformerModel` so that
+checkpoints map one to one (see `checkpoint.py`); the projections are `nn.Linear` (weights
+[out, in]) where HF uses GPT-2's `Conv1D` ([in, out]), and the checkpoint code transposes them.
+Attention goes through `F.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmgym.agents.config import DTConfig
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["DecisionTransformer"]
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: DTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attn_pdrop = cfg.attn_pdrop
+        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # [B, T, C] -> [B, n_head, T, head_dim]
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+            is_causal=attn_mask is None,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, n_head, T, head_dim] -> [B, T, C]
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.hidden_size, cfg.inner_size)
+        self.act = _ACTIVATIONS[cfg.activation_function]()
+        self.c_proj = nn.Linear(cfg.inner_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm GPT-2 block."""
+
+    def __init__(self, cfg: DTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTEncoder(nn.Module):
+    """GPT-2 over input embeddings; `wte` is never used but kept so checkpoint keys match HF."""
+
+    def __init__(self, cfg: DTConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+
+    def forward(self, inputs_embeds: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        # HF's DecisionTransformerModel passes position_ids of zeros, so every token gets wpe[0];
+        # time enters through the timestep embedding instead. We add the same row to match it.
+        x = self.drop(inputs_embeds + self.wpe.weight[0])
+        for block in self.h:
+            x = block(x, attn_mask)
+        return self.ln_f(x)
+
+
+class DecisionTransformer(nn.Module):
+    """Decision Transformer: (return-to-go, state, action) tokens -> a causal GPT -> actions.
+
+    Example:
+        >>> import torch
+        >>> from glmgym.agents import DecisionTransformer, DTConfig
+        >>> model = DecisionTransformer(DTConfig(state_dim=11, act_dim=3)).eval()
+        >>> B, K = 2, 20
+        >>> actions = model(torch.randn(B, K, 11), torch.zeros(B, K, 3), torch.ones(B, K, 1),
+        ...                 torch.arange(K).expand(B, K))
+        >>> actions.shape
+        torch.Size([2, 20, 3])
+    """
+
+    def __init__(self, config: DTConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.embed_timestep = nn.Embedding(config.max_ep_len, h)
+        self.embed_return = nn.Linear(1, h)
+        self.embed_state = nn.Linear(config.state_dim, h)
+        self.embed_action = nn.Linear(config.act_dim, h)
+        self.embed_ln = nn.LayerNorm(h)  # HF uses the default eps here, not layer_norm_epsilon
+        self.encoder = GPTEncoder(config)
+        # predict_state / predict_return are not trained (as in the paper) but kept for HF parity.
+        self.predict_state = nn.Linear(h, config.state_dim)
+        self.predict_action = nn.Sequential(
+            nn.Linear(h, config.act_dim), *([nn.Tanh()] if config.action_tanh else [])
+        )
+        self.predict_return = nn.Linear(h, 1)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections (1/sqrt(2 * n_layer)).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        returns_to_go: torch.Tensor,
+        timesteps: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the action at every timestep of the window.
+
+        Args:
+            states: [B, K, state_dim] normalized states.
+            actions: [B, K, act_dim] actions (the last one is a placeholder at inference).
+            returns_to_go: [B, K, 1] scaled returns-to-go.
+            timesteps: [B, K] integer timesteps within the episode.
+            attention_mask: [B, K], 1 for real steps and 0 for (left) padding; None: all real.
+
+        Returns:
+            [B, K, act_dim] action predictions; the one at step t sees steps <= t only.
+        """
+        B, K = states.shape[:2]
+        time_emb = self.embed_timestep(timesteps)
+        # (R_1, s_1, a_1, R_2, s_2, a_2, ...): [3, B, K, h] -> [B, K, 3, h] -> [B, 3K, h]
+        tokens = torch.stack(
+            (
+                self.embed_return(returns_to_go) + time_emb,
+                self.embed_state(states) + time_emb,
+                self.embed_action(actions) + time_emb,
+            ),
+            dim=2,
+        ).reshape(B, 3 * K, -1)
+        tokens = self.embed_ln(tokens)
+        x = self.encoder(tokens, _attention_bias(attention_mask, K, tokens.device))
+        # [B, 3K, h] -> [B, K, 3, h]; index 1 is the state token of each step, which predicts a_t.
+        x = x.reshape(B, K, 3, -1)
+        return self.predict_action(x[:, :, 1])
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> DecisionTransformer:
+        """Load a checkpoint directory (glmgym's or transformers'); see `agents.checkpoint`."""
+        from glmgym.agents.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, device=device).model
+
+    def save_pretrained(self, path: str | Path, extras: dict | None = None) -> None:
+        """Write `config.json` + `model.safetensors` in HF layout (atomically)."""
+        from glmgym.agents.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, extras=extras)
+
+
+def _attention_bias(attention_mask: torch.Tensor | None, K: int, device: torch.device):
+    """Boolean [B, 1, 3K, 3K] mask (True = may attend), or None for the plain causal fast path."""
+    if attention_mask is None:
+        return None
+    keys = attention_mask.bool().repeat_interleave(3, dim=1)  # [B, K] -> [B, 3K], one per token
+    causal = torch.ones(3 * K, 3 * K, dtype=torch.bool, device=device).tril()
+    # Every token may also see itself. That changes nothing for real tokens and keeps fully
+    # padded rows from producing NaNs (their outputs are never used: no loss, no action).
+    eye = torch.eye(3 * K, dtype=torch.bool, device=device)
+    return (causal & (keys[:, None, None, :] | eye))

@@ -1,0 +1,353 @@
+"""Offline training of a Decision Transformer: `train(TrainConfig) -> run directory`.
+
+Run directory layout::
+
+    OUT/train_config.json            the TrainConfig of the run
+    OUT/log.jsonl                    one JSON record per log step and per evaluation
+    OUT/tb/                          TensorBoard events (when tensorboard is installed)
+    OUT/checkpoints/step_000100/     HF-compatible checkpoint + trainer state, written atomically
+    OUT/eval.json                    the last evaluation report
+
+Resuming restores weights, optimizer, LR schedule, step and every RNG (batch sampler per process,
+torch CPU/CUDA), so N steps + resume + N steps gives the same weights as 2N steps in one run.
+Multi-GPU (or multi-process CPU) through `torchrun`: DistributedDataParallel, one shard of the
+batch per process, rank 0 logs, evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from glmgym._io import atomic_write_json, atomic_write_text
+from glmgym.agents.checkpoint import load_checkpoint, save_checkpoint
+from glmgym.agents.config import DTConfig, TrainConfig
+from glmgym.agents.data import OfflineDataset, WindowSampler, load_dataset
+from glmgym.agents.envs import (
+    PAPER_TARGET_RETURNS,
+    env_family,
+    env_id_for_dataset,
+    make_vector_env,
+    reference_scores,
+)
+from glmgym.agents.evaluate import Policy, evaluate, format_report
+from glmgym.agents.model import DecisionTransformer
+from glmgym.errors import GlmgymError
+
+__all__ = ["latest_checkpoint", "resolve_device", "train"]
+
+TRAINER_STATE_JSON = "trainer_state.json"
+TRAINER_STATE_PT = "trainer_state.pt"
+# Options that may change when resuming; any other difference would silently change the run.
+_RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_episodes", "save_every", "log_every",
+                        "progress", "device", "target_returns")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda (this process's local rank under torchrun) when available, else cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GlmgymError(f"unknown --device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GlmgymError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    ckpts = sorted((path / "checkpoints").glob("step_*")) if path.is_dir() else []
+    ckpts = [c for c in ckpts if (c / "config.json").is_file()]
+    if not ckpts:
+        raise GlmgymError(f"{path} is neither a checkpoint directory nor a run directory with checkpoints")
+    return ckpts[-1]
+
+
+class _Dist:
+    """Process-group facts; a single process when not launched by torchrun."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _default_targets(env_id: str, dataset: OfflineDataset) -> tuple[float, ...]:
+    family = env_family(env_id)
+    if family in PAPER_TARGET_RETURNS:
+        return PAPER_TARGET_RETURNS[family]
+    best = float(dataset.episode_returns().max())
+    return (best, best / 2)
+
+
+def _merge_resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    saved_file = run_dir / "train_config.json"
+    if not saved_file.is_file():
+        raise GlmgymError(f"cannot resume: {saved_file} is missing")
+    saved = json.loads(saved_file.read_text())
+    defaults = TrainConfig()
+    merged = dict(saved)
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(cfg, f.name)
+        if f.name in ("resume", "out") or given == getattr(defaults, f.name):
+            continue  # not set on the command line: keep the run's value
+        if isinstance(given, tuple):
+            given = list(given)
+        if f.name in _RESUMABLE_OVERRIDES:
+            merged[f.name] = given
+        elif given != saved.get(f.name):
+            raise GlmgymError(
+                f"cannot change --{f.name.replace('_', '-')} when resuming "
+                f"(the run used {saved.get(f.name)!r})"
+            )
+    if merged.get("target_returns") is not None:
+        merged["target_returns"] = tuple(merged["target_returns"])
+    merged.update(out=str(run_dir), resume=cfg.resume)
+    return TrainConfig(**merged)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train a Decision Transformer; return the run directory.
+
+    Raises:
+        GlmgymError: bad dataset, env, options or run directory (before anything is written).
+    """
+    device = resolve_device(cfg.device)
+    resume_ckpt: Path | None = None
+    if cfg.resume:
+        resume_ckpt = latest_checkpoint(cfg.resume)
+        if not (resume_ckpt / TRAINER_STATE_JSON).is_file():
+            raise GlmgymError(f"{resume_ckpt} has no trainer state: it cannot be resumed")
+        cfg = _merge_resume_config(cfg, resume_ckpt.parent.parent)
+
+    # --- everything that can fail on user input happens before the first write -------------
+    dataset = load_dataset(cfg.dataset, download=cfg.download)
+    env_id = cfg.env or env_id_for_dataset(dataset.name, dataset.env_id)
+    if cfg.eval_episodes > 0 or cfg.env:
+        probe = make_vector_env(env_id, 1)
+        obs_shape, act_shape = probe.single_observation_space.shape, probe.single_action_space.shape
+        probe.close()
+        if obs_shape != (dataset.state_dim,) or act_shape != (dataset.act_dim,):
+            raise GlmgymError(
+                f"dataset {dataset.name} has states of size {dataset.state_dim} and actions of size "
+                f"{dataset.act_dim}, but {env_id} has {obs_shape} and {act_shape}; pass the right --env"
+            )
+    run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"dt-{dataset.name.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if resume_ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
+        raise GlmgymError(f"{run_dir} already holds files; pick another --out or pass --resume {run_dir}")
+    ddp = _Dist(device)
+    if cfg.batch_size % ddp.world:
+        raise GlmgymError(f"--batch-size {cfg.batch_size} is not divisible by {ddp.world} processes")
+    targets = cfg.target_returns or _default_targets(env_id, dataset)
+    ref = reference_scores(env_id, dataset.metadata)
+
+    state_mean, state_std = dataset.state_stats()
+    extras = {
+        "env_id": env_id,
+        "dataset": dataset.name,
+        "dataset_source": dataset.source,
+        "state_mean": state_mean,
+        "state_std": state_std,
+        "reward_scale": cfg.reward_scale,
+        "target_returns": list(targets),
+        "context_len": cfg.context_len,
+        "max_ep_len": cfg.max_ep_len,
+        "ref_scores": None if ref is None else dataclasses.asdict(ref),
+    }
+    # --- model, optimizer, schedule --------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model_cfg = DTConfig(
+        state_dim=dataset.state_dim, act_dim=dataset.act_dim, hidden_size=cfg.hidden_size,
+        max_ep_len=cfg.max_ep_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        n_positions=3 * cfg.context_len, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+    )
+    model = DecisionTransformer(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    warmup = max(cfg.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
+    rng = np.random.default_rng([cfg.seed, ddp.rank])
+    torch.manual_seed(cfg.seed * 7919 + 1 + ddp.rank)  # dropout stream, distinct per process
+    step = 0
+    if resume_ckpt is not None:
+        step = _load_trainer_state(resume_ckpt, model, optimizer, scheduler, rng, ddp, device)
+    if step >= cfg.steps:
+        raise GlmgymError(f"the run is already at step {step}; pass a larger --steps to continue it")
+    sampler = WindowSampler(dataset, cfg.context_len, state_mean, state_std, cfg.reward_scale,
+                            cfg.max_ep_len, rng)
+    train_model: torch.nn.Module = model
+    if ddp.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_bf16 = cfg.precision == "bf16"
+    local_batch = cfg.batch_size // ddp.world
+
+    # --- run directory (rank 0 writes) -----------------------------------------------------
+    log_path = run_dir / "log.jsonl"
+    writer = None
+    if ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_dump = dataclasses.asdict(cfg) | {"resume": None}
+        atomic_write_json(run_dir / "train_config.json", config_dump)
+        if resume_ckpt is not None and log_path.exists():  # drop records past the resumed step
+            kept = [ln for ln in log_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+        writer = _tensorboard(run_dir / "tb")
+    policy = Policy(model, state_mean, state_std, cfg.reward_scale, cfg.context_len)
+
+    def log(record: dict[str, Any]) -> None:
+        if not ddp.main:
+            return
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    writer.add_scalar(key, value, record["step"])
+
+    def run_eval() -> dict[str, Any]:
+        report = evaluate(policy, env_id, targets, episodes=cfg.eval_episodes, seed=cfg.seed, ref=ref)
+        model.train()
+        atomic_write_json(run_dir / "eval.json", report)
+        best = max(report["results"], key=lambda e: e["return_mean"])
+        record = {"step": step, "event": "eval", "return_mean": best["return_mean"],
+                  "target_return": best["target_return"]}
+        if "normalized_mean" in best:
+            record["normalized_mean"] = best["normalized_mean"]
+        record["results"] = [{k: v for k, v in e.items() if k not in ("returns", "lengths", "seeds")}
+                             for e in report["results"]]
+        log(record)
+        return report
+
+    def save() -> Path:
+        path = run_dir / "checkpoints" / f"step_{step:07d}"
+        states = ddp.gather({"numpy_rng": rng.bit_generator.state,
+                             "torch_rng": torch.get_rng_state(),
+                             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+        if ddp.main:
+            pt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "torch_rng": [s["torch_rng"] for s in states],
+                  "cuda_rng": [s["cuda_rng"] for s in states]}
+            save_checkpoint(model, path, extras=extras, extra_files={
+                TRAINER_STATE_JSON: {"step": step, "world_size": ddp.world,
+                                     "numpy_rng": [s["numpy_rng"] for s in states]},
+                TRAINER_STATE_PT: lambda p: torch.save(pt, p),
+            })
+        ddp.barrier()
+        return path
+
+    # --- the loop ---------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and ddp.main),
+               desc="train", unit="step", dynamic_ncols=True)
+    t_log, steps_since = time.perf_counter(), 0
+    last_report = None
+    try:
+        while step < cfg.steps:
+            b = sampler.sample(local_batch)
+            states = torch.from_numpy(b.states).to(device, non_blocking=True)
+            actions = torch.from_numpy(b.actions).to(device, non_blocking=True)
+            rtg = torch.from_numpy(b.returns_to_go).to(device, non_blocking=True)
+            timesteps = torch.from_numpy(b.timesteps).to(device, non_blocking=True)
+            mask = torch.from_numpy(b.attention_mask).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                pred = train_model(states, actions, rtg, timesteps, mask)
+            # MSE over the real (unpadded) steps only, as the reference's boolean indexing does.
+            m = mask.unsqueeze(-1).to(pred.dtype)
+            loss = ((pred.float() - actions) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            steps_since += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                loss_value = loss.item()
+                log({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                     "steps_per_s": steps_since / (now - t_log)})
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                t_log, steps_since = now, 0
+            final = step == cfg.steps
+            if cfg.eval_episodes > 0 and ddp.main and (
+                final or (cfg.eval_every and step % cfg.eval_every == 0)
+            ):
+                last_report = run_eval()
+                bar.write(f"step {step}: " + format_report(last_report).replace("\n", "\n  "))
+            if final or step % cfg.save_every == 0:
+                ckpt = save()
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        ddp.close()
+    if ddp.main:
+        print(f"checkpoint: {ckpt}")
+        print(f"evaluate it: glmgym agent evaluate --checkpoint {ckpt}")
+    return run_dir
+
+
+def _load_trainer_state(ckpt: Path, model, optimizer, scheduler, rng, ddp: _Dist, device) -> int:
+    state_json = json.loads((ckpt / TRAINER_STATE_JSON).read_text())
+    if state_json.get("world_size", 1) != ddp.world:
+        raise GlmgymError(f"{ckpt} was written by {state_json.get('world_size')} processes; "
+                          f"resume it with the same number (now {ddp.world})")
+    loaded = load_checkpoint(ckpt, device=device).model
+    model.load_state_dict(loaded.state_dict())
+    pt = torch.load(ckpt / TRAINER_STATE_PT, map_location=device, weights_only=True)
+    optimizer.load_state_dict(pt["optimizer"])
+    scheduler.load_state_dict(pt["scheduler"])
+    rng.bit_generator.state = state_json["numpy_rng"][ddp.rank]
+    torch.set_rng_state(pt["torch_rng"][ddp.rank].cpu())
+    if device.type == "cuda" and pt["cuda_rng"][ddp.rank] is not None:
+        torch.cuda.set_rng_state(pt["cuda_rng"][ddp.rank].cpu(), device)
+    return int(state_json["step"])
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(path))

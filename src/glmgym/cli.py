@@ -1,0 +1,112 @@
+"""`glmgym` command line: thin wrappers over the pillars' Python API.
+
+    glmgym agent train ...      train a Decision Transformer offline (see TrainConfig)
+    glmgym agent evaluate ...   evaluate a checkpoint in a Gymnasium env (see EvalConfig)
+
+User errors print one line and exit with code 2; heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from glmgym import __version__
+from glmgym._dataclass_cli import add_dataclass_arguments, dataclass_from_namespace
+from glmgym.errors import GlmgymError
+
+__all__ = ["build_parser", "main"]
+
+
+def _agent_train(args: argparse.Namespace) -> int:
+    from glmgym.agents.config import TrainConfig
+    from glmgym.agents.train import train
+
+    train(dataclass_from_namespace(TrainConfig, args))
+    return 0
+
+
+def _agent_evaluate(args: argparse.Namespace) -> int:
+    from glmgym._io import atomic_write_json
+    from glmgym.agents.checkpoint import load_checkpoint
+    from glmgym.agents.config import EvalConfig
+    from glmgym.agents.envs import RefScores, reference_scores
+    from glmgym.agents.evaluate import Policy, evaluate, format_report
+    from glmgym.agents.train import latest_checkpoint, resolve_device
+
+    cfg = dataclass_from_namespace(EvalConfig, args)
+    ckpt_dir = latest_checkpoint(cfg.checkpoint)
+    ckpt = load_checkpoint(ckpt_dir, device=resolve_device(cfg.device))
+    extras = ckpt.extras
+    env_id = cfg.env or extras.get("env_id")
+    if not env_id:
+        raise GlmgymError(f"{ckpt_dir} does not record its environment; pass --env ENV_ID")
+    if not extras:
+        warnings.warn(
+            f"{ckpt_dir} has no glmgym.json (a plain transformers checkpoint): states are not "
+            "normalized, reward scale 1000 and context 20 are assumed",
+            stacklevel=1,
+        )
+    targets = cfg.target_returns or extras.get("target_returns")
+    if not targets:
+        raise GlmgymError(f"{ckpt_dir} records no target returns; pass --target-return R")
+    policy = Policy(ckpt.model, ckpt.state_mean, ckpt.state_std,
+                    float(extras.get("reward_scale", 1000.0)), int(extras.get("context_len", 20)))
+    recorded = extras.get("ref_scores")
+    ref = RefScores(**recorded) if recorded and not cfg.env else reference_scores(env_id)
+    report = evaluate(policy, env_id, targets, episodes=cfg.episodes, seed=cfg.seed, ref=ref)
+    report["checkpoint"] = str(ckpt_dir)
+    print(format_report(report))
+    if cfg.json:
+        atomic_write_json(cfg.json, report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `glmgym` argument parser."""
+    from glmgym.agents.config import EvalConfig, TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="glmgym",
+        description="Decision Transformer agents for Gymnasium MuJoCo, and ChatGLM-6B inference.",
+    )
+    parser.add_argument("--version", action="version", version=f"glmgym {__version__}")
+    pillars = parser.add_subparsers(dest="pillar", required=True, metavar="{agent}")
+    agent = pillars.add_parser("agent", help="Decision Transformer agents (train, evaluate)",
+                               description="Decision Transformer agents.")
+    cmds = agent.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
+    p = cmds.add_parser(
+        "train", help="train a Decision Transformer offline",
+        description="Train a Decision Transformer on an offline dataset and evaluate it. Dataset "
+        "specs: d4rl:NAME (in $D4RL_DATASET_DIR or ~/.d4rl/datasets), d4rl:PATH.hdf5, minari:ID "
+        "(local Minari store), random:ENV_ID[:EPISODES] (generated now with a random policy).",
+    )
+    add_dataclass_arguments(p, TrainConfig)
+    p.set_defaults(func=_agent_train)
+    p = cmds.add_parser(
+        "evaluate", help="evaluate a checkpoint in its environment",
+        description="Run episodes of a checkpoint (a glmgym checkpoint, a run directory, or a "
+        "transformers save_pretrained directory with --env) for each target return.",
+    )
+    add_dataclass_arguments(p, EvalConfig)
+    p.set_defaults(func=_agent_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `glmgym` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except GlmgymError as exc:
+        print(f"glmgym: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("glmgym: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
