@@ -162,8 +162,9 @@ class TrainConfig:
     """Write a log line every N steps."""
     seed: int = 0
     """Seed for weights, batches and evaluation episodes."""
-    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
-    """fp32, or bf16 autocast for the forward pass."""
+    precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16")})
+    """fp32, or bf16 autocast for the forward pass; auto: bf16 where the hardware has native bf16
+    matmuls (CUDA Ampere+, CPUs with AVX512-BF16/AMX), else fp32."""
     device: str = "auto"
     """Torch device: auto (cuda when present), cpu, cuda, cuda:1, ..."""
     out: str | None = None
@@ -188,8 +189,8 @@ class TrainConfig:
             raise GlmgymError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0 or self.reward_scale <= 0 or self.grad_clip <= 0:
             raise GlmgymError("--learning-rate, --reward-scale and --grad-clip must be positive")
-        if self.precision not in ("fp32", "bf16"):
-            raise GlmgymError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise GlmgymError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass

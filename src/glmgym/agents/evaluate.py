@@ -192,7 +192,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"env {report['env_id']}"
              + (f"  (normalized with {ref['source']} references {ref['min']:.1f} / {ref['max']:.1f})"
                 if ref else "  (no reference scores: normalized score not reported)")]
-    header = f"{'target':>10} {'episodes':>8} {'return mean':>12} {'std':>9} {'min':>9} {'max':>9} {'length':>7}"
+    header = (f"{'target':>10} {'episodes':>8} {'return mean':>12} {'std':>9} {'min':>9} "
+              f"{'max':>9} {'length':>7}")
     if ref:
         header += f" {'normalized':>16}"
     lines.append(header)

@@ -40,20 +40,31 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = cfg.attn_pdrop
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, queries: slice | None = None
+    ) -> torch.Tensor:
+        """Attend from the tokens selected by `queries` (default: all) to all tokens of `x`."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        hd = C // self.n_head
+        w, b = self.c_attn.weight, self.c_attn.bias  # fused [3C, C]: rows are q, then k, then v
+        if queries is None:
+            q, k, v = self.c_attn(x).split(C, dim=2)
+        else:
+            # Only some outputs are needed (the last block): project q for those tokens only.
+            q = F.linear(x[:, queries], w[:C], b[:C])
+            k, v = F.linear(x, w[C:], b[C:]).split(C, dim=2)
+        Tq = q.shape[1]
         # [B, T, C] -> [B, n_head, T, head_dim]
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, Tq, self.n_head, hd).transpose(1, 2)
+        k = k.view(B, T, self.n_head, hd).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hd).transpose(1, 2)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.attn_pdrop if self.training else 0.0,
             is_causal=attn_mask is None,
         )
-        y = y.transpose(1, 2).reshape(B, T, C)  # [B, n_head, T, head_dim] -> [B, T, C]
+        y = y.transpose(1, 2).reshape(B, Tq, C)  # [B, n_head, Tq, head_dim] -> [B, Tq, C]
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -79,8 +90,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, queries: slice | None = None
+    ) -> torch.Tensor:
+        """Transform all tokens, or only those selected by `queries` (they still see all)."""
+        h = self.attn(self.ln_1(x), attn_mask, queries)
+        x = (x if queries is None else x[:, queries]) + h
         return x + self.mlp(self.ln_2(x))
 
 
@@ -95,13 +110,24 @@ class GPTEncoder(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
 
-    def forward(self, inputs_embeds: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, inputs_embeds: torch.Tensor, attn_mask: torch.Tensor | None, outputs: slice | None = None
+    ) -> torch.Tensor:
+        """Encode [B, T, h] embeddings; return the final states of the tokens in `outputs` (all)."""
         # HF's DecisionTransformerModel passes position_ids of zeros, so every token gets wpe[0];
         # time enters through the timestep embedding instead. We add the same row to match it.
         x = self.drop(inputs_embeds + self.wpe.weight[0])
-        for block in self.h:
+        *first, last = self.h
+        for block in first:
             x = block(x, attn_mask)
-        return self.ln_f(x)
+        # The last block runs only for the tokens whose outputs are wanted: a causal model's
+        # other outputs cannot influence them (saves ~2/3 of the last block).
+        if outputs is not None:
+            T = inputs_embeds.shape[1]
+            if attn_mask is None:
+                attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            attn_mask = attn_mask[..., outputs, :]
+        return self.ln_f(last(x, attn_mask, outputs))
 
 
 class DecisionTransformer(nn.Module):
@@ -178,10 +204,10 @@ class DecisionTransformer(nn.Module):
             dim=2,
         ).reshape(B, 3 * K, -1)
         tokens = self.embed_ln(tokens)
-        x = self.encoder(tokens, _attention_bias(attention_mask, K, tokens.device))
-        # [B, 3K, h] -> [B, K, 3, h]; index 1 is the state token of each step, which predicts a_t.
-        x = x.reshape(B, K, 3, -1)
-        return self.predict_action(x[:, :, 1])
+        # Tokens 1, 4, 7, ... are the state tokens s_t; their outputs predict a_t. Only those
+        # are computed in the last block ([B, K, h]); HF computes all 3K and then slices.
+        x = self.encoder(tokens, _attention_bias(attention_mask, K, tokens.device), slice(1, None, 3))
+        return self.predict_action(x)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> DecisionTransformer:

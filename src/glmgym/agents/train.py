@@ -42,7 +42,7 @@ from glmgym.agents.evaluate import Policy, evaluate, format_report
 from glmgym.agents.model import DecisionTransformer
 from glmgym.errors import GlmgymError
 
-__all__ = ["latest_checkpoint", "resolve_device", "train"]
+__all__ = ["latest_checkpoint", "native_bf16", "resolve_device", "train"]
 
 TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_PT = "trainer_state.pt"
@@ -66,6 +66,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls natively (so that bf16 autocast pays)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        try:
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except AttributeError:  # older torch without the probes
+            return False
+    return False
+
+
 def latest_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or the newest checkpoint of a run directory."""
     path = Path(path)
@@ -74,7 +86,10 @@ def latest_checkpoint(path: str | Path) -> Path:
     ckpts = sorted((path / "checkpoints").glob("step_*")) if path.is_dir() else []
     ckpts = [c for c in ckpts if (c / "config.json").is_file()]
     if not ckpts:
-        raise GlmgymError(f"{path} is neither a checkpoint directory nor a run directory with checkpoints")
+        if not path.exists():
+            raise GlmgymError(f"checkpoint directory {path} does not exist")
+        raise GlmgymError(f"{path} is not a checkpoint directory: it has no config.json "
+                          "(nor is it a run directory with checkpoints/)")
     return ckpts[-1]
 
 
@@ -167,7 +182,8 @@ def train(cfg: TrainConfig) -> Path:
                 f"dataset {dataset.name} has states of size {dataset.state_dim} and actions of size "
                 f"{dataset.act_dim}, but {env_id} has {obs_shape} and {act_shape}; pass the right --env"
             )
-    run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"dt-{dataset.name.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"dt-{dataset.name.replace('/', '-')}-{stamp}"
     if resume_ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
         raise GlmgymError(f"{run_dir} already holds files; pick another --out or pass --resume {run_dir}")
     ddp = _Dist(device)
@@ -198,7 +214,12 @@ def train(cfg: TrainConfig) -> Path:
         attn_pdrop=cfg.dropout,
     )
     model = DecisionTransformer(model_cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+    # Heads the paper does not train, and GPT-2's unused token embedding: frozen, so that DDP
+    # does not wait for their gradients (the optimizer would skip them anyway: no grad).
+    for unused in (model.predict_state, model.predict_return, model.encoder.wte):
+        unused.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
@@ -215,7 +236,7 @@ def train(cfg: TrainConfig) -> Path:
     if ddp.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = cfg.precision == "bf16"
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
     local_batch = cfg.batch_size // ddp.world
 
     # --- run directory (rank 0 writes) -----------------------------------------------------
@@ -277,8 +298,15 @@ def train(cfg: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     model.train()
+    if ddp.main:
+        print(f"training on {dataset.name} ({dataset.num_episodes} episodes, "
+              f"{dataset.num_transitions} transitions), env {env_id}, device {device}, "
+              f"{'bf16 autocast' if use_bf16 else 'fp32'}, {ddp.world} process(es) -> {run_dir}")
+    import sys
+
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and ddp.main),
-               desc="train", unit="step", dynamic_ncols=True)
+               desc="train", unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 15.0)
     t_log, steps_since = time.perf_counter(), 0
     last_report = None
     try:
@@ -296,7 +324,7 @@ def train(cfg: TrainConfig) -> Path:
             loss = ((pred.float() - actions) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1

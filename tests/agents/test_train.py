@@ -1,0 +1,80 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from glmgym.agents import TrainConfig, train
+from glmgym.errors import GlmgymError
+
+SMALL = dict(hidden_size=32, n_layer=2, context_len=5, batch_size=8, warmup_steps=3,
+             eval_episodes=0, progress=False, log_every=2, precision="fp32")
+
+
+def _weights(run: Path) -> dict:
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    return load_file(ckpt / "model.safetensors")
+
+
+def test_resume_gives_the_same_weights_as_one_run(hopper_file, tmp_path):
+    N = 6
+    train(TrainConfig(dataset="d4rl:hopper-medium-v2", steps=2 * N, save_every=100,
+                      out=str(tmp_path / "one"), **SMALL))
+    train(TrainConfig(dataset="d4rl:hopper-medium-v2", steps=N, save_every=100,
+                      out=str(tmp_path / "two"), **SMALL))
+    first_half = _weights(tmp_path / "two")
+    train(TrainConfig(steps=2 * N, resume=str(tmp_path / "two"), progress=False))
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert (one[name] == two[name]).all(), name
+    assert any((first_half[n] != two[n]).any() for n in two)  # the resumed run did train
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 2 * N + 1, 2))  # no duplicated records after the resume
+    ckpts = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
+    assert ckpts == [f"step_{N:07d}", f"step_{2 * N:07d}"]
+
+
+def test_resume_refuses_changing_the_math(hopper_file, tmp_path):
+    train(TrainConfig(dataset="d4rl:hopper-medium-v2", steps=2, out=str(tmp_path / "r"), **SMALL))
+    with pytest.raises(GlmgymError, match="cannot change --learning-rate"):
+        train(TrainConfig(steps=4, learning_rate=1.0, resume=str(tmp_path / "r")))
+    with pytest.raises(GlmgymError, match="already at step 2"):
+        train(TrainConfig(steps=2, resume=str(tmp_path / "r")))
+
+
+def test_training_with_evaluation_writes_logs_checkpoints_and_report(hopper_file, tmp_path):
+    run = train(TrainConfig(dataset="d4rl:hopper-medium-v2", steps=4, eval_every=2, save_every=2,
+                            out=str(tmp_path / "run"),
+                            **(SMALL | {"eval_episodes": 2, "precision": "bf16"})))
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all("normalized_mean" in r for r in evals)
+    assert all(r["loss"] > 0 for r in records if "loss" in r)
+    report = json.loads((run / "eval.json").read_text())
+    assert report["env_id"] == "Hopper-v5" and len(report["results"]) == 2
+    extras = json.loads((run / "checkpoints" / "step_0000004" / "glmgym.json").read_text())
+    assert extras["target_returns"] == [3600.0, 1800.0]
+    assert len(extras["state_mean"]) == 11 and extras["context_len"] == 5
+    assert json.loads((run / "train_config.json").read_text())["precision"] == "bf16"
+
+
+def test_ddp_on_cpu_with_two_processes(hopper_file, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "glmgym.cli", "agent", "train", "--dataset", "d4rl:hopper-medium-v2",
+           "--steps", "4", "--batch-size", "8", "--hidden-size", "32", "--n-layer", "1",
+           "--context-len", "5", "--eval-episodes", "0", "--no-progress", "--log-every", "2",
+           "--precision", "fp32", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    state = json.loads((out / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["numpy_rng"]) == 2
+    assert state["numpy_rng"][0] != state["numpy_rng"][1]  # each process draws its own windows
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2  # rank 0 logs alone
