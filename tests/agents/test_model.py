@@ -158,3 +158,14 @@ def test_save_is_atomic_and_keeps_the_old_checkpoint_on_failure(tmp_path, monkey
         ck.save_checkpoint(model, tmp_path / "c", extras={"v": 2})
     assert json.loads((tmp_path / "c" / EXTRAS_FILE).read_text()) == {"v": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp dirs left behind
+
+
+def test_predict_last_action_equals_the_last_full_prediction():
+    model = DecisionTransformer(DTConfig(state_dim=STATE, act_dim=ACT, hidden_size=32, n_head=2,
+                                         max_ep_len=1000)).eval()
+    states, actions, rtg, timesteps, _ = _batch(B=3)
+    with torch.no_grad():
+        full = model(states, actions, rtg, timesteps)[:, -1]
+        last = model.predict_last_action(states, actions, rtg, timesteps)
+    assert last.shape == (3, ACT)
+    assert torch.allclose(full, last, atol=1e-6)

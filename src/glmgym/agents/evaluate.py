@@ -108,12 +108,12 @@ def _rollout_batch(policy: Policy, env_id: str, target_return: float, seeds: lis
             # no padding is needed (a window shorter than K is exactly a masked, padded one).
             timesteps = np.minimum(np.arange(lo, t + 1), cfg.max_ep_len - 1)
             with torch.inference_mode():
-                pred = model(
+                pred = model.predict_last_action(
                     torch.from_numpy(states[idx, lo : t + 1]).to(device),
                     torch.from_numpy(actions[idx, lo : t + 1]).to(device),  # a_t is a 0 placeholder
                     torch.from_numpy(rtg[idx, lo : t + 1, None]).to(device),
                     torch.from_numpy(timesteps).to(device).expand(len(idx), -1),
-                )[:, -1]
+                )
             act = np.zeros((n, cfg.act_dim), np.float32)
             act[idx] = pred.float().cpu().numpy()
             obs, reward, term, trunc, _ = envs.step(act)

@@ -192,9 +192,29 @@ class DecisionTransformer(nn.Module):
         Returns:
             [B, K, act_dim] action predictions; the one at step t sees steps <= t only.
         """
+        # Tokens 1, 4, 7, ... are the state tokens s_t; their outputs predict a_t. Only those
+        # are computed in the last block ([B, K, h]); HF computes all 3K and then slices.
+        return self._predict(states, actions, returns_to_go, timesteps, attention_mask, slice(1, None, 3))
+
+    def predict_last_action(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        returns_to_go: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """The action for the last step of unpadded windows, [B, act_dim] (inference).
+
+        Equal to `forward(...)[:, -1]`, but the last block runs for that one token only.
+        """
+        K = states.shape[1]
+        out = slice(3 * K - 2, 3 * K - 1)  # the state token of the last step
+        return self._predict(states, actions, returns_to_go, timesteps, None, out)[:, 0]
+
+    def _predict(self, states, actions, returns_to_go, timesteps, attention_mask, outputs: slice):
         B, K = states.shape[:2]
         time_emb = self.embed_timestep(timesteps)
-        # (R_1, s_1, a_1, R_2, s_2, a_2, ...): [3, B, K, h] -> [B, K, 3, h] -> [B, 3K, h]
+        # (R_1, s_1, a_1, R_2, s_2, a_2, ...): [B, K, 3, h] -> [B, 3K, h]
         tokens = torch.stack(
             (
                 self.embed_return(returns_to_go) + time_emb,
@@ -204,9 +224,7 @@ class DecisionTransformer(nn.Module):
             dim=2,
         ).reshape(B, 3 * K, -1)
         tokens = self.embed_ln(tokens)
-        # Tokens 1, 4, 7, ... are the state tokens s_t; their outputs predict a_t. Only those
-        # are computed in the last block ([B, K, h]); HF computes all 3K and then slices.
-        x = self.encoder(tokens, _attention_bias(attention_mask, K, tokens.device), slice(1, None, 3))
+        x = self.encoder(tokens, _attention_bias(attention_mask, K, tokens.device), outputs)
         return self.predict_action(x)
 
     @classmethod

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from glmgym._io import atomic_write_json, atomic_write_text
 from glmgym.agents.checkpoint import load_checkpoint, save_checkpoint
 from glmgym.agents.config import DTConfig, TrainConfig
-from glmgym.agents.data import OfflineDataset, WindowSampler, load_dataset
+from glmgym.agents.data import OfflineDataset, WindowBatch, WindowSampler, load_dataset
 from glmgym.agents.envs import (
     PAPER_TARGET_RETURNS,
     env_family,
@@ -42,7 +42,7 @@ from glmgym.agents.evaluate import Policy, evaluate, format_report
 from glmgym.agents.model import DecisionTransformer
 from glmgym.errors import GlmgymError
 
-__all__ = ["latest_checkpoint", "native_bf16", "resolve_device", "train"]
+__all__ = ["latest_checkpoint", "native_bf16", "resolve_device", "train", "train_step"]
 
 TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_PT = "trainer_state.pt"
@@ -311,28 +311,14 @@ def train(cfg: TrainConfig) -> Path:
     last_report = None
     try:
         while step < cfg.steps:
-            b = sampler.sample(local_batch)
-            states = torch.from_numpy(b.states).to(device, non_blocking=True)
-            actions = torch.from_numpy(b.actions).to(device, non_blocking=True)
-            rtg = torch.from_numpy(b.returns_to_go).to(device, non_blocking=True)
-            timesteps = torch.from_numpy(b.timesteps).to(device, non_blocking=True)
-            mask = torch.from_numpy(b.attention_mask).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                pred = train_model(states, actions, rtg, timesteps, mask)
-            # MSE over the real (unpadded) steps only, as the reference's boolean indexing does.
-            m = mask.unsqueeze(-1).to(pred.dtype)
-            loss = ((pred.float() - actions) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            loss = train_step(train_model, params, optimizer, scheduler,
+                              sampler.sample(local_batch), device, use_bf16, cfg.grad_clip)
             step += 1
             steps_since += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
-                loss_value = loss.item()
+                loss_value = loss.item()  # the only host sync of the loop
                 log({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                      "steps_per_s": steps_since / (now - t_log)})
                 bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -354,6 +340,27 @@ def train(cfg: TrainConfig) -> Path:
         print(f"checkpoint: {ckpt}")
         print(f"evaluate it: glmgym agent evaluate --checkpoint {ckpt}")
     return run_dir
+
+
+def train_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer, scheduler,
+               batch: WindowBatch, device: torch.device, bf16: bool, grad_clip: float) -> torch.Tensor:
+    """One gradient step on a batch of windows; returns the loss (not synced to the host)."""
+    states = torch.from_numpy(batch.states).to(device, non_blocking=True)
+    actions = torch.from_numpy(batch.actions).to(device, non_blocking=True)
+    rtg = torch.from_numpy(batch.returns_to_go).to(device, non_blocking=True)
+    timesteps = torch.from_numpy(batch.timesteps).to(device, non_blocking=True)
+    mask = torch.from_numpy(batch.attention_mask).to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        pred = model(states, actions, rtg, timesteps, mask)
+    # MSE over the real (unpadded) steps only, as the reference's boolean indexing does.
+    m = mask.unsqueeze(-1).float()
+    loss = ((pred.float() - actions) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
 
 
 def _load_trainer_state(ckpt: Path, model, optimizer, scheduler, rng, ddp: _Dist, device) -> int:

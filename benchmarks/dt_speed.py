@@ -1,0 +1,134 @@
+"""Decision Transformer speed: training steps/s (glmgym vs transformers) and evaluation env steps/s.
+
+One run, one machine, one config (K=20, hidden 128, 3 layers, 1 head, batch 64, dropout 0.1,
+AdamW, grad clip 0.25). Both models train with glmgym's `train_step` on the same batches drawn by
+`WindowSampler` from a hopper-shaped dataset; transformers' `DecisionTransformerModel` is wrapped
+to take the same arguments. Evaluation: `rollout` of 10 episodes in one vector env versus the same
+10 episodes one at a time (HalfCheetah-v5: fixed 1000-step episodes, so both do the same work).
+
+    python benchmarks/dt_speed.py [--steps 60] [--out benchmarks/results/dt_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glmgym._io import atomic_write_json
+from glmgym.agents import DecisionTransformer, DTConfig
+from glmgym.agents.data import OfflineDataset, WindowSampler
+from glmgym.agents.evaluate import Policy, rollout
+from glmgym.agents.train import native_bf16, train_step
+
+
+class HFAdapter(torch.nn.Module):
+    """transformers' model behind glmgym's call signature."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, states, actions, returns_to_go, timesteps, attention_mask=None):
+        return self.hf(states=states, actions=actions, returns_to_go=returns_to_go,
+                       timesteps=timesteps, attention_mask=attention_mask).action_preds
+
+
+def hopper_like_dataset(seed: int = 0) -> OfflineDataset:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(100, 1000, size=60)
+    n = int(lengths.sum())
+    timeouts = np.zeros(n, bool)
+    timeouts[np.cumsum(lengths) - 1] = True
+    return OfflineDataset("bench", rng.normal(size=(n, 11)).astype(np.float32),
+                          rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+                          rng.uniform(0, 3, n).astype(np.float32), np.zeros(n, bool), timeouts)
+
+
+def train_speed(model: torch.nn.Module, batches, bf16: bool, warmup: int = 5) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 10_000, 1.0))
+    model.train()
+    device = torch.device("cpu")
+    for b in batches[:warmup]:
+        train_step(model, params, opt, sched, b, device, bf16, 0.25)
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+        train_step(model, params, opt, sched, b, device, bf16, 0.25).item()
+    return (len(batches) - warmup) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed training steps per variant")
+    parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes")
+    parser.add_argument("--out", default="benchmarks/results/dt_speed.json")
+    args = parser.parse_args()
+
+    from transformers import DecisionTransformerConfig, DecisionTransformerModel
+    from transformers import __version__ as hf_version
+
+    cfg = DTConfig(state_dim=11, act_dim=3, hidden_size=128, n_layer=3, n_head=1, max_ep_len=1000,
+                   n_positions=1024)
+    ds = hopper_like_dataset()
+    sampler = WindowSampler(ds, 20, *ds.state_stats(), 1000.0, 1000, np.random.default_rng(0))
+    batches = [sampler.sample(64) for _ in range(args.steps + 5)]
+
+    def glmgym_model():
+        torch.manual_seed(0)
+        m = DecisionTransformer(cfg)
+        for unused in (m.predict_state, m.predict_return, m.encoder.wte):  # as train() does
+            unused.requires_grad_(False)
+        return m
+
+    def hf_model():
+        torch.manual_seed(0)
+        return HFAdapter(DecisionTransformerModel(DecisionTransformerConfig(**cfg.to_dict())))
+
+    speeds = {}
+    for name, make, bf16 in [("glmgym_fp32", glmgym_model, False), ("hf_fp32", hf_model, False),
+                             ("glmgym_bf16", glmgym_model, True), ("hf_bf16", hf_model, True)]:
+        speeds[name] = train_speed(make(), batches, bf16)
+        print(f"train {name}: {speeds[name]:.2f} steps/s", flush=True)
+    default_bf16 = native_bf16(torch.device("cpu"))
+    speeds["glmgym_default"] = speeds["glmgym_bf16" if default_bf16 else "glmgym_fp32"]
+
+    torch.manual_seed(0)
+    cheetah = DecisionTransformer(DTConfig(state_dim=17, act_dim=6, max_ep_len=1000))
+    policy = Policy(cheetah, np.zeros(17, np.float32), np.ones(17, np.float32), 1000.0, 20)
+    eval_speed = {}
+    for name, num_envs in [("vectorized", None), ("sequential", 1)]:
+        t0 = time.perf_counter()
+        r = rollout(policy, "HalfCheetah-v5", 6000.0, args.episodes, seed=0, num_envs=num_envs)
+        eval_speed[name] = float(r["env_steps"]) / (time.perf_counter() - t0)
+        print(f"eval {name}: {eval_speed[name]:.0f} env steps/s", flush=True)
+
+    result = {
+        "train_steps_per_s": speeds,
+        "eval_env_steps_per_s": eval_speed,
+        "ratios": {
+            "train_default_vs_hf_fp32": speeds["glmgym_default"] / speeds["hf_fp32"],
+            "train_fp32_vs_hf_fp32": speeds["glmgym_fp32"] / speeds["hf_fp32"],
+            "train_bf16_vs_hf_bf16": speeds["glmgym_bf16"] / speeds["hf_bf16"],
+            "eval_vectorized_vs_sequential": eval_speed["vectorized"] / eval_speed["sequential"],
+        },
+        "glmgym_default_precision": "bf16" if default_bf16 else "fp32",
+        "config": {"context_len": 20, "hidden_size": 128, "n_layer": 3, "n_head": 1, "batch_size": 64,
+                   "timed_steps": args.steps, "eval_env": "HalfCheetah-v5",
+                   "eval_episodes": args.episodes},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "transformers": hf_version,
+                    "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    atomic_write_json(Path(args.out), result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
