@@ -11,7 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_write_json", "atomic_write_text", "fix_mode"]
+
+
+def fix_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a mkstemp/mkdtemp path (0600/0700) the permissions a plain open() would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -22,6 +29,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        fix_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -40,6 +48,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    fix_mode(tmp, directory=True)
     try:
         yield tmp
     except BaseException:

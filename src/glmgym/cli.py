@@ -2,6 +2,9 @@
 
     glmgym agent train ...      train a Decision Transformer offline (see TrainConfig)
     glmgym agent evaluate ...   evaluate a checkpoint in a Gymnasium env (see EvalConfig)
+    glmgym agent collect ...    SAC behavior policies -> D4RL-style datasets (see CollectConfig)
+    glmgym agent datasets       list the datasets usable offline
+    glmgym agent play ...       render an agent's episodes to a video (see PlayConfig)
 
 User errors print one line and exit with code 2; heavy imports happen inside the commands.
 """
@@ -63,9 +66,40 @@ def _agent_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_collect(args: argparse.Namespace) -> int:
+    from glmgym.agents.collect import CollectConfig, collect
+
+    cfg = dataclass_from_namespace(CollectConfig, args)
+    for level, path in collect(cfg).items():
+        print(f"{level}: {path}")
+    return 0
+
+
+def _agent_datasets(args: argparse.Namespace) -> int:
+    import json
+
+    from glmgym.agents.catalog import format_catalog, list_datasets
+
+    rows = list_datasets()
+    print(json.dumps(rows, indent=2) if args.json else format_catalog(rows))
+    return 0
+
+
+def _agent_play(args: argparse.Namespace) -> int:
+    from glmgym.agents.play import PlayConfig, play
+
+    result = play(dataclass_from_namespace(PlayConfig, args))
+    returns = ", ".join(f"{r:.1f}" for r in result["returns"])
+    print(f"{result['checkpoint']}: target {result['target_return']:.0f}, returns [{returns}], "
+          f"{result['frames']} frames -> {args.video}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `glmgym` argument parser."""
+    from glmgym.agents.collect import CollectConfig
     from glmgym.agents.config import EvalConfig, TrainConfig
+    from glmgym.agents.play import PlayConfig
 
     parser = argparse.ArgumentParser(
         prog="glmgym",
@@ -73,14 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"glmgym {__version__}")
     pillars = parser.add_subparsers(dest="pillar", required=True, metavar="{agent}")
-    agent = pillars.add_parser("agent", help="Decision Transformer agents (train, evaluate)",
+    agent = pillars.add_parser("agent", help="Decision Transformer agents",
                                description="Decision Transformer agents.")
-    cmds = agent.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
+    cmds = agent.add_subparsers(dest="command", required=True,
+                                metavar="{train,evaluate,collect,datasets,play}")
     p = cmds.add_parser(
         "train", help="train a Decision Transformer offline",
         description="Train a Decision Transformer on an offline dataset and evaluate it. Dataset "
-        "specs: d4rl:NAME (in $D4RL_DATASET_DIR or ~/.d4rl/datasets), d4rl:PATH.hdf5, minari:ID "
-        "(local Minari store), random:ENV_ID[:EPISODES] (generated now with a random policy).",
+        "specs: embedded:NAME (shipped with glmgym), d4rl:NAME (in $D4RL_DATASET_DIR or "
+        "~/.d4rl/datasets), d4rl:PATH.hdf5, minari:ID (local Minari store), "
+        "random:ENV_ID[:EPISODES] (generated now with a random policy).",
     )
     add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=_agent_train)
@@ -91,6 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_arguments(p, EvalConfig)
     p.set_defaults(func=_agent_evaluate)
+    p = cmds.add_parser(
+        "collect", help="collect D4RL-style datasets with SAC behavior policies",
+        description="Train SAC (stable-baselines3) on a Gymnasium env and write datasets at the "
+        "D4RL levels (random, medium, medium-replay, expert, medium-expert) as D4RL-layout HDF5. "
+        "Rerun the same command to resume an interrupted collection.",
+    )
+    add_dataclass_arguments(p, CollectConfig)
+    p.set_defaults(func=_agent_collect)
+    p = cmds.add_parser(
+        "datasets", help="list embedded, D4RL-cache and local Minari datasets",
+        description="List the datasets usable offline: those shipped with glmgym, D4RL files in "
+        "$D4RL_DATASET_DIR (or ~/.d4rl/datasets) and the local Minari store, with statistics.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_agent_datasets)
+    p = cmds.add_parser(
+        "play", help="render episodes of an agent to a video",
+        description="Render episodes of a Decision Transformer (by default the shipped pretrained "
+        "hopper-medium agent) to a video file, headless (MUJOCO_GL=egl).",
+    )
+    add_dataclass_arguments(p, PlayConfig)
+    p.set_defaults(func=_agent_play)
     return parser
 
 

@@ -44,6 +44,8 @@ def test_reference_scores_fall_back_to_the_dataset_own():
     own = reference_scores("Pendulum-v1", {"ref_min_score": -1000.0, "ref_max_score": -100.0})
     assert (own.min, own.max, own.source) == (-1000.0, -100.0, "dataset")
     assert reference_scores("Pendulum-v1") is None
+    # glmgym's own datasets carry references: they win over D4RL's for the same env
+    assert reference_scores("Hopper-v5", {"ref_min_score": 10.0, "ref_max_score": 3000.0}).source == "dataset"
     assert env_family("HalfCheetah-v5") == "halfcheetah"
 
 

@@ -11,6 +11,7 @@ Dataset spec grammar (``glmgym agent train --dataset SPEC``)::
     d4rl:PATH             an explicit .hdf5 / .h5 file in D4RL layout
     minari:ID             a Minari dataset id such as mujoco/hopper/medium-v0, from the local store
                           ($MINARI_DATASETS_PATH or ~/.minari/datasets); download only if allowed
+    embedded:NAME         a dataset shipped inside the package, e.g. embedded:hopper-medium
     random:ENV_ID[:N]     N episodes (default 100) of a uniform random policy, generated on the spot
     PATH                  a path ending in .hdf5 / .h5 is read as d4rl:PATH
 """
@@ -31,6 +32,7 @@ __all__ = [
     "WindowBatch",
     "WindowSampler",
     "d4rl_dataset_dir",
+    "embedded_datasets",
     "episode_bounds",
     "load_d4rl",
     "load_dataset",
@@ -171,6 +173,21 @@ class OfflineDataset:
 def d4rl_dataset_dir() -> Path:
     """D4RL's cache directory: $D4RL_DATASET_DIR or ~/.d4rl/datasets."""
     return Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")).expanduser()
+
+
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+
+
+def embedded_datasets() -> dict[str, Path]:
+    """Datasets shipped inside the package: {name: hdf5 path}."""
+    return {p.stem: p for p in sorted(EMBEDDED_DIR.glob("*.hdf5"))}
+
+
+def _embedded(name: str) -> OfflineDataset:
+    shipped = embedded_datasets()
+    if name not in shipped:
+        raise GlmgymError(f"no embedded dataset {name!r}; shipped: {', '.join(shipped) or 'none'}")
+    return load_d4rl(shipped[name], name=name)
 
 
 def _d4rl_file_for(name: str) -> Path:
@@ -327,7 +344,7 @@ def load_dataset(spec: str, download: bool = False) -> OfflineDataset:
         if spec.endswith((".hdf5", ".h5")):
             return load_d4rl(spec)
         raise GlmgymError(
-            f"cannot read dataset spec {spec!r}: use d4rl:NAME, d4rl:PATH, minari:ID, "
+            f"cannot read dataset spec {spec!r}: use embedded:NAME, d4rl:NAME, d4rl:PATH, minari:ID, "
             "random:ENV_ID[:EPISODES] or a path ending in .hdf5"
         )
     if scheme == "d4rl":
@@ -336,6 +353,8 @@ def load_dataset(spec: str, download: bool = False) -> OfflineDataset:
         return load_d4rl(_d4rl_file_for(rest), name=rest)
     if scheme == "minari":
         return load_minari(rest, download=download)
+    if scheme == "embedded":
+        return _embedded(rest)
     if scheme == "random":
         from glmgym.agents.collect import collect_random
 
@@ -345,7 +364,9 @@ def load_dataset(spec: str, download: bool = False) -> OfflineDataset:
         except ValueError:
             raise GlmgymError(f"random:{rest}: EPISODES must be an integer") from None
         return collect_random(env_id, episodes=episodes)
-    raise GlmgymError(f"unknown dataset scheme {scheme!r} in {spec!r} (use d4rl, minari or random)")
+    raise GlmgymError(
+        f"unknown dataset scheme {scheme!r} in {spec!r} (use embedded, d4rl, minari or random)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

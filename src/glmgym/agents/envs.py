@@ -77,13 +77,14 @@ def env_id_for_dataset(dataset_name: str, recorded_env_id: str | None = None) ->
 
 
 def reference_scores(env_id: str | None, metadata: dict | None = None) -> RefScores | None:
-    """D4RL's reference scores for the four MuJoCo families; else the dataset's own, if any."""
-    family = env_family(env_id)
-    if family in D4RL_REF_SCORES:
-        return D4RL_REF_SCORES[family]
+    """The dataset's own reference scores when its metadata has them (glmgym's collected data,
+    Minari); else D4RL's for the four MuJoCo families; else None."""
     metadata = metadata or {}
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
         return RefScores(float(metadata["ref_min_score"]), float(metadata["ref_max_score"]), "dataset")
+    family = env_family(env_id)
+    if family in D4RL_REF_SCORES:
+        return D4RL_REF_SCORES[family]
     return None
 
 
@@ -92,7 +93,7 @@ def normalized_score(returns: np.ndarray | float, ref: RefScores) -> np.ndarray:
     return 100.0 * (np.asarray(returns, dtype=np.float64) - ref.min) / (ref.max - ref.min)
 
 
-def make_vector_env(env_id: str, num_envs: int):
+def make_vector_env(env_id: str, num_envs: int, **env_kwargs):
     """A synchronous Gymnasium vector env (MuJoCo steps are too cheap to pay for processes).
 
     Raises:
@@ -101,7 +102,7 @@ def make_vector_env(env_id: str, num_envs: int):
     import gymnasium as gym
 
     try:
-        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **env_kwargs)
     except gym.error.Error as exc:
         raise GlmgymError(f"cannot create environment {env_id!r}: {exc}") from None
     except (ImportError, ModuleNotFoundError) as exc:

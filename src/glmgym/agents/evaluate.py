@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +50,16 @@ def rollout(
     episodes: int,
     seed: int = 0,
     num_envs: int | None = None,
+    on_step: Callable | None = None,
+    **env_kwargs,
 ) -> dict[str, np.ndarray]:
     """Run `episodes` episodes conditioned on `target_return`.
 
     Episodes run `num_envs` at a time (default: all at once) in a vector env; each step makes
     one batched model call for the still-running episodes. Episode i is reset with seed + i.
+
+    `on_step(envs)` is called after the reset and after every step (rendering); `env_kwargs`
+    go to `gymnasium.make_vec` (e.g. render_mode).
 
     Returns:
         returns, lengths and seeds of the episodes ([episodes] arrays) and the env steps taken.
@@ -64,7 +70,7 @@ def rollout(
     for first in range(0, episodes, num_envs):
         n = min(num_envs, episodes - first)
         seeds = [seed + first + i for i in range(n)]
-        ret, length, steps = _rollout_batch(policy, env_id, target_return, seeds)
+        ret, length, steps = _rollout_batch(policy, env_id, target_return, seeds, on_step, env_kwargs)
         out["returns"] += ret.tolist()
         out["lengths"] += length.tolist()
         out["seeds"] += seeds
@@ -74,12 +80,13 @@ def rollout(
     return result
 
 
-def _rollout_batch(policy: Policy, env_id: str, target_return: float, seeds: list[int]):
+def _rollout_batch(policy: Policy, env_id: str, target_return: float, seeds: list[int],
+                   on_step: Callable | None = None, env_kwargs: dict | None = None):
     model, K = policy.model.eval(), policy.context_len
     cfg = model.config
     device = policy.device
     n = len(seeds)
-    envs = make_vector_env(env_id, n)
+    envs = make_vector_env(env_id, n, **(env_kwargs or {}))
     try:
         obs_shape = envs.single_observation_space.shape
         act_shape = envs.single_action_space.shape
@@ -95,6 +102,8 @@ def _rollout_batch(policy: Policy, env_id: str, target_return: float, seeds: lis
         actions = np.zeros((n, horizon, cfg.act_dim), np.float32)
         rtg = np.zeros((n, horizon + 1), np.float32)
         obs, _ = envs.reset(seed=seeds)
+        if on_step is not None:
+            on_step(envs)
         states[:, 0] = (obs - mean) / std
         rtg[:, 0] = target_return / scale
         active = np.ones(n, dtype=bool)
@@ -126,6 +135,8 @@ def _rollout_batch(policy: Policy, env_id: str, target_return: float, seeds: lis
             active[idx[term[idx] | trunc[idx]]] = False
             if not active.any():
                 break
+            if on_step is not None:
+                on_step(envs)
     finally:
         envs.close()
     return ep_return, ep_len, steps

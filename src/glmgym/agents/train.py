@@ -337,6 +337,18 @@ def train(cfg: TrainConfig) -> Path:
             writer.close()
         ddp.close()
     if ddp.main:
+        sweep = None
+        if cfg.eval_episodes > 0:
+            # Achieved vs target return for the report: the run's targets plus a sweep over
+            # the dataset's range of returns.
+            best = float(dataset.episode_returns().max())
+            sweep_targets = sorted({*map(float, targets), *np.round(np.linspace(0.25, 1.25, 5) * best)})
+            sweep = evaluate(policy, env_id, sweep_targets, episodes=cfg.eval_episodes,
+                             seed=cfg.seed, ref=ref)
+            atomic_write_json(run_dir / "eval_sweep.json", sweep)
+        from glmgym.agents.report import write_report
+
+        print(f"report: {write_report(run_dir, sweep, dataset.summary())}")
         print(f"checkpoint: {ckpt}")
         print(f"evaluate it: glmgym agent evaluate --checkpoint {ckpt}")
     return run_dir

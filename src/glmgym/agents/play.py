@@ -1,0 +1,96 @@
+"""`glmgym agent play`: render episodes of an agent to a video file (headless: MUJOCO_GL=egl)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from glmgym._io import fix_mode
+from glmgym.errors import GlmgymError
+
+__all__ = ["PRETRAINED_DIR", "PlayConfig", "play"]
+
+PRETRAINED_DIR = Path(__file__).parent / "embedded" / "pretrained" / "hopper-medium-dt"
+
+
+@dataclass
+class PlayConfig:
+    """Options of `glmgym agent play`."""
+
+    video: str = field(default="", metadata={"metavar": "FILE"})
+    """Output video (.mp4, .gif, ...)."""
+    checkpoint: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Checkpoint or run directory; default: the shipped pretrained hopper-medium agent."""
+    episodes: int = 1
+    """Episodes to play one after the other."""
+    target_return: float | None = field(default=None, metadata={"metavar": "R"})
+    """Return to condition on; default: the first target recorded in the checkpoint."""
+    env: str | None = None
+    """Gymnasium env id; default: the one recorded in the checkpoint."""
+    seed: int = 0
+    """Seed of the first episode."""
+    fps: int = 30
+    """Frames per second of the video (frames are taken every env_fps / fps steps)."""
+    size: int = 480
+    """Width and height of the frames in pixels."""
+
+    def __post_init__(self) -> None:
+        if not self.video:
+            raise GlmgymError("--video FILE is required")
+        if self.episodes <= 0 or self.fps <= 0 or self.size < 16:
+            raise GlmgymError("--episodes and --fps must be positive and --size at least 16")
+
+
+def play(cfg: PlayConfig) -> dict:
+    """Render `cfg.episodes` episodes into `cfg.video` (written atomically); return the rollout."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import imageio.v2 as imageio
+
+    from glmgym.agents.checkpoint import load_checkpoint
+    from glmgym.agents.evaluate import Policy, rollout
+    from glmgym.agents.train import latest_checkpoint
+
+    ckpt_dir = latest_checkpoint(cfg.checkpoint) if cfg.checkpoint else PRETRAINED_DIR
+    if not (ckpt_dir / "config.json").is_file():
+        raise GlmgymError(f"no pretrained agent at {ckpt_dir}; pass --checkpoint DIR")
+    ckpt = load_checkpoint(ckpt_dir)
+    env_id = cfg.env or ckpt.extras.get("env_id")
+    if not env_id:
+        raise GlmgymError(f"{ckpt_dir} does not record its environment; pass --env ENV_ID")
+    target = cfg.target_return
+    if target is None:
+        target = (ckpt.extras.get("target_returns") or [None])[0]
+    if target is None:
+        raise GlmgymError(f"{ckpt_dir} records no target return; pass --target-return R")
+    policy = Policy(ckpt.model, ckpt.state_mean, ckpt.state_std,
+                    float(ckpt.extras.get("reward_scale", 1000.0)), int(ckpt.extras.get("context_len", 20)))
+    video = Path(cfg.video)
+    video.parent.mkdir(parents=True, exist_ok=True)
+    frames: list = []
+    counter = {"t": 0, "every": 1}
+
+    def grab(envs) -> None:
+        if counter["t"] == 0:
+            env_fps = envs.envs[0].metadata.get("render_fps", cfg.fps)
+            counter["every"] = max(1, round(env_fps / cfg.fps))
+        if counter["t"] % counter["every"] == 0:
+            frames.append(envs.envs[0].render())
+        counter["t"] += 1
+
+    result = rollout(policy, env_id, float(target), cfg.episodes, seed=cfg.seed, num_envs=1,
+                     on_step=grab, render_mode="rgb_array", width=cfg.size, height=cfg.size)
+    fd, tmp = tempfile.mkstemp(prefix=f".{video.stem}.", suffix=video.suffix, dir=video.parent)
+    os.close(fd)
+    try:
+        imageio.mimwrite(tmp, frames, fps=cfg.fps)
+        fix_mode(tmp)
+        os.replace(tmp, video)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    result["frames"] = len(frames)
+    result["target_return"] = float(target)
+    result["checkpoint"] = str(ckpt_dir)
+    return result

@@ -1,0 +1,94 @@
+import h5py
+import numpy as np
+import pytest
+
+from glmgym.agents.collect import CollectConfig, collect, run_episodes, write_d4rl_hdf5
+from glmgym.agents.data import load_dataset
+from glmgym.errors import GlmgymError
+
+TINY = dict(env="Hopper-v5", steps=300, learning_starts=100, snapshot_every=100, snapshot_episodes=2,
+            dataset_steps=150, ref_episodes=3, num_envs=4, progress=False)
+
+
+def test_collect_end_to_end_writes_d4rl_files_the_loader_reads(tmp_path):
+    cfg = CollectConfig(levels="random,medium,medium-replay,expert,medium-expert", out=str(tmp_path / "c"),
+                        **TINY)
+    paths = collect(cfg)
+    assert set(paths) == {"random", "medium", "medium-replay", "expert", "medium-expert"}
+    sizes = {}
+    for level, path in paths.items():
+        ds = load_dataset(f"d4rl:{path}")
+        assert ds.state_dim == 11 and ds.act_dim == 3
+        sizes[level] = ds.num_transitions
+        assert ds.metadata["env_id"] == "Hopper-v5"
+        # reference returns (random and expert policies) travel with every file
+        assert isinstance(ds.metadata["ref_min_score"], float)
+        assert isinstance(ds.metadata["ref_max_score"], float)
+        assert ds.metadata["level"] == level
+        with h5py.File(path) as f:
+            assert {"observations", "next_observations", "actions", "rewards", "terminals", "timeouts",
+                    "infos", "metadata"} <= set(f)
+            assert f["infos/qpos"].shape == (ds.num_transitions, 6)
+            assert f["infos/qvel"].shape == (ds.num_transitions, 6)
+            # within an episode, next_observations[i] == observations[i + 1]
+            obs, nxt = f["observations"][()], f["next_observations"][()]
+            inner = ~(f["terminals"][()] | f["timeouts"][()])[:-1]
+            np.testing.assert_array_equal(nxt[:-1][inner], obs[1:][inner])
+    assert sizes["random"] >= 150 and sizes["medium"] >= 150 and sizes["expert"] >= 150
+    assert sizes["medium-expert"] == sizes["medium"] + sizes["expert"]
+    # medium-replay is the training stream up to the medium snapshot
+    import json
+
+    state = json.loads((tmp_path / "c" / "collect_state.json").read_text())
+    assert sizes["medium-replay"] == state["medium_snapshot"]["step"]
+    assert [s["step"] for s in state["snapshots"]] == [100, 200, 300]
+
+
+def test_rerun_resumes_and_keeps_finished_files(tmp_path):
+    cfg = CollectConfig(levels="random,expert", out=str(tmp_path / "c"), **TINY)
+    first = collect(cfg)
+    mtime = first["expert"].stat().st_mtime_ns
+    first["random"].unlink()  # as if the run had stopped before writing it
+    again = collect(cfg)
+    assert again["expert"].stat().st_mtime_ns == mtime
+    assert load_dataset(f"d4rl:{again['random']}").num_transitions >= 150
+    with pytest.raises(GlmgymError, match="other settings"):
+        collect(CollectConfig(levels="random", out=str(tmp_path / "c"), **(TINY | {"seed": 1})))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"env": "Hoper-v5"}, "cannot create environment"),
+        ({"env": "CartPole-v1"}, "Discrete action space"),
+        ({"levels": "medium,hard"}, "unknown level(s) hard"),
+    ],
+)
+def test_bad_collect_options(tmp_path, kwargs, message):
+    with pytest.raises(GlmgymError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        collect(CollectConfig(out=str(tmp_path / "c"), **(TINY | kwargs)))
+    assert not (tmp_path / "c").exists()
+
+
+def test_interrupted_write_leaves_no_file_that_looks_complete(tmp_path, monkeypatch):
+    arrays = run_episodes("Hopper-v5", lambda obs: np.zeros((len(obs), 3)), episodes=2, num_envs=2)
+    original = h5py.Group.create_dataset
+    calls = {"n": 0}
+
+    def failing(self, name, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return original(self, name, *a, **k)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", failing)
+    with pytest.raises(OSError, match="No space left"):
+        write_d4rl_hdf5(tmp_path / "x.hdf5", arrays, {"env_id": "Hopper-v5"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_episodes_runs_exactly_the_requested_episodes():
+    r = run_episodes("Hopper-v5", lambda obs: np.zeros((len(obs), 3)), episodes=5, num_envs=3, seed=7)
+    assert len(r["episode_returns"]) == 5
+    assert int(r["terminals"].sum() + r["timeouts"].sum()) == 5
+    np.testing.assert_allclose(r["episode_returns"].sum(), r["rewards"].sum(), rtol=1e-5)
