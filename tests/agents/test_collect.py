@@ -92,3 +92,13 @@ def test_run_episodes_runs_exactly_the_requested_episodes():
     assert len(r["episode_returns"]) == 5
     assert int(r["terminals"].sum() + r["timeouts"].sum()) == 5
     np.testing.assert_allclose(r["episode_returns"].sum(), r["rewards"].sum(), rtol=1e-5)
+
+
+def test_collect_also_writes_a_minari_dataset(tmp_path):
+    paths = collect(CollectConfig(levels="random,expert", out=str(tmp_path / "c"), minari=True, **TINY))
+    hdf5 = load_dataset(f"d4rl:{paths['random']}")
+    ds = load_dataset("minari:glmgym/hopper/random-v0")
+    assert ds.num_transitions == hdf5.num_transitions and ds.num_episodes == hdf5.num_episodes
+    np.testing.assert_allclose(ds.rewards, hdf5.rewards)
+    assert ds.env_id == "Hopper-v5"
+    assert ds.metadata["ref_min_score"] == pytest.approx(hdf5.metadata["ref_min_score"])

@@ -232,6 +232,8 @@ def write_d4rl_hdf5(path: Path, arrays: dict[str, np.ndarray], metadata: dict[st
                                      compression_opts=4, shuffle=True)
             meta = f.create_group("metadata")
             for key, value in metadata.items():
+                if value is None:  # HDF5 attributes have no null
+                    continue
                 meta.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         fix_mode(tmp)
         os.replace(tmp, path)
@@ -505,10 +507,11 @@ def _write_minari(ds: OfflineDataset, arrays: dict[str, np.ndarray], dataset_id:
     with contextlib.suppress(Exception):  # absent: nothing to replace
         minari.delete_dataset(dataset_id)
     env = gym.make(meta["env_id"])
+    refs = {}
+    if meta.get("ref_max_score") is not None:  # Minari stores references as a pair only
+        refs = {"ref_min_score": meta["ref_min_score"], "ref_max_score": meta["ref_max_score"]}
     minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=env, algorithm_name=str(meta.get("policy", "")),
-        ref_min_score=meta["ref_min_score"],
-        ref_max_score=meta.get("ref_max_score") or meta["ref_min_score"] + 1,
+        dataset_id, buffers, env=env, algorithm_name=str(meta.get("policy", "")), **refs,
         description=f"glmgym {meta['level']} dataset for {meta['env_id']}", author="glmgym",
         author_email="glmgym@users.noreply.github.com", code_permalink="https://pypi.org/project/glmgym/")
     env.close()

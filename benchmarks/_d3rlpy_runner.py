@@ -1,0 +1,85 @@
+"""Train and evaluate one d3rlpy baseline on a D4RL-layout HDF5 file; print one JSON line.
+
+Runs inside a virtual environment of its own (d3rlpy pins gymnasium==1.0.0); started by
+`dt_quality.py`. Hyperparameters follow d3rlpy's own Decision Transformer reproduction script
+(the paper's), with the warmup given on the command line so that every method shares the schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import gymnasium as gym
+import h5py
+import numpy as np
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--algo", choices=("dt", "bc"), required=True)
+    p.add_argument("--env", default="Hopper-v5")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--warmup", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--targets", type=float, nargs="*", default=[])
+    args = p.parse_args()
+
+    import d3rlpy
+    import torch
+
+    with h5py.File(args.dataset, "r") as f:
+        data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    dataset = d3rlpy.dataset.MDPDataset(data["observations"], data["actions"], data["rewards"],
+                                        data["terminals"].astype(np.float32),
+                                        data["timeouts"].astype(np.float32))
+    d3rlpy.seed(args.seed)
+    if args.algo == "dt":
+        algo = d3rlpy.algos.DecisionTransformerConfig(
+            batch_size=64, learning_rate=1e-4,
+            optim_factory=d3rlpy.optimizers.AdamWFactory(
+                weight_decay=1e-4, clip_grad_norm=0.25,
+                lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(warmup_steps=args.warmup)),
+            encoder_factory=d3rlpy.models.VectorEncoderFactory([128], exclude_last_activation=True),
+            observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+            reward_scaler=d3rlpy.preprocessing.MultiplyRewardScaler(0.001),
+            position_encoding_type=d3rlpy.PositionEncodingType.SIMPLE,
+            context_size=20, num_heads=1, num_layers=3, max_timestep=1000,
+        ).create(device="cpu:0")
+    else:
+        algo = d3rlpy.algos.BCConfig(
+            batch_size=64, observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+        ).create(device="cpu:0")
+    t0 = time.perf_counter()
+    algo.fit(dataset, n_steps=args.steps, n_steps_per_epoch=args.steps, show_progress=False,
+             save_interval=10**9, experiment_name=f"bench_{args.algo}_{args.seed}", with_timestamp=True)
+    train_seconds = time.perf_counter() - t0
+
+    env = gym.make(args.env)
+    results = {}
+    for target in args.targets if args.algo == "dt" else [None]:
+        returns = []
+        for i in range(args.episodes):  # the same episode seeds as glmgym's evaluation
+            obs, _ = env.reset(seed=args.seed + i)
+            if target is not None:
+                actor = algo.as_stateful_wrapper(target_return=target)
+                actor.reset()
+            total, reward, done = 0.0, 0.0, False
+            while not done:
+                with torch.no_grad():
+                    action = actor.predict(obs, reward) if target is not None else algo.predict(obs[None])[0]
+                obs, reward, term, trunc, _ = env.step(action)
+                reward = float(reward)
+                total += reward
+                done = term or trunc
+            returns.append(total)
+        results["none" if target is None else str(target)] = returns
+    print(json.dumps({"train_seconds": train_seconds, "returns": results,
+                      "d3rlpy": d3rlpy.__version__, "gymnasium": gym.__version__}))
+
+
+if __name__ == "__main__":
+    main()
