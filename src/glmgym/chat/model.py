@@ -1,0 +1,265 @@
+"""ChatGLM-6B (GLM v1) in plain PyTorch: blocks, 2D rotary embedding, prefix-LM mask, KV cache.
+
+Faithful to THUDM's `modeling_chatglm.py` (v1.1), with these choices of ours:
+
+- batch-first tensors ([B, T, ...]); the reference is sequence-first;
+- attention through `F.scaled_dot_product_attention` with a boolean mask. The reference fills
+  masked scores with -10000 (times layer_id + 1, because it scales q down by that factor first
+  and the scores back up after the fill); with no fully masked row that is the same softmax;
+- a preallocated KV cache (`KVCache`) written in place, gpt-fast style, instead of concatenating
+  a growing tuple per step;
+- a P-Tuning v2 prefix lives in the first `pre_seq_len` cache slots.
+
+Masks follow the reference's convention at the API: `attention_mask` is True where attention
+is *not* allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmgym.chat.config import GLMConfig
+
+__all__ = ["GLMBlock", "GLMModel", "KVCache", "RotaryEmbedding"]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary tables for one half of a head (dim = head_dim / 2 with 2D positions)."""
+
+    def __init__(self, dim: int, max_positions: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        # The reference builds inv_freq in fp16 (RotaryEmbedding(precision=torch.half)) and the
+        # model's .float() later widens it: keep that rounding so fp32 results match bit for bit.
+        inv_freq = inv_freq.half().float()
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [P, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, dim]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, d]; cos/sin: [B, 1, T, d] (NeoX rotate-half style)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values of every layer: [layers, B, heads, max_len, head_dim] each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, cfg: GLMConfig, batch: int, max_len: int, dtype: torch.dtype,
+              device: torch.device | str) -> KVCache:
+        """Zeros for `max_len` positions (prefix slots included)."""
+        shape = (cfg.num_layers, batch, cfg.num_attention_heads, max_len, cfg.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def max_len(self) -> int:
+        """Positions the cache can hold."""
+        return self.k.shape[3]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: GLMConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        allowed: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        start: int,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        H, d = self.num_heads, self.head_dim
+        # The fused projection is interleaved per head: [B, T, H, 3d] -> q, k, v of [B, T, H, d].
+        qkv = self.query_key_value(x).view(B, T, H, 3 * d)
+        q, k, v = qkv.split(d, dim=-1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, d]
+        # 2D rotary: the first half of each head rotates by position, the second by block position.
+        cos1, sin1, cos2, sin2 = rope
+        q1, q2 = q.chunk(2, dim=-1)
+        k1, k2 = k.chunk(2, dim=-1)
+        q = torch.cat((_apply_rotary(q1, cos1, sin1), _apply_rotary(q2, cos2, sin2)), dim=-1)
+        k = torch.cat((_apply_rotary(k1, cos1, sin1), _apply_rotary(k2, cos2, sin2)), dim=-1)
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.dense(y.transpose(1, 2).reshape(B, T, C))  # [B, H, T, d] -> [B, T, C]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GLMConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The reference's gelu_impl is the tanh approximation.
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    """`x = ln1(h); h = x * alpha + attn(x); m = ln2(h); out = m * alpha + mlp(m)`.
+
+    Note the residual is the *normalized* input scaled by alpha = sqrt(2 * 28), as in the
+    reference (a GLM "DeepNorm"-style residual), not the raw input.
+    """
+
+    def __init__(self, cfg: GLMConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.attention = SelfAttention(cfg)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+        self.alpha = math.sqrt(2 * cfg.num_residual_layers)
+
+    def forward(self, h, rope, allowed, cache, start):
+        x = self.input_layernorm(h)
+        h = x * self.alpha + self.attention(x, rope, allowed, cache, start)
+        m = self.post_attention_layernorm(h)
+        return m * self.alpha + self.mlp(m)
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2: prefix token i -> the keys and values of every layer at prefix slot i."""
+
+    def __init__(self, cfg: GLMConfig) -> None:
+        super().__init__()
+        out = cfg.num_layers * cfg.hidden_size * 2
+        if cfg.prefix_projection:
+            self.embedding = nn.Embedding(cfg.pre_seq_len, cfg.hidden_size)
+            self.trans = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.Tanh(),
+                                       nn.Linear(cfg.hidden_size, out))
+        else:
+            self.embedding = nn.Embedding(cfg.pre_seq_len, out)
+            self.trans = None
+
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(prefix)
+        return self.trans(x) if self.trans is not None else x
+
+
+class Transformer(nn.Module):
+    """`transformer.*` of the checkpoint: embeddings, blocks, final layer norm, prefix encoder."""
+
+    def __init__(self, cfg: GLMConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        if cfg.pre_seq_len:
+            self.prefix_encoder = PrefixEncoder(cfg)
+
+
+class GLMModel(nn.Module):
+    """ChatGLM-6B: `transformer` + tied `lm_head`; parameter names match THUDM's checkpoints.
+
+    Example:
+        >>> import torch
+        >>> from glmgym.chat.config import PRESETS
+        >>> model = GLMModel(PRESETS["tiny"]).eval()
+        >>> ids = torch.tensor([[5, 6, 7, 1001, 1004]])  # text, [gMASK], <sop>
+        >>> pos = torch.tensor([[[0, 1, 2, 3, 3], [0, 0, 0, 0, 1]]])
+        >>> model(ids, pos).shape
+        torch.Size([1, 5, 1024])
+    """
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.word_embeddings.weight  # tied, as in the reference
+        rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
+        self.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1)
+
+    @property
+    def prefix_len(self) -> int:
+        """Cache slots taken by the P-Tuning v2 prefix (0 without)."""
+        return self.config.pre_seq_len or 0
+
+    def prefix_kv(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix keys and values: [layers, B, heads, pre_seq_len, head_dim] each."""
+        cfg = self.config
+        enc = self.transformer.prefix_encoder
+        tokens = torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)
+        kv = enc(tokens).half()  # the reference rounds the prefix to fp16 (get_prompt)
+        # [P, layers * 2 * H * d] -> [layers * 2, H, P, d] -> keys, values of [layers, H, P, d]
+        kv = kv.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, cfg.head_dim)
+        kv = kv.permute(1, 2, 0, 3).to(dtype)
+        k, v = kv[0::2], kv[1::2]
+        return k.unsqueeze(1).expand(-1, batch, -1, -1, -1), v.unsqueeze(1).expand(-1, batch, -1, -1, -1)
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # position_ids: [B, 2, T] -> four [B, 1, T, d] tables
+        pos, block = position_ids[:, 0], position_ids[:, 1]
+        tables = []
+        for p in (pos, block):
+            tables += [self.rotary.cos[p].unsqueeze(1).to(dtype), self.rotary.sin[p].unsqueeze(1).to(dtype)]
+        return tuple(tables)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Final hidden states [B, T, hidden] (after final_layernorm).
+
+        Args:
+            input_ids: [B, T] token ids.
+            position_ids: [B, 2, T] positions and block positions.
+            attention_mask: [B or 1, 1, T, S] bool, True where attention is NOT allowed; S is
+                start + T (cache slots 0..start+T-1, prefix included). None: full attention.
+            kv_cache: cache to read slots [0, start) from and write [start, start+T) to.
+            start: cache slot of the first input token.
+        """
+        h = self.transformer.word_embeddings(input_ids)
+        rope = self._rope(position_ids, h.dtype)
+        allowed = None if attention_mask is None else ~attention_mask
+        if kv_cache is None and self.prefix_len:
+            raise ValueError("a P-Tuning v2 model needs a KVCache holding its prefix")
+        for i, layer in enumerate(self.transformer.layers):
+            cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
+            h = layer(h, rope, allowed, cache, start)
+        return self.transformer.final_layernorm(h)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`); arguments as `hidden_states`."""
+        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, start)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)

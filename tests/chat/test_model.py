@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from glmgym.chat.config import GLMConfig
+from glmgym.chat.model import GLMModel, KVCache
+
+FIXTURES = Path(__file__).parents[2].parent / "shared" / "fixtures" / "chatglm"
+FIXTURE_CFG = GLMConfig(vocab_size=5, hidden_size=32, num_attention_heads=8, num_layers=1,
+                        inner_hidden_size=128, max_sequence_length=64, layernorm_epsilon=1e-5,
+                        torch_dtype="float32")
+WEIGHTS = [
+    ("transformer.word_embeddings.weight", (5, 32)),
+    ("transformer.layers.0.input_layernorm.weight", (32,)),
+    ("transformer.layers.0.input_layernorm.bias", (32,)),
+    ("transformer.layers.0.attention.query_key_value.weight", (96, 32)),
+    ("transformer.layers.0.attention.query_key_value.bias", (96,)),
+    ("transformer.layers.0.attention.dense.weight", (32, 32)),
+    ("transformer.layers.0.attention.dense.bias", (32,)),
+    ("transformer.layers.0.post_attention_layernorm.weight", (32,)),
+    ("transformer.layers.0.post_attention_layernorm.bias", (32,)),
+    ("transformer.layers.0.mlp.dense_h_to_4h.weight", (128, 32)),
+    ("transformer.layers.0.mlp.dense_h_to_4h.bias", (128,)),
+    ("transformer.layers.0.mlp.dense_4h_to_h.weight", (32, 128)),
+    ("transformer.layers.0.mlp.dense_4h_to_h.bias", (32,)),
+    ("transformer.final_layernorm.weight", (32,)),
+    ("transformer.final_layernorm.bias", (32,)),
+]
+
+
+def _read_fixture(name: str, prefix: bool):
+    """Parse the raw little-endian tensors (layout in the fixtures' README)."""
+    raw = (FIXTURES / name).read_bytes()
+    off = 0
+
+    def take(dtype, shape):
+        nonlocal off
+        count = int(np.prod(shape))
+        arr = np.frombuffer(raw, dtype=dtype, count=count, offset=off).reshape(shape)
+        off += arr.nbytes
+        return torch.from_numpy(arr.copy())
+
+    prefix_kv = take("<f2", (2, 8, 5, 4)) if prefix else None
+    weights = {name: take("<f4", shape) for name, shape in WEIGHTS}
+    steps = []
+    for n in (3, 1, 1):
+        x = take("<i4", (n,))
+        y = take("<f4", (n, 32) if n > 1 else (32,))
+        steps.append((x.long(), y.reshape(n, 32)))
+    assert off == len(raw)
+    return weights, steps, prefix_kv
+
+
+@pytest.mark.parametrize(("name", "prefix"), [("glm_model.data", False), ("glm_ptuning_v2_model.data", True)])
+def test_reference_hidden_states_of_prefill_and_two_cached_steps(name, prefix):
+    weights, steps, prefix_kv = _read_fixture(name, prefix)
+    cfg = GLMConfig(**{**FIXTURE_CFG.__dict__, "pre_seq_len": 5 if prefix else None})
+    model = GLMModel(cfg).eval()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected
+    assert set(missing) <= {"lm_head.weight"} | {k for k in missing if "prefix_encoder" in k}
+    P = 5 if prefix else 0
+    cache = KVCache.empty(cfg, 1, P + 8, torch.float32, "cpu")
+    if prefix:  # the reference's prefix cache (already fp16-rounded): keys then values of layer 0
+        cache.k[0, 0, :, :P] = prefix_kv[0].float()
+        cache.v[0, 0, :, :P] = prefix_kv[1].float()
+    masked = torch.tensor([[0, 0, 1], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    # the prefix slots are visible to every token
+    mask1 = torch.cat([torch.zeros(3, P, dtype=torch.bool), masked], dim=1)[None, None]
+    positions = [torch.tensor([[[0, 1, 1], [0, 0, 1]]]), torch.tensor([[[1], [2]]]), torch.tensor([[[1], [3]]])]
+    start = P
+    with torch.no_grad():
+        for i, ((x, y), pos) in enumerate(zip(steps, positions)):
+            mask = mask1 if i == 0 else None
+            h = model.hidden_states(x[None], pos, mask, kv_cache=cache, start=start)
+            start += x.numel()
+            assert (h[0] - y).abs().max().item() <= 1e-5, f"step {i + 1}"
+
+
+def test_cached_decoding_equals_full_recomputation():
+    torch.manual_seed(0)
+    cfg = GLMConfig(vocab_size=50, hidden_size=32, num_attention_heads=4, num_layers=2,
+                    inner_hidden_size=64, max_sequence_length=64)
+    model = GLMModel(cfg).eval()
+    ids = torch.randint(0, 50, (1, 10))
+    ctx = 5  # tokens 0..4 are the bidirectional context, 5.. are generated
+    pos = torch.stack([torch.where(torch.arange(10) < ctx, torch.arange(10), torch.tensor(ctx - 1)),
+                       torch.clamp(torch.arange(10) - ctx + 1, min=0)])[None]
+    i = torch.arange(10)
+    masked = ~((i[None, :] <= i[:, None]) | (i[None, :] < ctx))  # prefix-LM
+    with torch.no_grad():
+        full = model(ids, pos, masked[None, None])
+        cache = KVCache.empty(cfg, 1, 10, torch.float32, "cpu")
+        first = model(ids[:, :6], pos[..., :6], masked[None, None, :6, :6], kv_cache=cache, start=0)
+        steps = [first]
+        for t in range(6, 10):
+            steps.append(model(ids[:, t:t + 1], pos[..., t:t + 1], None, kv_cache=cache, start=t))
+    np.testing.assert_allclose(torch.cat(steps, 1).numpy(), full.numpy(), atol=1e-5)
