@@ -69,7 +69,8 @@ def test_reference_hidden_states_of_prefill_and_two_cached_steps(name, prefix):
     masked = torch.tensor([[0, 0, 1], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)
     # the prefix slots are visible to every token
     mask1 = torch.cat([torch.zeros(3, P, dtype=torch.bool), masked], dim=1)[None, None]
-    positions = [torch.tensor([[[0, 1, 1], [0, 0, 1]]]), torch.tensor([[[1], [2]]]), torch.tensor([[[1], [3]]])]
+    positions = [torch.tensor([[[0, 1, 1], [0, 0, 1]]]), torch.tensor([[[1], [2]]]),
+                 torch.tensor([[[1], [3]]])]
     start = P
     with torch.no_grad():
         for i, ((x, y), pos) in enumerate(zip(steps, positions)):

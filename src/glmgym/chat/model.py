@@ -66,7 +66,8 @@ class KVCache:
               device: torch.device | str) -> KVCache:
         """Zeros for `max_len` positions (prefix slots included)."""
         shape = (cfg.num_layers, batch, cfg.num_attention_heads, max_len, cfg.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        k = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(k, torch.zeros_like(k))
 
     @property
     def max_len(self) -> int:
