@@ -5,6 +5,7 @@
     glmgym agent collect ...    SAC behavior policies -> D4RL-style datasets (see CollectConfig)
     glmgym agent datasets       list the datasets usable offline
     glmgym agent play ...       render an agent's episodes to a video (see PlayConfig)
+    glmgym chat ...             chat with ChatGLM-6B (see ChatCLIConfig)
 
 User errors print one line and exit with code 2; heavy imports happen inside the commands.
 """
@@ -95,18 +96,25 @@ def _agent_play(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from glmgym.chat.terminal import ChatCLIConfig, run_chat
+
+    return run_chat(dataclass_from_namespace(ChatCLIConfig, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `glmgym` argument parser."""
     from glmgym.agents.collect import CollectConfig
     from glmgym.agents.config import EvalConfig, TrainConfig
     from glmgym.agents.play import PlayConfig
+    from glmgym.chat.terminal import ChatCLIConfig
 
     parser = argparse.ArgumentParser(
         prog="glmgym",
         description="Decision Transformer agents for Gymnasium MuJoCo, and ChatGLM-6B inference.",
     )
     parser.add_argument("--version", action="version", version=f"glmgym {__version__}")
-    pillars = parser.add_subparsers(dest="pillar", required=True, metavar="{agent}")
+    pillars = parser.add_subparsers(dest="pillar", required=True, metavar="{agent,chat}")
     agent = pillars.add_parser("agent", help="Decision Transformer agents",
                                description="Decision Transformer agents.")
     cmds = agent.add_subparsers(dest="command", required=True,
@@ -149,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_arguments(p, PlayConfig)
     p.set_defaults(func=_agent_play)
+    chat = pillars.add_parser(
+        "chat", help="chat with ChatGLM-6B in the terminal",
+        description="Streaming terminal chat with ChatGLM-6B (history kept; 'clear' resets, "
+        "'stop' leaves, Ctrl-C interrupts a reply), or a one-shot answer with --prompt.",
+    )
+    add_dataclass_arguments(chat, ChatCLIConfig)
+    chat.set_defaults(func=_chat)
     return parser
 
 

@@ -1,0 +1,28 @@
+"""ChatGLM-6B inference: the GLM architecture, checkpoint and tokenizer loading, chat.
+
+Example:
+    >>> from glmgym import chat  # doctest: +SKIP
+    >>> bot = chat.load("THUDM/chatglm-6b")  # doctest: +SKIP
+    >>> response, history = bot.chat("你好")  # doctest: +SKIP
+"""
+
+from glmgym.chat.config import PRESETS, GLMConfig
+from glmgym.chat.generate import GenerationConfig, generate
+from glmgym.chat.model import GLMModel, KVCache
+from glmgym.chat.session import ChatGLM, HistoryTrimmedWarning, build_prompt, load, process_response
+from glmgym.chat.tokenizer import ChatGLMTokenizer
+
+__all__ = [
+    "PRESETS",
+    "ChatGLM",
+    "ChatGLMTokenizer",
+    "GLMConfig",
+    "GLMModel",
+    "GenerationConfig",
+    "HistoryTrimmedWarning",
+    "KVCache",
+    "build_prompt",
+    "generate",
+    "load",
+    "process_response",
+]

@@ -1,0 +1,189 @@
+"""Load ChatGLM-6B checkpoints (Hugging Face directories or hub ids) without trust_remote_code.
+
+Accepted layouts: `config.json` plus sharded `pytorch_model-0000N-of-0000M.bin` with
+`pytorch_model.bin.index.json`, a single `pytorch_model.bin`, or `*.safetensors` (with or without
+`model.safetensors.index.json`); the tokenizer is `ice_text.model` (+ `tokenizer_config.json`).
+
+Memory: the model is built on the meta device and every shard is opened memory-mapped
+(safetensors, or `torch.load(mmap=True, weights_only=True)`), converted to the target dtype tensor
+by tensor and assigned in place, so loading never holds two copies of the weights. `.bin` files
+are read with `weights_only=True` only: a file that needs pickled code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from glmgym.chat.config import GLMConfig
+from glmgym.chat.model import GLMModel, RotaryEmbedding
+from glmgym.errors import GlmgymError
+
+__all__ = ["DTYPES", "default_dtype", "load_model", "resolve_model_dir", "save_model"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_HUB_FILES = ["*.json", "*.model", "*.safetensors", "*.bin"]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively, else fp16 on CUDA and fp32 on CPU."""
+    from glmgym.agents.train import native_bf16  # the same probe as the agents' --precision auto
+
+    if native_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def resolve_model_dir(path_or_id: str) -> Path:
+    """A local directory, or a hub id resolved through huggingface_hub (cache first).
+
+    Raises:
+        GlmgymError: neither a directory nor a hub id that can be fetched; says how to get it.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or path_or_id.count("/") != 1 or path_or_id.startswith((".", "/", "~")):
+        raise GlmgymError(f"model directory {path_or_id} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path_or_id, allow_patterns=_HUB_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return Path(snapshot_download(path_or_id, allow_patterns=_HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        raise GlmgymError(
+            f"{path_or_id} is not in the Hugging Face cache and cannot be downloaded here "
+            f"({type(exc).__name__}). On a machine with network access run\n"
+            f"  huggingface-cli download {path_or_id} --local-dir chatglm-6b\n"
+            f"then copy the folder here and pass --model chatglm-6b"
+        ) from None
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise GlmgymError(f"{index} is malformed: {exc}") from None
+            files = sorted({model_dir / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise GlmgymError(f"{model_dir} lacks shard(s) named in {index_name}: {', '.join(missing)}")
+            return files
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise GlmgymError(f"{model_dir} holds no weights (*.safetensors or pytorch_model*.bin)")
+    return files
+
+
+def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one shard, memory-mapped."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        except SafetensorError as exc:
+            raise GlmgymError(f"{path} is not a readable safetensors file: {exc}") from None
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise GlmgymError(f"refusing to load {path}: it needs pickled code to load "
+                          f"(only plain tensors are accepted; weights_only=True). Details: {exc}") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise GlmgymError(f"{path} is not a readable PyTorch file: {exc}") from None
+    yield from state.items()
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> GLMModel:
+    """Build a `GLMModel` from a checkpoint directory.
+
+    Raises:
+        GlmgymError: missing or malformed config/weights, or weights that do not fit the config.
+    """
+    model_dir = Path(model_dir)
+    config = GLMConfig.from_file(model_dir / "config.json")
+    if config.quantization_bit:
+        raise GlmgymError(f"{model_dir} is a {config.quantization_bit}-bit quantized checkpoint; "
+                          "this version of glmgym loads fp16/bf16/fp32 checkpoints only")
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    with torch.device("meta"):
+        model = GLMModel(config)
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    seen: set[str] = set()
+    for shard in _weight_files(model_dir):
+        batch = {}
+        for name, tensor in _read_shard(shard):
+            if name.endswith(_IGNORED_SUFFIXES) or name == "lm_head.weight":
+                continue  # rotary tables are rebuilt; lm_head is tied to the embeddings
+            if name not in expected:
+                raise GlmgymError(f"{shard.name} holds {name}, which config.json does not describe")
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise GlmgymError(f"{shard.name}: {name} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {tuple(expected[name].shape)}")
+            # one tensor at a time: the mmap-backed source is dropped once converted
+            batch[name] = tensor.to(device=device, dtype=dtype)
+        model.load_state_dict(batch, strict=False, assign=True)
+        seen.update(batch)
+        del batch
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise GlmgymError(f"{model_dir} lacks weights: {', '.join(missing[:5])}"
+                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    model.lm_head.weight = model.transformer.word_embeddings.weight
+    rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
+    model.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1).to(device)
+    return model.eval()
+
+
+def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
+               max_shard_bytes: int = 2 * 2**30) -> Path:
+    """Write `model` in THUDM's layout (config.json, shards and an index), atomically."""
+    from glmgym._io import atomic_dir, atomic_write_json
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = state["lm_head.weight"].clone()  # stored untied, like THUDM's files
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    ext = "safetensors" if safetensors else "bin"
+    stem = "model" if safetensors else "pytorch_model"
+    with atomic_dir(out_dir) as tmp:
+        atomic_write_json(tmp / "config.json", model.config.to_dict())
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}" if len(shards) > 1 else f"{stem}.{ext}"
+            if safetensors:
+                from safetensors.torch import save_file
+
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            else:
+                torch.save(shard, tmp / name)
+            weight_map.update(dict.fromkeys(shard, name))
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            atomic_write_json(tmp / f"{stem}.{ext}.index.json",
+                              {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return Path(out_dir)

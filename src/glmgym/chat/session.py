@@ -1,0 +1,156 @@
+"""Chat on top of generation: prompts with history, streaming, the reference's post-processing.
+
+`load()` is the Python entry point: `glmgym.chat.load("THUDM/chatglm-6b")` (or a directory, or
+`random:tiny`) returns a `ChatGLM` with the reference's `chat` / `stream_chat` call shapes.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from glmgym.chat.generate import GenerationConfig, generate
+from glmgym.chat.model import GLMModel
+from glmgym.chat.tokenizer import ChatGLMTokenizer
+from glmgym.errors import GlmgymError
+
+__all__ = ["ChatGLM", "HistoryTrimmedWarning", "build_prompt", "load", "process_response"]
+
+History = list[tuple[str, str]]
+_PUNCT = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")]
+
+
+class HistoryTrimmedWarning(UserWarning):
+    """The oldest turns of a conversation were dropped to fit the context."""
+
+
+def build_prompt(query: str, history: History | None = None) -> str:
+    """The v1.1 chat prompt: the raw query without history, else numbered rounds."""
+    if not history:
+        return query
+    prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
+    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+def process_response(response: str) -> str:
+    """The reference's clean-up: strip, date placeholder, full-width punctuation next to CJK."""
+    response = response.strip().replace("[[训练时间]]", "2023年")
+    for ascii_p, full in _PUNCT:
+        response = re.sub(rf"([\u4e00-\u9fff]){ascii_p}", rf"\1{full}", response)
+        response = re.sub(rf"{ascii_p}([\u4e00-\u9fff])", rf"{full}\1", response)
+    return response
+
+
+class ChatGLM:
+    """A loaded ChatGLM-6B: `chat`, `stream_chat`, and the `.model` / `.tokenizer` underneath."""
+
+    def __init__(self, model: GLMModel, tokenizer: ChatGLMTokenizer, name: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+
+    def _config(self, gen: dict) -> GenerationConfig:
+        names = {f.name for f in fields(GenerationConfig)}
+        unknown = set(gen) - names
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        return GenerationConfig(**gen)
+
+    def _fit(self, query: str, history: History, cfg: GenerationConfig) -> tuple[list[int], History]:
+        """Prompt ids, dropping the oldest turns until the prompt leaves room for an answer."""
+        limit = min(cfg.max_length, self.model.config.max_sequence_length)
+        room = cfg.max_new_tokens or min(256, limit // 4)
+        history = list(history)
+        dropped = 0
+        while True:
+            ids = self.tokenizer.encode(build_prompt(query, history))
+            if len(ids) + room <= limit or not history:
+                break
+            history.pop(0)
+            dropped += 1
+        if dropped:
+            message = f"dropped the {dropped} oldest turn(s) of the history to fit max_length {limit}"
+            warnings.warn(HistoryTrimmedWarning(message), stacklevel=3)
+        if len(ids) >= limit:
+            raise GlmgymError(f"the query alone has {len(ids)} tokens, more than max_length {limit} allows")
+        return ids, history
+
+    def stream_chat(self, query: str, history: History | None = None, **gen) -> Iterator[tuple[str, History]]:
+        """Yield `(response_so_far, history + [(query, response_so_far)])` while generating.
+
+        Generation options (`GenerationConfig`): max_length=2048, top_p=0.7, temperature=0.95,
+        do_sample=True, top_k, repetition_penalty, max_new_tokens, seed.
+        """
+        history = list(history or [])
+        cfg = self._config(gen)
+        ids, kept = self._fit(query, history, cfg)
+        tok = self.tokenizer
+        response = ""
+        for new in generate(self.model, [ids], cfg, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                            vocab_limit=tok.vocab_size):
+            response = process_response(tok.decode(new[0]))
+            yield response, [*kept, (query, response)]
+
+    def chat(self, query: str, history: History | None = None, **gen) -> tuple[str, History]:
+        """Answer `query`; return `(response, history + [(query, response)])`."""
+        response, new_history = "", [*(history or []), (query, "")]
+        for response, new_history in self.stream_chat(query, history, **gen):  # noqa: B007
+            pass
+        return response, new_history
+
+    def batch_chat(self, queries: list[str], **gen) -> list[str]:
+        """Answer several single-turn queries in one left-padded batch."""
+        cfg = self._config(gen)
+        tok = self.tokenizer
+        prompts = [tok.encode(q) for q in queries]
+        out: list[list[int]] = [[] for _ in queries]
+        for step in generate(self.model, prompts, cfg, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                             vocab_limit=tok.vocab_size):
+            out = step
+        return [process_response(tok.decode(o)) for o in out]
+
+
+def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None) -> ChatGLM:
+    """Load ChatGLM-6B from a directory, a hub id (cache first) or `random:tiny`.
+
+    Args:
+        path_or_id: checkpoint directory, hub id such as THUDM/chatglm-6b, or random:tiny (a tiny
+            random model with a generated tokenizer: its output is noise, for plumbing tests).
+        dtype: float32, bfloat16 or float16 (default: bf16 where native, else fp32 on CPU).
+        device: torch device (default: cuda when available, else cpu).
+    """
+    from glmgym.chat.checkpoint import DTYPES, load_model, resolve_model_dir
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise GlmgymError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if path_or_id == "random:tiny":
+        from glmgym.chat.tiny import build_tiny
+
+        model, tokenizer = build_tiny()
+        return ChatGLM(model.to(device=device, dtype=dtype or torch.float32), tokenizer, "random:tiny")
+    model_dir = resolve_model_dir(path_or_id)
+    return ChatGLM(load_model(model_dir, dtype, device), load_tokenizer(model_dir), str(model_dir))
+
+
+def load_tokenizer(model_dir: str | Path) -> ChatGLMTokenizer:
+    """The tokenizer of a checkpoint directory (ice_text.model; v1.0's id offset from config)."""
+    import json
+
+    model_dir = Path(model_dir)
+    offset = None
+    tok_cfg = model_dir / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        offset = json.loads(tok_cfg.read_text()).get("num_image_tokens")
+    if offset is None:  # v1.0 configs put <sop> at 150004 (20000 image tokens in front)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        offset = 20000 if cfg.get("bos_token_id") == 150004 else 0
+    return ChatGLMTokenizer(model_dir / "ice_text.model", num_image_tokens=int(offset))

@@ -1,0 +1,95 @@
+"""`glmgym chat`: a streaming terminal chat, or a one-shot answer with --prompt."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+from glmgym.errors import GlmgymError
+
+__all__ = ["ChatCLIConfig", "run_chat"]
+
+WELCOME = ("ChatGLM-6B ({name}). Type a message and press Enter; 'clear' resets the conversation, "
+           "'stop' leaves, Ctrl-C interrupts a reply.\n"
+           "欢迎使用 ChatGLM-6B：输入内容即可对话，clear 清空对话历史，stop 退出，Ctrl-C 打断回答。")
+
+
+@dataclass
+class ChatCLIConfig:
+    """Options of `glmgym chat`."""
+
+    model: str = "THUDM/chatglm-6b"
+    """Checkpoint directory, hub id (from the local cache, or downloaded when online), or
+    random:tiny (a tiny random model: its output is noise)."""
+    dtype: str | None = field(default=None, metadata={"choices": ("float32", "bfloat16", "float16")})
+    """Weights and compute dtype; default: bfloat16 where the hardware has it, else float32 on CPU."""
+    device: str | None = None
+    """Torch device; default: cuda when available, else cpu."""
+    prompt: str | None = field(default=None, metadata={"metavar": "TEXT"})
+    """Answer this one message on stdout and exit."""
+    max_length: int = 2048
+    """Longest prompt + answer in tokens; older turns are dropped to fit."""
+    top_p: float = 0.7
+    """Nucleus sampling mass."""
+    temperature: float = 0.95
+    """Sampling temperature."""
+    seed: int | None = None
+    """Sampling seed, for reproducible answers."""
+
+
+def run_chat(cfg: ChatCLIConfig) -> int:
+    """Run the terminal chat (or the one-shot prompt); return the exit code."""
+    from glmgym.chat.session import HistoryTrimmedWarning, load
+
+    bot = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    gen = {"max_length": cfg.max_length, "top_p": cfg.top_p, "temperature": cfg.temperature,
+           "seed": cfg.seed}
+    if bot.name == "random:tiny":
+        print("note: random:tiny is a tiny model with random weights; its answers are noise.",
+              file=sys.stderr)
+
+    def notice(message, category, *args, **kwargs):
+        if issubclass(category, HistoryTrimmedWarning):
+            print(f"\n[{message}]", file=sys.stderr)
+
+    warnings.showwarning = notice
+    if cfg.prompt is not None:
+        response, _ = bot.chat(cfg.prompt, **gen)
+        print(response)
+        return 0
+    print(WELCOME.format(name=bot.name))
+    history: list[tuple[str, str]] = []
+    while True:
+        try:
+            query = input("\n用户 (you): ").strip()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(type 'stop' to leave)")
+            continue
+        if query == "stop":
+            return 0
+        if query == "clear":
+            history = []
+            print("(history cleared / 对话历史已清空)")
+            continue
+        if not query:
+            continue
+        print("ChatGLM-6B: ", end="", flush=True)
+        shown = ""
+        try:
+            new_history = history
+            for response, new_history in bot.stream_chat(query, history, **gen):  # noqa: B007
+                # the post-processed text can change earlier characters: print only what extends it
+                if response.startswith(shown):
+                    print(response[len(shown):], end="", flush=True)
+                    shown = response
+            history = new_history
+        except KeyboardInterrupt:
+            history = [*history, (query, shown)]  # keep the partial answer in the conversation
+            print(" [interrupted]", end="")
+        except GlmgymError as exc:
+            print(f"\n[{exc}]", file=sys.stderr)
+        print(flush=True)
