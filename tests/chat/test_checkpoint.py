@@ -90,3 +90,37 @@ def test_hub_id_without_cache_or_network_says_how_to_get_it(monkeypatch, tmp_pat
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(GlmgymError, match="huggingface-cli download THUDM/chatglm-6b"):
         resolve_model_dir("THUDM/chatglm-6b")
+
+
+def test_p_tuning_v2_checkpoint_loads_and_its_prefix_changes_the_answer(tiny, tmp_path):
+    import dataclasses
+
+    from glmgym.chat.generate import GenerationConfig, generate
+    from glmgym.chat.model import GLMModel
+
+    base, tok = tiny
+    cfg = dataclasses.replace(base.config, pre_seq_len=4)
+    tuned = GLMModel(cfg)
+    tuned.load_state_dict(base.state_dict(), strict=False)
+    torch.nn.init.normal_(tuned.transformer.prefix_encoder.embedding.weight, std=1.0)
+    out = save_model(tuned, tmp_path / "ptuned")
+    loaded = load_model(out, torch.float32)
+    assert loaded.prefix_len == 4
+    assert torch.equal(loaded.transformer.prefix_encoder.embedding.weight,
+                       tuned.transformer.prefix_encoder.embedding.weight)
+    from glmgym.chat.generate import PromptBatch, prefill
+    from glmgym.chat.model import KVCache
+
+    prompt = tok.encode("hello 你好")
+    with torch.no_grad():
+        cache = KVCache.empty(cfg, 1, 4 + len(prompt) + 1, torch.float32, "cpu")
+        k, v = loaded.prefix_kv(1, torch.float32)
+        cache.k[:, :, :, :4], cache.v[:, :, :, :4] = k, v
+        with_prefix = prefill(loaded, PromptBatch.build([prompt], tok.pad_id), cache)
+        without = prefill(base, PromptBatch.build([prompt], tok.pad_id),
+                          KVCache.empty(base.config, 1, len(prompt) + 1, torch.float32, "cpu"))
+    assert (with_prefix - without).abs().max() > 1e-3  # the prefix is attended to
+    # and generation runs end to end with the prefix in the cache
+    steps = list(generate(loaded, [prompt], GenerationConfig(max_new_tokens=4, seed=0), eos_id=-1,
+                          pad_id=tok.pad_id, vocab_limit=tok.vocab_size))
+    assert len(steps[-1][0]) == 4
