@@ -59,41 +59,43 @@ def main() -> None:
     def save() -> None:
         atomic_write_json(out, cache)
 
+    # one method at a time over all seeds (the slow peer last), each result cached at once
     for seed in args.seeds:
         key = f"glmgym_dt/{seed}"
-        if key not in runs:
-            run_dir = Path(args.runs) / f"glmgym-dt-seed{seed}"
-            t0 = time.perf_counter()
-            train(TrainConfig(dataset=f"embedded:{args.dataset}", steps=args.steps,
-                              warmup_steps=args.warmup, seed=seed, eval_episodes=0,
-                              save_every=args.steps, out=str(run_dir), progress=False))
-            seconds = time.perf_counter() - t0
-            ckpt = load_checkpoint(latest_checkpoint(run_dir))
-            policy = Policy(ckpt.model, ckpt.state_mean, ckpt.state_std,
-                            ckpt.extras["reward_scale"], ckpt.extras["context_len"])
-            report = evaluate(policy, ds.env_id, targets, episodes=args.episodes, seed=seed, ref=ref)
-            runs[key] = {"train_seconds": seconds, "returns": {str(r["target_return"]): r["returns"]
-                                                               for r in report["results"]}}
+        if key in runs:
+            continue
+        run_dir = Path(args.runs) / f"glmgym-dt-seed{seed}"
+        t0 = time.perf_counter()
+        train(TrainConfig(dataset=f"embedded:{args.dataset}", steps=args.steps, warmup_steps=args.warmup,
+                          seed=seed, eval_episodes=0, save_every=args.steps, out=str(run_dir),
+                          progress=False))
+        seconds = time.perf_counter() - t0
+        ckpt = load_checkpoint(latest_checkpoint(run_dir))
+        policy = Policy(ckpt.model, ckpt.state_mean, ckpt.state_std,
+                        ckpt.extras["reward_scale"], ckpt.extras["context_len"])
+        report = evaluate(policy, ds.env_id, targets, episodes=args.episodes, seed=seed, ref=ref)
+        runs[key] = {"train_seconds": seconds,
+                     "returns": {str(r["target_return"]): r["returns"] for r in report["results"]}}
+        save()
+    for algo in ("bc", "dt") if args.d3rlpy_python else ():
+        for seed in args.seeds:
+            key = f"{'d3rlpy_dt' if algo == 'dt' else 'bc'}/{seed}"
+            if key in runs:
+                continue
+            with tempfile.TemporaryDirectory() as cwd:  # d3rlpy writes d3rlpy_logs/ there
+                proc = subprocess.run(
+                    [args.d3rlpy_python, str(Path(__file__).resolve().with_name("_d3rlpy_runner.py")),
+                     "--dataset", str(path), "--algo", algo, "--env", ds.env_id,
+                     "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(seed),
+                     "--episodes", str(args.episodes), "--targets", *map(str, targets)],
+                    capture_output=True, text=True, cwd=cwd)
+            if proc.returncode != 0:
+                raise SystemExit(f"d3rlpy {algo} failed:\n{proc.stderr[-3000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[key] = {"train_seconds": result["train_seconds"], "returns": {
+                (k if k == "none" else str(float(k))): v for k, v in result["returns"].items()},
+                "versions": {"d3rlpy": result["d3rlpy"], "gymnasium": result["gymnasium"]}}
             save()
-        if args.d3rlpy_python:
-            for algo in ("dt", "bc"):
-                key = f"{'d3rlpy_dt' if algo == 'dt' else 'bc'}/{seed}"
-                if key in runs:
-                    continue
-                with tempfile.TemporaryDirectory() as cwd:  # d3rlpy writes d3rlpy_logs/ there
-                    proc = subprocess.run(
-                        [args.d3rlpy_python, str(Path(__file__).with_name("_d3rlpy_runner.py")),
-                         "--dataset", str(path), "--algo", algo, "--env", ds.env_id,
-                         "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(seed),
-                         "--episodes", str(args.episodes), "--targets", *map(str, targets)],
-                        capture_output=True, text=True, cwd=cwd)
-                if proc.returncode != 0:
-                    raise SystemExit(f"d3rlpy {algo} failed:\n{proc.stderr[-3000:]}")
-                result = json.loads(proc.stdout.strip().splitlines()[-1])
-                runs[key] = {"train_seconds": result["train_seconds"], "returns": {
-                    (k if k == "none" else str(float(k))): v for k, v in result["returns"].items()},
-                    "versions": {"d3rlpy": result["d3rlpy"], "gymnasium": result["gymnasium"]}}
-                save()
 
     methods: dict[str, dict] = {}
     for method in ("glmgym_dt", "d3rlpy_dt", "bc"):

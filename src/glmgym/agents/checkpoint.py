@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from glmgym._io import atomic_dir, atomic_write_json
+from glmgym._io import atomic_dir, atomic_write_json, fix_mode
 from glmgym.agents.config import DTConfig
 from glmgym.agents.model import DecisionTransformer
 from glmgym.errors import GlmgymError
@@ -103,6 +103,7 @@ def save_checkpoint(
     with atomic_dir(path) as tmp:
         atomic_write_json(tmp / "config.json", model.config.to_dict())
         save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        fix_mode(tmp / "model.safetensors")
         if extras is not None:
             atomic_write_json(tmp / EXTRAS_FILE, _jsonable(extras))
         for name, content in (extra_files or {}).items():
