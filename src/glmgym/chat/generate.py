@@ -184,7 +184,8 @@ def generate(model: GLMModel, prompts: list[list[int]], cfg: GenerationConfig, *
         yield out
         if bool(done.all()) or step == steps - 1:
             return
-        history = torch.cat([history, token[:, None]], dim=1)
+        if cfg.repetition_penalty != 1.0:  # the only reader of the growing sequence
+            history = torch.cat([history, token[:, None]], dim=1)
         # the new token sits after <sop>: position = [gMASK]'s index, block position = step + 2
         pos = torch.stack([mask_pos, torch.full_like(mask_pos, step + 2)], dim=1)[:, :, None]
         start = P + T + step
