@@ -29,7 +29,7 @@ from glmgym._io import atomic_write_json
 from glmgym.agents import TrainConfig, load_checkpoint, train
 from glmgym.agents.data import embedded_datasets, load_dataset
 from glmgym.agents.envs import normalized_score, reference_scores
-from glmgym.agents.evaluate import Policy, evaluate
+from glmgym.agents.evaluate import evaluate
 from glmgym.agents.train import latest_checkpoint
 
 
@@ -71,8 +71,7 @@ def main() -> None:
                           progress=False))
         seconds = time.perf_counter() - t0
         ckpt = load_checkpoint(latest_checkpoint(run_dir))
-        policy = Policy(ckpt.model, ckpt.state_mean, ckpt.state_std,
-                        ckpt.extras["reward_scale"], ckpt.extras["context_len"])
+        policy = ckpt.policy()
         report = evaluate(policy, ds.env_id, targets, episodes=args.episodes, seed=seed, ref=ref)
         runs[key] = {"train_seconds": seconds,
                      "returns": {str(r["target_return"]): r["returns"] for r in report["results"]}}

@@ -36,7 +36,7 @@ def _agent_evaluate(args: argparse.Namespace) -> int:
     from glmgym.agents.checkpoint import load_checkpoint
     from glmgym.agents.config import EvalConfig
     from glmgym.agents.envs import RefScores, reference_scores
-    from glmgym.agents.evaluate import Policy, evaluate, format_report
+    from glmgym.agents.evaluate import evaluate, format_report
     from glmgym.agents.train import latest_checkpoint, resolve_device
 
     cfg = dataclass_from_namespace(EvalConfig, args)
@@ -55,8 +55,7 @@ def _agent_evaluate(args: argparse.Namespace) -> int:
     targets = cfg.target_returns or extras.get("target_returns")
     if not targets:
         raise GlmgymError(f"{ckpt_dir} records no target returns; pass --target-return R")
-    policy = Policy(ckpt.model, ckpt.state_mean, ckpt.state_std,
-                    float(extras.get("reward_scale", 1000.0)), int(extras.get("context_len", 20)))
+    policy = ckpt.policy()
     recorded = extras.get("ref_scores")
     ref = RefScores(**recorded) if recorded and not cfg.env else reference_scores(env_id)
     report = evaluate(policy, env_id, targets, episodes=cfg.episodes, seed=cfg.seed, ref=ref)

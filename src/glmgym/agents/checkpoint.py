@@ -63,6 +63,13 @@ class Checkpoint:
         return np.asarray(self.extras.get("state_std", np.ones(self.model.config.state_dim)),
                           dtype=np.float32)
 
+    def policy(self):
+        """The model with what it needs to act (defaults for a bare HF directory: rtg/1000, K=20)."""
+        from glmgym.agents.evaluate import Policy
+
+        return Policy(self.model, self.state_mean, self.state_std,
+                      float(self.extras.get("reward_scale", 1000.0)), int(self.extras.get("context_len", 20)))
+
 
 def to_hf_state_dict(model: DecisionTransformer) -> dict[str, torch.Tensor]:
     """glmgym parameters -> HF tensor names and layouts (Conv1D weights as [in, out])."""

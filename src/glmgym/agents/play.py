@@ -49,7 +49,7 @@ def play(cfg: PlayConfig) -> dict:
     import imageio.v2 as imageio
 
     from glmgym.agents.checkpoint import load_checkpoint
-    from glmgym.agents.evaluate import Policy, rollout
+    from glmgym.agents.evaluate import rollout
     from glmgym.agents.train import latest_checkpoint
 
     ckpt_dir = latest_checkpoint(cfg.checkpoint) if cfg.checkpoint else PRETRAINED_DIR
@@ -64,8 +64,7 @@ def play(cfg: PlayConfig) -> dict:
         target = (ckpt.extras.get("target_returns") or [None])[0]
     if target is None:
         raise GlmgymError(f"{ckpt_dir} records no target return; pass --target-return R")
-    policy = Policy(ckpt.model, ckpt.state_mean, ckpt.state_std,
-                    float(ckpt.extras.get("reward_scale", 1000.0)), int(ckpt.extras.get("context_len", 20)))
+    policy = ckpt.policy()
     video = Path(cfg.video)
     video.parent.mkdir(parents=True, exist_ok=True)
     frames: list = []
