@@ -74,7 +74,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             kwargs["metavar"] = f.metadata.get("metavar", None)
-        if default is not None and tp is not bool:
+        if f.metadata.get("required"):
+            kwargs["required"] = True
+        elif default is not None and tp is not bool:
             help_text += f" (default: {default})"
         parser.add_argument(flag, help=help_text.strip(), **kwargs)
 

@@ -6,6 +6,7 @@
     glmgym agent datasets       list the datasets usable offline
     glmgym agent play ...       render an agent's episodes to a video (see PlayConfig)
     glmgym chat ...             chat with ChatGLM-6B (see ChatCLIConfig)
+    glmgym chat quantize ...    write an INT8/INT4 checkpoint (see QuantizeConfig)
 
 User errors print one line and exit with code 2; heavy imports happen inside the commands.
 """
@@ -101,12 +102,22 @@ def _chat(args: argparse.Namespace) -> int:
     return run_chat(dataclass_from_namespace(ChatCLIConfig, args))
 
 
+def _chat_quantize(args: argparse.Namespace) -> int:
+    from glmgym.chat.checkpoint import quantize_checkpoint
+    from glmgym.chat.terminal import QuantizeConfig
+
+    cfg = dataclass_from_namespace(QuantizeConfig, args)
+    out = quantize_checkpoint(cfg.model, cfg.out, cfg.bits, cfg.group_size, cfg.embeddings)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `glmgym` argument parser."""
     from glmgym.agents.collect import CollectConfig
     from glmgym.agents.config import EvalConfig, TrainConfig
     from glmgym.agents.play import PlayConfig
-    from glmgym.chat.terminal import ChatCLIConfig
+    from glmgym.chat.terminal import ChatCLIConfig, QuantizeConfig
 
     parser = argparse.ArgumentParser(
         prog="glmgym",
@@ -163,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_arguments(chat, ChatCLIConfig)
     chat.set_defaults(func=_chat)
+    chat_cmds = chat.add_subparsers(dest="chat_command", required=False, metavar="{quantize}",
+                                    title="other commands (without one: the terminal chat)")
+    p = chat_cmds.add_parser(
+        "quantize", help="write an INT8/INT4 copy of a float checkpoint",
+        description="Quantize the block weights of a float ChatGLM-6B checkpoint to INT8 (one scale "
+        "per row, THUDM's scheme) or INT4 (groups of --group-size columns; 0 for THUDM's per-row "
+        "scheme) and write safetensors + config.json + tokenizer, streaming tensor by tensor.",
+    )
+    add_dataclass_arguments(p, QuantizeConfig)
+    p.set_defaults(func=_chat_quantize)
     return parser
 
 

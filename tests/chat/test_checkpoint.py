@@ -76,7 +76,7 @@ def test_bad_checkpoints(tiny, tmp_path):
         load_model(out)
     cfg = json.loads((out / "config.json").read_text())
     (tmp_path / "other").mkdir()
-    cfg["hidden_size"] = 128
+    cfg["hidden_size"] = 256
     (tmp_path / "other" / "config.json").write_text(json.dumps(cfg))
     save_model(model, tmp_path / "x")
     weights = (tmp_path / "x" / "model.safetensors").read_bytes()

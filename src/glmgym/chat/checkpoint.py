@@ -23,7 +23,7 @@ from glmgym.chat.config import GLMConfig
 from glmgym.chat.model import GLMModel, RotaryEmbedding
 from glmgym.errors import GlmgymError
 
-__all__ = ["DTYPES", "default_dtype", "load_model", "resolve_model_dir", "save_model"]
+__all__ = ["DTYPES", "default_dtype", "load_model", "quantize_checkpoint", "resolve_model_dir", "save_model"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -109,29 +109,94 @@ def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from state.items()
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> GLMModel:
+def _quantized_modules(config: GLMConfig, spec) -> set[str]:
+    from glmgym.chat.quantize import QUANTIZED_LINEARS
+
+    if spec is None:
+        return set()
+    names = {f"transformer.layers.{i}.{n}" for i in range(config.num_layers) for n in QUANTIZED_LINEARS}
+    return names | ({"transformer.word_embeddings"} if spec.embeddings else set())
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               quantize: int | None = None, group_size: int | None = None) -> GLMModel:
     """Build a `GLMModel` from a checkpoint directory.
+
+    Args:
+        model_dir: checkpoint directory (float weights, or quantized ones: THUDM's or glmgym's).
+        dtype: compute dtype; default: bf16 where native, else fp16 on CUDA and fp32 on CPU.
+        device: torch device.
+        quantize: 4 or 8 to quantize float weights while loading, tensor by tensor.
+        group_size: INT4 group size for `quantize` (default 128; 0 is THUDM's one scale per row).
 
     Raises:
         GlmgymError: missing or malformed config/weights, or weights that do not fit the config.
     """
+    from glmgym.chat.quantize import QuantizedEmbedding, QuantizedLinear, QuantSpec, check_quantized
+
     model_dir = Path(model_dir)
     config = GLMConfig.from_file(model_dir / "config.json")
-    if config.quantization_bit:
-        raise GlmgymError(f"{model_dir} is a {config.quantization_bit}-bit quantized checkpoint; "
-                          "this version of glmgym loads fp16/bf16/fp32 checkpoints only")
+    stored = QuantSpec.from_config(config)  # checkpoints record their quantization in config.json
+    if stored and quantize and quantize != stored.bits:
+        raise GlmgymError(f"{model_dir} holds {stored.bits}-bit weights; "
+                          f"it cannot be loaded as {quantize}-bit")
+    spec = stored or (QuantSpec.default(quantize, group_size) if quantize else None)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
         model = GLMModel(config)
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    quantized = _quantized_modules(config, spec)
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # parts of a quantized module seen so far
     seen: set[str] = set()
+
+    def finish(module: str) -> None:
+        parts = pending[module]
+        if module == "transformer.word_embeddings":
+            if {"weight", "weight_scale"} - set(parts):
+                return
+            V, H = expected[f"{module}.weight"].shape
+            check_quantized(module, parts, V, H, spec.bits, 0)
+            model.transformer.word_embeddings = QuantizedEmbedding(
+                {k: v.to(device) for k, v in parts.items()}, spec.bits, dtype)
+            model.lm_head = QuantizedLinear.from_tensors(parts, H, None, spec.bits, 0, dtype, device)
+        else:
+            needed = {"weight", "bias"} | ({"weight_scale"} if stored else set())
+            if stored and stored.group_size:
+                needed.add("weight_zero")
+            if needed - set(parts):
+                return
+            N, K = expected[f"{module}.weight"].shape
+            bias = parts.pop("bias")
+            if tuple(bias.shape) != (N,):
+                raise GlmgymError(f"{module}.bias has shape {tuple(bias.shape)}, config.json implies {(N,)}")
+            if stored:
+                check_quantized(module, parts, N, K, spec.bits, spec.group_size)
+                layer = QuantizedLinear.from_tensors(parts, K, bias, spec.bits, spec.group_size, dtype,
+                                                     device)
+            else:  # quantize on load: one float weight at a time
+                if tuple(parts["weight"].shape) != (N, K):
+                    raise GlmgymError(f"{module}.weight has shape {tuple(parts['weight'].shape)}, "
+                                      f"config.json implies {(N, K)}")
+                linear = torch.nn.Linear(K, N, device="meta")
+                linear.weight = torch.nn.Parameter(parts["weight"].to(device), requires_grad=False)
+                linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+                layer = QuantizedLinear.from_float(linear, spec.bits, spec.group_size, dtype)
+            parent_name, _, attr = module.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, layer)
+        seen.update(k for k in expected if k.rpartition(".")[0] == module)
+        del pending[module]
+
     for shard in _weight_files(model_dir):
         batch = {}
         for name, tensor in _read_shard(shard):
-            if name.endswith(_IGNORED_SUFFIXES) or name == "lm_head.weight":
+            if name.endswith(_IGNORED_SUFFIXES) or name.startswith("lm_head."):
                 continue  # rotary tables are rebuilt; lm_head is tied to the embeddings
+            module, _, leaf = name.rpartition(".")
+            if module in quantized:
+                pending.setdefault(module, {})[leaf] = tensor
+                finish(module)
+                continue
             if name not in expected:
                 raise GlmgymError(f"{shard.name} holds {name}, which config.json does not describe")
             if tuple(tensor.shape) != tuple(expected[name].shape):
@@ -142,13 +207,23 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None,
         model.load_state_dict(batch, strict=False, assign=True)
         seen.update(batch)
         del batch
+    for module, parts in pending.items():  # incomplete quantized layers: say what they lack
+        if stored and "weight" in parts:
+            N, K = expected[f"{module}.weight"].shape
+            parts.pop("bias", None)
+            group = 0 if module.endswith("embeddings") else spec.group_size
+            check_quantized(module, parts, N, K, spec.bits, group)
     missing = sorted(set(expected) - seen)
     if missing:
         raise GlmgymError(f"{model_dir} lacks weights: {', '.join(missing[:5])}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    model.lm_head.weight = model.transformer.word_embeddings.weight
+    if not (spec and spec.embeddings):
+        model.lm_head.weight = model.transformer.word_embeddings.weight
     rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
     model.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1).to(device)
+    if spec:
+        config.quantization_bit, config.quantization_group_size = spec.bits, spec.group_size
+        config.quantization_embeddings = spec.embeddings
     return model.eval()
 
 
@@ -156,6 +231,10 @@ def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
                max_shard_bytes: int = 2 * 2**30) -> Path:
     """Write `model` in THUDM's layout (config.json, shards and an index), atomically."""
     from glmgym._io import atomic_dir, atomic_write_json
+
+    if model.config.quantization_bit:
+        raise GlmgymError("a quantized model in memory holds kernel-specific tensors; write quantized "
+                          "checkpoints from float ones with `glmgym chat quantize` (quantize_checkpoint)")
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     state["lm_head.weight"] = state["lm_head.weight"].clone()  # stored untied, like THUDM's files
@@ -186,4 +265,91 @@ def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
             total = sum(t.numel() * t.element_size() for t in state.values())
             atomic_write_json(tmp / f"{stem}.{ext}.index.json",
                               {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return Path(out_dir)
+
+
+_TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
+
+
+def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
+                        embeddings: bool = False, max_shard_bytes: int = 2**30) -> Path:
+    """Write a quantized copy of a float checkpoint (safetensors, config.json, tokenizer).
+
+    Streams tensor by tensor: peak memory is about one float weight plus one output shard
+    (`max_shard_bytes`), not the model. The quantization is recorded in config.json.
+
+    Raises:
+        GlmgymError: an unreadable or already quantized source, or impossible options.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from glmgym._io import atomic_dir, atomic_write_json
+    from glmgym.chat.quantize import QuantSpec, quantize_weight
+
+    spec = QuantSpec.default(bits, group_size)
+    spec = QuantSpec(spec.bits, spec.group_size, embeddings)
+    model_dir = resolve_model_dir(str(src))
+    config = GLMConfig.from_file(model_dir / "config.json")
+    if config.quantization_bit:
+        raise GlmgymError(f"{model_dir} is already {config.quantization_bit}-bit quantized; "
+                          "quantize a float (fp16/bf16/fp32) checkpoint")
+    targets = _quantized_modules(config, spec)
+    if embeddings:
+        targets.discard("transformer.word_embeddings")  # per row, whatever group_size says
+    files = _weight_files(model_dir)
+    with atomic_dir(out_dir) as tmp:
+        parts: list[str] = []
+        weight_map: dict[str, str] = {}
+        shard: dict[str, torch.Tensor] = {}
+        size = total = 0
+
+        def flush() -> None:
+            nonlocal shard, size
+            if shard:
+                name = f"part-{len(parts):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                parts.append(name)
+                weight_map.update(dict.fromkeys(shard, name))
+            shard, size = {}, 0
+
+        def add(name: str, t: torch.Tensor) -> None:
+            nonlocal size, total
+            t = t.contiguous()
+            shard[name] = t
+            size += t.numel() * t.element_size()
+            total += t.numel() * t.element_size()
+            if size >= max_shard_bytes:
+                flush()
+
+        for path in files:
+            for name, tensor in _read_shard(path):
+                if name.endswith(_IGNORED_SUFFIXES) or name.startswith("lm_head."):
+                    continue  # rebuilt on load / tied to the embeddings
+                module, _, leaf = name.rpartition(".")
+                if leaf == "weight" and module in targets:
+                    for key, value in quantize_weight(tensor, spec.bits, spec.group_size).items():
+                        add(f"{module}.{key}", value)
+                elif embeddings and name == "transformer.word_embeddings.weight":
+                    for key, value in quantize_weight(tensor, spec.bits, 0).items():
+                        add(f"{module}.{key}", value)
+                else:
+                    add(name, tensor.clone())  # detach from the source mmap
+        flush()
+        n = len(parts)
+        names = {p: f"model-{i:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+                 for i, p in enumerate(parts, 1)}
+        for old, new in names.items():
+            (tmp / old).rename(tmp / new)
+        if n > 1:
+            atomic_write_json(tmp / "model.safetensors.index.json",
+                              {"metadata": {"total_size": total},
+                               "weight_map": {k: names[v] for k, v in weight_map.items()}})
+        config.quantization_bit, config.quantization_group_size = spec.bits, spec.group_size
+        config.quantization_embeddings = spec.embeddings
+        atomic_write_json(tmp / "config.json", config.to_dict())
+        for name in _TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
     return Path(out_dir)

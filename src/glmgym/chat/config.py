@@ -48,7 +48,11 @@ class GLMConfig:
     prefix_projection: bool = False
     """P-Tuning v2: an MLP maps the prefix embedding to the key/values."""
     quantization_bit: int = 0
-    """4 or 8 for THUDM's quantized checkpoints, 0 otherwise."""
+    """4 or 8 for quantized checkpoints (THUDM's or glmgym's), 0 for float weights."""
+    quantization_group_size: int = 0
+    """glmgym's field: INT4 group size (0: one scale per output row, THUDM's scheme)."""
+    quantization_embeddings: bool = False
+    """Word embeddings and lm_head quantized too (THUDM's `-qe` checkpoints)."""
     num_residual_layers: int = 28
     """Layer count in the residual scale alpha = sqrt(2 * n). The reference never passes its
     num_layers to the blocks, so n is 28 for every model; kept as a field for that reason."""
@@ -100,9 +104,9 @@ PRESETS = {
     # v1.0: 20000 image tokens in front of the text vocabulary shift every text id by 20000
     "chatglm-6b-v1.0": GLMConfig(vocab_size=150528, bos_token_id=150004, eos_token_id=150005,
                                  mask_token_id=150000, gmask_token_id=150001, pad_token_id=20003),
-    # for tests and demos of the plumbing
-    "tiny": GLMConfig(vocab_size=1024, hidden_size=64, num_layers=2, num_attention_heads=4,
-                      inner_hidden_size=256, max_sequence_length=256, bos_token_id=1004,
+    # for tests and demos of the plumbing (width 128: INT4 groups of 128 fit every layer)
+    "tiny": GLMConfig(vocab_size=1024, hidden_size=128, num_layers=2, num_attention_heads=4,
+                      inner_hidden_size=512, max_sequence_length=256, bos_token_id=1004,
                       eos_token_id=1005, mask_token_id=1000, gmask_token_id=1001, pad_token_id=3,
                       torch_dtype="float32"),
 }

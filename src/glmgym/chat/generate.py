@@ -148,7 +148,7 @@ def generate(model: GLMModel, prompts: list[list[int]], cfg: GenerationConfig, *
         GlmgymError: a prompt leaves no room for an answer within max_length.
     """
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = model.dtype
     batch = PromptBatch.build(prompts, pad_id, device)
     B, T = batch.input_ids.shape
     limit = min(cfg.max_length, model.config.max_sequence_length)

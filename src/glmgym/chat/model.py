@@ -198,6 +198,11 @@ class GLMModel(nn.Module):
         self.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype (of activations, layer norms and the KV cache), also for quantized models."""
+        return self.transformer.final_layernorm.weight.dtype
+
+    @property
     def prefix_len(self) -> int:
         """Cache slots taken by the P-Tuning v2 prefix (0 without)."""
         return self.config.pre_seq_len or 0

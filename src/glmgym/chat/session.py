@@ -116,7 +116,8 @@ class ChatGLM:
 
 
 def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None) -> ChatGLM:
+         device: str | torch.device | None = None, quantize: int | None = None,
+         group_size: int | None = None) -> ChatGLM:
     """Load ChatGLM-6B from a directory, a hub id (cache first) or `random:tiny`.
 
     Args:
@@ -124,6 +125,9 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
             random model with a generated tokenizer: its output is noise, for plumbing tests).
         dtype: float32, bfloat16 or float16 (default: bf16 where native, else fp32 on CPU).
         device: torch device (default: cuda when available, else cpu).
+        quantize: 4 or 8 to quantize the block weights while loading (a checkpoint that is
+            already quantized loads as it is, whatever this says).
+        group_size: INT4 group size with `quantize` (default 128; 0: one scale per row).
     """
     from glmgym.chat.checkpoint import DTYPES, load_model, resolve_model_dir
 
@@ -136,9 +140,15 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
         from glmgym.chat.tiny import build_tiny
 
         model, tokenizer = build_tiny()
-        return ChatGLM(model.to(device=device, dtype=dtype or torch.float32), tokenizer, "random:tiny")
+        model = model.to(device=device, dtype=dtype or torch.float32)
+        if quantize:
+            from glmgym.chat.quantize import QuantSpec, quantize_model
+
+            quantize_model(model, QuantSpec.default(quantize, group_size))
+        return ChatGLM(model, tokenizer, "random:tiny")
     model_dir = resolve_model_dir(path_or_id)
-    return ChatGLM(load_model(model_dir, dtype, device), load_tokenizer(model_dir), str(model_dir))
+    model = load_model(model_dir, dtype, device, quantize=quantize, group_size=group_size)
+    return ChatGLM(model, load_tokenizer(model_dir), str(model_dir))
 
 
 def load_tokenizer(model_dir: str | Path) -> ChatGLMTokenizer:

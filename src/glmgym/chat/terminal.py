@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from glmgym.errors import GlmgymError
 
-__all__ = ["ChatCLIConfig", "run_chat"]
+__all__ = ["ChatCLIConfig", "QuantizeConfig", "run_chat", "set_threads"]
 
 WELCOME = ("ChatGLM-6B ({name}). Type a message and press Enter; 'clear' resets the conversation, "
            "'stop' leaves, Ctrl-C interrupts a reply.\n"
@@ -26,6 +26,11 @@ class ChatCLIConfig:
     """Weights and compute dtype; default: bfloat16 where the hardware has it, else float32 on CPU."""
     device: str | None = None
     """Torch device; default: cuda when available, else cpu."""
+    quantize: int | None = field(default=None, metadata={"choices": (4, 8)})
+    """Quantize the block weights to INT4 or INT8 while loading (quantized checkpoints load as
+    they are)."""
+    threads: int | None = None
+    """CPU threads for PyTorch; default: all physical cores."""
     prompt: str | None = field(default=None, metadata={"metavar": "TEXT"})
     """Answer this one message on stdout and exit."""
     max_length: int = 2048
@@ -38,11 +43,40 @@ class ChatCLIConfig:
     """Sampling seed, for reproducible answers."""
 
 
+@dataclass
+class QuantizeConfig:
+    """Options of `glmgym chat quantize`."""
+
+    model: str = field(default="", metadata={"required": True, "metavar": "SRC"})
+    """Float checkpoint directory or hub id (from the local cache)."""
+    bits: int = field(default=4, metadata={"required": True, "choices": (4, 8)})
+    """4 or 8."""
+    out: str = field(default="", metadata={"required": True, "metavar": "DIR"})
+    """Output directory (written atomically)."""
+    group_size: int | None = field(default=None, metadata={"metavar": "G"})
+    """INT4 group size: 32, 64, 128 or 256 (default 128), or 0 for one scale per row (THUDM's
+    scheme, loadable by THUDM's code)."""
+    embeddings: bool = False
+    """Also quantize the word embeddings (and so the tied lm_head), per row."""
+
+
+def set_threads(threads: int | None) -> None:
+    """Use `threads` CPU threads (None keeps PyTorch's default, one per physical core)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise GlmgymError(f"--threads must be at least 1, not {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_chat(cfg: ChatCLIConfig) -> int:
     """Run the terminal chat (or the one-shot prompt); return the exit code."""
     from glmgym.chat.session import HistoryTrimmedWarning, load
 
-    bot = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    set_threads(cfg.threads)
+    bot = load(cfg.model, dtype=cfg.dtype, device=cfg.device, quantize=cfg.quantize)
     gen = {"max_length": cfg.max_length, "top_p": cfg.top_p, "temperature": cfg.temperature,
            "seed": cfg.seed}
     if bot.name == "random:tiny":
