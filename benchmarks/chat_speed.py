@@ -1,115 +1,333 @@
-"""ChatGLM-6B speed on this machine: prefill tokens/s, decode tokens/s and peak RSS.
+"""ChatGLM-6B speed and memory on this machine: glmgym in bf16, INT8 and INT4, and chatglm.cpp.
 
-The model has the real ChatGLM-6B shapes (hidden 4096, 32 heads, MLP 16384, vocab 130528) with
-random weights. A full 28-layer fp32 model needs ~28 GB, more than this machine has, so the
-benchmark times full-width models of `--layers` layers and of 1 layer, derives the cost of one
-layer and of the rest (embedding, final norm, lm_head), and extrapolates to 28 layers. Both the
-measured and the extrapolated figures are written, with the layer counts.
+The model has the real ChatGLM-6B shapes (28 layers, hidden 4096, 32 heads, MLP 16384, vocab
+130528) with random weights: a fp16 checkpoint is written to `--workdir` tensor by tensor, each
+tensor drawn from its own seed (so every format and chatglm.cpp convert the same weights). Then,
+each in a fresh process:
 
-    python benchmarks/chat_speed.py [--layers 2] [--prompt 128] [--new 16] [--dtypes float32 bfloat16]
+- `glmgym chat quantize` (quantize_checkpoint) writes the INT8 / INT4 checkpoints: time and peak RSS;
+- every format is loaded with `load_model` (as `glmgym chat` does): time, peak RSS while loading,
+  resident size; then a `--prompt`-token prefill and `--new` greedy decode steps: tokens/s and peak
+  RSS while generating (the peak is reset between the phases through /proc/self/clear_refs);
+- chatglm.cpp (`--cpp-python`: a venv with `pip install chatglm-cpp`) converts the same fp16 weights
+  to q4_0 / q8_0 with its own converter and runs the same prompt through `generate_next_token`.
+
+The bandwidth bound: bytes of weights read per decoded token (blocks + lm_head) divided by the read
+bandwidth measured here (a summed 2 GiB tensor, best of 5, all threads).
+
+    python benchmarks/chat_speed.py [--formats bf16 int8 int4 int4_rowwise int4_qe] \\
+        [--cpp-python /path/to/venv/bin/python] [--layers 28] [--prompt 128] [--new 16]
+
+The `fp32` entry of the results (if present) comes from an earlier run that timed 1- and 2-layer
+fp32 models and extrapolated (28 fp32 layers do not fit in this machine's 24 GB).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
-import torch
+GIB = 2**30
+FORMATS = {
+    # name: (bits, group_size, embeddings); bf16 is the float baseline
+    "bf16": (0, 0, False),
+    "int8": (8, 0, False),
+    "int4": (4, 128, False),
+    "int4_rowwise": (4, 0, False),  # THUDM's scheme
+    "int4_qe": (4, 128, True),  # embeddings / lm_head quantized too, as chatglm.cpp does
+}
+CPP_TYPES = {"chatglm_cpp_q4_0": "q4_0", "chatglm_cpp_q8_0": "q8_0"}
 
-FULL_LAYERS = 28
+
+def _status_gb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / GIB
+    return float("nan")
 
 
-def measure(layers: int, dtype_name: str, prompt: int, new: int) -> dict:
-    """Run in a fresh process (clean peak RSS): build, prefill, decode."""
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+
+
+def _tensor(name: str, shape, torch):
+    """The random value of one tensor: its own seed, N(0, 0.02); layer norms 1 and 0."""
+    if "layernorm" in name:
+        return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=g) * 0.02
+
+
+def write_random_checkpoint(out: Path, layers: int) -> None:
+    """fp16 safetensors shards of ~1 GiB, config.json and a small ice_text.model."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from glmgym._io import atomic_dir, atomic_write_json
     from glmgym.chat.config import PRESETS
-    from glmgym.chat.generate import PromptBatch, decode_one_token, prefill
-    from glmgym.chat.model import GLMModel, KVCache, RotaryEmbedding
+    from glmgym.chat.model import GLMModel
+    from glmgym.chat.tiny import tiny_corpus
+    from glmgym.chat.tokenizer import train_sentencepiece
 
-    dtype = getattr(torch, dtype_name)
     cfg = dataclasses.replace(PRESETS["chatglm-6b"], num_layers=layers)
     with torch.device("meta"):
-        model = GLMModel(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
+        shapes = {k: tuple(v.shape) for k, v in GLMModel(cfg).state_dict().items() if k != "lm_head.weight"}
+    with atomic_dir(out) as tmp:
+        shard, size, n = {}, 0, 0
+        for name, shape in shapes.items():
+            shard[name] = _tensor(name, shape, torch).half()
+            size += shard[name].numel() * 2
+            if size >= GIB:
+                n += 1
+                save_file(shard, str(tmp / f"model-{n:05d}.safetensors"))
+                shard, size = {}, 0
+        if shard:
+            n += 1
+            save_file(shard, str(tmp / f"model-{n:05d}.safetensors"))
+        atomic_write_json(tmp / "config.json", cfg.to_dict())
+        train_sentencepiece(tiny_corpus(400), tmp / "ice_text")
+
+
+def quantize_child(src: Path, out: Path, bits: int, group: int, embeddings: bool) -> dict:
+    from glmgym.chat.checkpoint import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    quantize_checkpoint(src, out, bits, group, embeddings)
+    return {"quantize_seconds": time.perf_counter() - t0, "quantize_peak_rss_gb": _status_gb("VmHWM")}
+
+
+def measure_child(model_dir: Path, prompt: int, new: int, logits_out: Path) -> dict:
+    """Load, prefill, decode; memory and timings."""
+    import torch
+
+    from glmgym.chat.checkpoint import load_model
+    from glmgym.chat.generate import PromptBatch, decode_one_token, prefill
+    from glmgym.chat.model import KVCache
+
+    t0 = time.perf_counter()
+    model = load_model(model_dir, torch.bfloat16)
+    load_s = time.perf_counter() - t0
+    load_peak, resident = _status_gb("VmHWM"), _status_gb("VmRSS")
+
+    def nbytes(module) -> int:
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+    # per decoded token every block weight and the lm_head are read once (the embedding: one row)
+    bytes_per_token = nbytes(model.transformer.layers) + nbytes(model.lm_head)
+    cfg = model.config
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02, generator=g)
-    model.rotary = RotaryEmbedding(cfg.head_dim // 2, cfg.max_sequence_length + 1)
-    model.lm_head.weight = model.transformer.word_embeddings.weight
-    model.eval()
     text = torch.randint(0, 130000, (prompt - 2,), generator=g).tolist()
     ids = [*text, cfg.gmask_token_id, cfg.bos_token_id]
-    batch = PromptBatch.build([ids], cfg.pad_token_id)
+    _reset_peak()
     with torch.inference_mode():
-        cache = KVCache.empty(cfg, 1, prompt + new + 1, dtype, "cpu")
+        cache = KVCache.empty(cfg, 1, prompt + new + 1, torch.bfloat16, "cpu")
         prefill(model, PromptBatch.build([ids[:8]], cfg.pad_token_id), cache)  # warm-up
         t0 = time.perf_counter()
-        logits = prefill(model, batch, cache)
+        logits = prefill(model, PromptBatch.build([ids], cfg.pad_token_id), cache)
         prefill_s = time.perf_counter() - t0
+        torch.save(logits.float().clone(), logits_out)
         token = logits.argmax(-1, keepdim=True)
-        pos = torch.tensor([[[prompt - 2], [2]]])
-        decode_one_token(model, token, pos, None, cache, prompt)  # warm-up
+        decode_one_token(model, token, torch.tensor([[[prompt - 2], [2]]]), None, cache, prompt)  # warm-up
         t0 = time.perf_counter()
         for i in range(new):
             pos = torch.tensor([[[prompt - 2], [i + 2]]])
-            logits = decode_one_token(model, token, pos, None, cache, prompt + i)
-            token = logits.argmax(-1, keepdim=True)
+            token = decode_one_token(model, token, pos, None, cache, prompt + i).argmax(-1, keepdim=True)
         decode_s = (time.perf_counter() - t0) / new
-    return {"layers": layers, "dtype": dtype_name, "prefill_s": prefill_s, "decode_s_per_token": decode_s,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "weight_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30}
+    return {"load_seconds": load_s, "load_peak_rss_gb": load_peak, "resident_gb": resident,
+            "generate_peak_rss_gb": _status_gb("VmHWM"), "weights_gb": nbytes(model) / GIB,
+            "bytes_per_token_gb": bytes_per_token / GIB, "prefill_tokens_per_s": prompt / prefill_s,
+            "decode_tokens_per_s": 1.0 / decode_s, "threads": torch.get_num_threads()}
+
+
+def cpp_child(src: Path, ggml_path: Path, ggml_type: str, prompt: int, new: int) -> dict:
+    """chatglm.cpp: convert with its own converter (once), then load and time. Imports only what a
+    chatglm-cpp venv has (no glmgym)."""
+    import types
+    from collections.abc import Mapping
+
+    import chatglm_cpp
+    import sentencepiece as spm
+    import torch
+    from safetensors import safe_open
+
+    result = {"chatglm_cpp_version": getattr(chatglm_cpp, "__version__", "?")}
+    if not ggml_path.exists():
+        from chatglm_cpp.convert import ChatGLMConverter, GGMLType
+
+        files = sorted(src.glob("model-*.safetensors"))
+        where = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                where.update(dict.fromkeys(h.keys(), f))
+
+        class LazyState(Mapping):  # reads one tensor at a time: the converter never holds the model
+            def __getitem__(self, name):
+                name = "transformer.word_embeddings.weight" if name == "lm_head.weight" else name
+                with safe_open(str(where[name]), framework="pt") as h:
+                    return h.get_tensor(name)
+
+            def __iter__(self):
+                return iter(where)
+
+            def __len__(self):
+                return len(where)
+
+        config = types.SimpleNamespace(**json.loads((src / "config.json").read_text()))
+        model = types.SimpleNamespace(config=config, state_dict=LazyState)
+        sp = spm.SentencePieceProcessor(model_file=str(src / "ice_text.model"))
+        tokenizer = types.SimpleNamespace(sp_tokenizer=types.SimpleNamespace(
+            text_tokenizer=types.SimpleNamespace(sp=sp)))
+        t0 = time.perf_counter()
+        tmp = ggml_path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            ChatGLMConverter.convert(f, model, tokenizer, GGMLType[ggml_type.upper()])
+        tmp.rename(ggml_path)
+        result["convert_seconds"] = time.perf_counter() - t0
+    _reset_peak()
+    t0 = time.perf_counter()
+    pipe = chatglm_cpp.Pipeline(str(ggml_path), max_length=prompt + new + 8)
+    result.update(load_seconds=time.perf_counter() - t0, load_peak_rss_gb=_status_gb("VmHWM"),
+                  resident_gb=_status_gb("VmRSS"), weights_gb=ggml_path.stat().st_size / GIB,
+                  bytes_per_token_gb=ggml_path.stat().st_size / GIB)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, 130000, (prompt - 2,), generator=g).tolist()
+    cfg = json.loads((src / "config.json").read_text())
+    ids = [*text, cfg["gmask_token_id"], cfg["bos_token_id"]]
+    gen = chatglm_cpp._C.GenerationConfig()
+    gen.max_length, gen.max_new_tokens, gen.do_sample = prompt + new + 8, new + 4, False
+    model = pipe.model
+    _reset_peak()
+    model.generate_next_token(ids[:8], None, gen, 0, 8)  # warm-up (a separate context: n_past 0)
+    t0 = time.perf_counter()
+    nxt = model.generate_next_token(ids, None, gen, 0, len(ids))
+    prefill_s = time.perf_counter() - t0
+    seq = [*ids, nxt]
+    seq.append(model.generate_next_token(seq, None, gen, len(seq) - 1, len(ids)))  # warm-up step
+    t0 = time.perf_counter()
+    for _ in range(new):
+        nxt = model.generate_next_token(seq, None, gen, len(seq) - 1, len(ids))
+        seq.append(nxt)
+    decode_s = (time.perf_counter() - t0) / new
+    result.update(prefill_tokens_per_s=prompt / prefill_s, decode_tokens_per_s=1.0 / decode_s,
+                  generate_peak_rss_gb=_status_gb("VmHWM"))
+    return result
+
+
+def read_bandwidth_gb_per_s() -> float:
+    """Sum a 2 GiB fp32 tensor with all threads; best of 5."""
+    import torch
+
+    x = torch.ones(GIB // 2, dtype=torch.float32)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best / GIB
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=2, help="full-width layers to time (>= 2)")
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    p.add_argument("--cpp-python", default=None, help="python of a venv with chatglm-cpp")
+    p.add_argument("--layers", type=int, default=28, help="transformer blocks (28 is the real model)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=16, help="decoded tokens")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--workdir", default="benchmarks/runs/chat_speed")
     p.add_argument("--out", default="benchmarks/results/chat_speed.json")
-    p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
+    work = Path(args.workdir)
     if args._child:
-        print(json.dumps(measure(int(args._child[0]), args._child[1], args.prompt, args.new)))
+        kind, *rest = args._child
+        if kind == "random":
+            write_random_checkpoint(Path(rest[0]), args.layers)
+            out = {}
+        elif kind == "quantize":
+            out = quantize_child(Path(rest[0]), Path(rest[1]), *FORMATS[rest[2]])
+        elif kind == "measure":
+            out = measure_child(Path(rest[0]), args.prompt, args.new, Path(rest[1]))
+        else:
+            out = cpp_child(Path(rest[0]), Path(rest[1]), rest[2], args.prompt, args.new)
+        print(json.dumps(out))
         return
 
-    def child(layers: int, dtype: str) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--_child", str(layers), dtype, "--prompt",
-                              str(args.prompt), "--new", str(args.new)], capture_output=True, text=True)
+    def child(*argv: str, python: str = sys.executable) -> dict:
+        cmd = [python, __file__, "--layers", str(args.layers), "--prompt", str(args.prompt), "--new",
+               str(args.new), "--_child", *argv]
+        out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
-            raise SystemExit(out.stderr[-2000:])
+            raise RuntimeError(out.stderr[-3000:])
         return json.loads(out.stdout.strip().splitlines()[-1])
+
+    import torch
 
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
-    for dtype in args.dtypes:
-        one, many = child(1, dtype), child(args.layers, dtype)
-        n = args.layers
-        layer_prefill = (many["prefill_s"] - one["prefill_s"]) / (n - 1)
-        layer_decode = (many["decode_s_per_token"] - one["decode_s_per_token"]) / (n - 1)
-        layer_rss = (many["peak_rss_gb"] - one["peak_rss_gb"]) / (n - 1)
-        full_prefill = one["prefill_s"] + (FULL_LAYERS - 1) * layer_prefill
-        full_decode = one["decode_s_per_token"] + (FULL_LAYERS - 1) * layer_decode
-        key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
-        result[key] = {
-            "layers_measured": [1, n],
-            "prefill_tokens_per_s": args.prompt / full_prefill,
-            "decode_tokens_per_s": 1.0 / full_decode,
-            "peak_rss_gb": one["peak_rss_gb"] + (FULL_LAYERS - 1) * layer_rss,
-            "extrapolated_to_layers": FULL_LAYERS,
-            "measured": {"1_layer": one, f"{n}_layers": many},
-        }
-        print(f"{key}: prefill {args.prompt / full_prefill:.1f} tok/s, decode {1 / full_decode:.3f} tok/s, "
-              f"peak RSS {result[key]['peak_rss_gb']:.1f} GB (extrapolated to 28 layers from 1 and {n})")
-    result["config"] = {"prompt_tokens": args.prompt, "new_tokens": args.new,
-                        "machine": platform.processor() or platform.machine(),
+    bandwidth = read_bandwidth_gb_per_s()
+    print(f"read bandwidth: {bandwidth:.1f} GiB/s")
+    src = work / f"random-fp16-{args.layers}l"
+    if not (src / "config.json").exists():
+        print(f"writing random fp16 weights to {src} ...", flush=True)
+        child("random", str(src))
+
+    def finish(key: str, entry: dict) -> None:
+        entry["bandwidth_gb_per_s"] = bandwidth
+        entry["decode_bound_tokens_per_s"] = bandwidth / entry["bytes_per_token_gb"]
+        entry["fraction_of_bound"] = entry["decode_tokens_per_s"] / entry["decode_bound_tokens_per_s"]
+        entry["peak_rss_gb"] = max(entry["load_peak_rss_gb"], entry["generate_peak_rss_gb"])
+        entry["layers"] = args.layers
+        result[key] = entry
+        print(f"{key}: prefill {entry['prefill_tokens_per_s']:.1f} tok/s, decode "
+              f"{entry['decode_tokens_per_s']:.2f} tok/s ({entry['fraction_of_bound']:.0%} of the "
+              f"{entry['decode_bound_tokens_per_s']:.2f} bound), resident {entry['resident_gb']:.2f} GiB, "
+              f"peak {entry['peak_rss_gb']:.2f} GiB", flush=True)
+        from glmgym._io import atomic_write_json
+
+        atomic_write_json(out_path, result)
+
+    ref_logits = work / "logits-bf16.pt"
+    for name in args.formats:
+        bits, group, emb = FORMATS[name]
+        entry: dict = {"bits": bits or 16, "group_size": group, "quantized_embeddings": emb}
+        model_dir = src
+        if bits:
+            model_dir = work / f"{name}-{args.layers}l"
+            if not (model_dir / "config.json").exists():
+                entry.update(child("quantize", str(src), str(model_dir), name))
+            else:
+                entry.update({k: v for k, v in result.get(name, {}).items() if k.startswith("quantize_")})
+        logits = work / f"logits-{name}.pt"
+        entry.update(child("measure", str(model_dir), str(logits)))
+        if ref_logits.exists() and name != "bf16":
+            a, b = torch.load(logits), torch.load(ref_logits)
+            entry["logits_rel_error_vs_bf16"] = ((a - b).norm() / b.norm()).item()
+        finish(name, entry)
+    if args.cpp_python:
+        for key, ggml_type in CPP_TYPES.items():
+            try:
+                entry = child("cpp", str(src), str(work / f"{ggml_type}-{args.layers}l.ggml"), ggml_type,
+                              python=args.cpp_python)
+            except RuntimeError as exc:
+                result["chatglm_cpp_error"] = str(exc)[-1000:]
+                print(f"{key}: failed: {str(exc)[-500:]}")
+                continue
+            result.pop("chatglm_cpp_error", None)
+            finish(key, entry)
+    result["config"] = {"prompt_tokens": args.prompt, "new_tokens": args.new, "layers": args.layers,
+                        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "date": time.strftime("%Y-%m-%d")}
     from glmgym._io import atomic_write_json

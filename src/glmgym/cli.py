@@ -7,6 +7,7 @@
     glmgym agent play ...       render an agent's episodes to a video (see PlayConfig)
     glmgym chat ...             chat with ChatGLM-6B (see ChatCLIConfig)
     glmgym chat quantize ...    write an INT8/INT4 checkpoint (see QuantizeConfig)
+    glmgym chat serve ...       OpenAI-compatible API + web chat (see ServeConfig)
 
 User errors print one line and exit with code 2; heavy imports happen inside the commands.
 """
@@ -112,11 +113,18 @@ def _chat_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_serve(args: argparse.Namespace) -> int:
+    from glmgym.chat.server import ServeConfig, serve
+
+    return serve(dataclass_from_namespace(ServeConfig, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `glmgym` argument parser."""
     from glmgym.agents.collect import CollectConfig
     from glmgym.agents.config import EvalConfig, TrainConfig
     from glmgym.agents.play import PlayConfig
+    from glmgym.chat.server import ServeConfig
     from glmgym.chat.terminal import ChatCLIConfig, QuantizeConfig
 
     parser = argparse.ArgumentParser(
@@ -174,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_arguments(chat, ChatCLIConfig)
     chat.set_defaults(func=_chat)
-    chat_cmds = chat.add_subparsers(dest="chat_command", required=False, metavar="{quantize}",
+    chat_cmds = chat.add_subparsers(dest="chat_command", required=False, metavar="{quantize,serve}",
                                     title="other commands (without one: the terminal chat)")
     p = chat_cmds.add_parser(
         "quantize", help="write an INT8/INT4 copy of a float checkpoint",
@@ -184,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_arguments(p, QuantizeConfig)
     p.set_defaults(func=_chat_quantize)
+    p = chat_cmds.add_parser(
+        "serve", help="serve an OpenAI-compatible API, the api.py endpoint and a web chat",
+        description="Serve ChatGLM-6B over HTTP: POST /v1/chat/completions (OpenAI-compatible, "
+        "streaming), GET /v1/models, POST / (the reference api.py), GET /health, and a web chat at "
+        "/ui. Binds 127.0.0.1 unless --host says otherwise.",
+    )
+    add_dataclass_arguments(p, ServeConfig)
+    p.set_defaults(func=_chat_serve)
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from glmgym.chat.model import GLMModel
 from glmgym.chat.tokenizer import ChatGLMTokenizer
 from glmgym.errors import GlmgymError
 
-__all__ = ["ChatGLM", "HistoryTrimmedWarning", "build_prompt", "load", "process_response"]
+__all__ = ["ChatGLM", "HistoryTrimmedWarning", "Reply", "build_prompt", "load", "process_response"]
 
 History = list[tuple[str, str]]
 _PUNCT = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")]
@@ -46,6 +46,22 @@ def process_response(response: str) -> str:
     return response
 
 
+@dataclass
+class Reply:
+    """One streaming step of `ChatGLM.stream_reply`."""
+
+    response: str
+    """The post-processed answer so far."""
+    history: History
+    """The history kept for the prompt, plus (query, response)."""
+    prompt_tokens: int
+    """Tokens of the prompt."""
+    completion_tokens: int
+    """Tokens generated so far (<eop> included once reached)."""
+    ended: bool
+    """The model emitted <eop>."""
+
+
 class ChatGLM:
     """A loaded ChatGLM-6B: `chat`, `stream_chat`, and the `.model` / `.tokenizer` underneath."""
 
@@ -54,15 +70,22 @@ class ChatGLM:
         self.tokenizer = tokenizer
         self.name = name
 
-    def _config(self, gen: dict) -> GenerationConfig:
+    def config(self, gen: dict) -> GenerationConfig:
+        """A `GenerationConfig` from keyword options (TypeError on unknown ones)."""
         names = {f.name for f in fields(GenerationConfig)}
         unknown = set(gen) - names
         if unknown:
             raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
         return GenerationConfig(**gen)
 
-    def _fit(self, query: str, history: History, cfg: GenerationConfig) -> tuple[list[int], History]:
-        """Prompt ids, dropping the oldest turns until the prompt leaves room for an answer."""
+    def fit_prompt(self, query: str, history: History, cfg: GenerationConfig,
+                   trim: bool = True) -> tuple[list[int], History]:
+        """Prompt ids and the history they hold; the oldest turns are dropped (with a
+        `HistoryTrimmedWarning`) until the prompt leaves room for the answer.
+
+        Raises:
+            GlmgymError: the prompt does not fit, and `trim` is off or dropping turns is not enough.
+        """
         limit = min(cfg.max_length, self.model.config.max_sequence_length)
         room = cfg.max_new_tokens or min(256, limit // 4)
         history = list(history)
@@ -71,6 +94,9 @@ class ChatGLM:
             ids = self.tokenizer.encode(build_prompt(query, history))
             if len(ids) + room <= limit or not history:
                 break
+            if not trim:
+                raise GlmgymError(f"the prompt has {len(ids)} tokens; with {room} new tokens it exceeds "
+                                  f"the context of {limit} tokens (shorten the history or ask for trimming)")
             history.pop(0)
             dropped += 1
         if dropped:
@@ -80,21 +106,37 @@ class ChatGLM:
             raise GlmgymError(f"the query alone has {len(ids)} tokens, more than max_length {limit} allows")
         return ids, history
 
+    def stream_reply(self, query: str, history: History | None = None, trim_history: bool = True,
+                     **gen) -> Iterator[Reply]:
+        """Like `stream_chat`, with token counts and the finish reason (for servers).
+
+        Args:
+            query: the new user message.
+            history: earlier (query, response) turns.
+            trim_history: drop the oldest turns when the prompt does not fit; False raises instead.
+            **gen: `GenerationConfig` options.
+
+        Raises:
+            GlmgymError: the prompt does not fit the context (and trimming is off or not enough).
+        """
+        history = list(history or [])
+        cfg = self.config(gen)
+        ids, kept = self.fit_prompt(query, history, cfg, trim_history)
+        tok = self.tokenizer
+        for new in generate(self.model, [ids], cfg, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                            vocab_limit=tok.vocab_size):
+            response = process_response(tok.decode(new[0]))
+            yield Reply(response, [*kept, (query, response)], len(ids), len(new[0]),
+                        new[0][-1] == tok.eos_id)
+
     def stream_chat(self, query: str, history: History | None = None, **gen) -> Iterator[tuple[str, History]]:
         """Yield `(response_so_far, history + [(query, response_so_far)])` while generating.
 
         Generation options (`GenerationConfig`): max_length=2048, top_p=0.7, temperature=0.95,
         do_sample=True, top_k, repetition_penalty, max_new_tokens, seed.
         """
-        history = list(history or [])
-        cfg = self._config(gen)
-        ids, kept = self._fit(query, history, cfg)
-        tok = self.tokenizer
-        response = ""
-        for new in generate(self.model, [ids], cfg, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                            vocab_limit=tok.vocab_size):
-            response = process_response(tok.decode(new[0]))
-            yield response, [*kept, (query, response)]
+        for reply in self.stream_reply(query, history, **gen):
+            yield reply.response, reply.history
 
     def chat(self, query: str, history: History | None = None, **gen) -> tuple[str, History]:
         """Answer `query`; return `(response, history + [(query, response)])`."""
@@ -105,7 +147,7 @@ class ChatGLM:
 
     def batch_chat(self, queries: list[str], **gen) -> list[str]:
         """Answer several single-turn queries in one left-padded batch."""
-        cfg = self._config(gen)
+        cfg = self.config(gen)
         tok = self.tokenizer
         prompts = [tok.encode(q) for q in queries]
         out: list[list[int]] = [[] for _ in queries]
