@@ -95,3 +95,14 @@ def test_generation_stops_at_eop_and_at_max_length(tiny):
     assert total == 4
     with pytest.raises(GlmgymError, match="no room"):
         list(generate(model, [prompt], GenerationConfig(max_length=len(prompt)), eos_id=-1, **kw))
+
+
+def test_tiny_temperatures_never_sample_from_nan():
+    from glmgym.chat.generate import GenerationConfig, sample
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
+    for t in (1e-117, 1e-6, 1e-3):
+        token = sample(logits, GenerationConfig(temperature=t, top_p=0.95), vocab_limit=4)
+        assert token.tolist() == [1]
+    # a top_p that rounds to 0 in fp32 keeps the most likely token
+    assert sample(logits, GenerationConfig(top_p=1e-100), vocab_limit=4).tolist() == [1]

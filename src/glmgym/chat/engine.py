@@ -68,6 +68,7 @@ class Engine:
         self._lock = threading.Lock()
         self._pending = 0  # waiting + running
         self.served = 0
+        self.cancelled = 0
         self._worker = threading.Thread(target=self._run, name="glmgym-engine", daemon=True)
         self._worker.start()
 
@@ -101,7 +102,7 @@ class Engine:
                 self._serve(job)
             except GlmgymError as exc:
                 job.emit(("error", str(exc), True))
-            except Exception as exc:  # noqa: BLE001 - the worker must outlive any one request
+            except Exception as exc:  # the worker must outlive any one request
                 job.emit(("error", f"{type(exc).__name__}: {exc}", False))
             finally:
                 with self._lock:
@@ -123,5 +124,7 @@ class Engine:
                 break
             if job.cancelled.is_set():
                 reason = "cancelled"
+                with self._lock:
+                    self.cancelled += 1
                 break
         job.emit(("done", reason))

@@ -122,9 +122,11 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, vocab_limit: int,
         seen = logits.gather(1, previous)
         seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
         logits = logits.scatter(1, previous, seen)
-    if not cfg.do_sample:
+    # below 1e-5 the tempered distribution is a point mass to fp32 precision (and 1/T overflows)
+    if not cfg.do_sample or cfg.temperature < 1e-5:
         return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
+    # shift the max to 0 first: a small temperature then gives -inf, never inf - inf = NaN
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / cfg.temperature
     if cfg.top_k:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -133,6 +135,7 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, vocab_limit: int,
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the more likely ones already reach top_p (the first always stays)
         drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        drop[:, 0] = False  # also when top_p rounds to 0 in fp32
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -170,7 +170,7 @@ def build_app(bot: ChatGLM, max_queue: int = 8, api_key: str | None = None, ui: 
     context = bot.model.config.max_sequence_length
     auth = [Depends(_check_auth(api_key))]
     app = FastAPI(title="glmgym ChatGLM-6B server", version="1",
-                  description="OpenAI-compatible chat completions, the reference api.py endpoint and a web chat.")
+                  description="OpenAI-compatible chat completions, the api.py endpoint, a web chat.")
     app.state.engine = engine
 
     @app.exception_handler(ApiError)
@@ -378,9 +378,10 @@ def _mount_ui(app, engine: Engine, api_key: str | None):
             title="ChatGLM-6B",
             description=f"glmgym serving {engine.bot.name}. Replies stream as they are generated.",
             additional_inputs=[
-                gr.Slider(16, context, value=min(2048, context), step=1, label="Maximum length"),
-                gr.Slider(0.01, 1.0, value=0.7, step=0.01, label="Top P"),
-                gr.Slider(0.01, 1.5, value=0.95, step=0.01, label="Temperature"),
+                gr.Slider(16, context, value=min(2048, context), step=1, label="Maximum length",
+                          render=False),
+                gr.Slider(0.01, 1.0, value=0.7, step=0.01, label="Top P", render=False),
+                gr.Slider(0.01, 1.5, value=0.95, step=0.01, label="Temperature", render=False),
             ],
             additional_inputs_accordion=gr.Accordion("Generation", open=True),
             concurrency_limit=engine.max_queue,

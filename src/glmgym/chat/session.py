@@ -87,16 +87,19 @@ class ChatGLM:
             GlmgymError: the prompt does not fit, and `trim` is off or dropping turns is not enough.
         """
         limit = min(cfg.max_length, self.model.config.max_sequence_length)
-        room = cfg.max_new_tokens or min(256, limit // 4)
+        # trimming keeps room for a useful answer; without it, any room is enough unless asked for more
+        room = cfg.max_new_tokens or (min(256, limit // 4) if trim else 1)
         history = list(history)
         dropped = 0
         while True:
             ids = self.tokenizer.encode(build_prompt(query, history))
-            if len(ids) + room <= limit or not history:
+            if len(ids) + room <= limit:
                 break
             if not trim:
                 raise GlmgymError(f"the prompt has {len(ids)} tokens; with {room} new tokens it exceeds "
                                   f"the context of {limit} tokens (shorten the history or ask for trimming)")
+            if not history:
+                break
             history.pop(0)
             dropped += 1
         if dropped:

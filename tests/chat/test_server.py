@@ -1,0 +1,288 @@
+"""`glmgym chat serve` on a tiny random model, loopback only."""
+
+import asyncio
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from glmgym.chat.server import build_app, to_chatglm
+from glmgym.chat.session import load
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def bot():
+    return load("random:tiny", dtype="float32")
+
+
+@contextmanager
+def live_server(app):
+    """Run `app` with uvicorn on a free loopback port; yield its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _wait_idle(engine, timeout=20.0):
+    deadline = time.time() + timeout
+    while engine.pending and time.time() < deadline:
+        time.sleep(0.02)
+    return engine.pending == 0
+
+
+def test_messages_map_onto_chatglm_history():
+    from glmgym.chat.server import _models
+
+    Message = _models()[0]
+    msgs = [Message(role="system", content="Be brief."), Message(role="user", content="Hi"),
+            Message(role="assistant", content="Hello!"), Message(role="user", content="Who are you?")]
+    query, history = to_chatglm(msgs)
+    assert query == "Who are you?"
+    assert history == [("Be brief.\n\nHi", "Hello!")]
+    assert to_chatglm(msgs[:2]) == ("Be brief.\n\nHi", [])
+
+
+def test_openai_client_plain_streamed_and_error(bot):
+    import openai
+    app = build_app(bot, max_queue=4, ui=False)
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["random:tiny"]
+        kwargs = {"model": "random:tiny", "max_tokens": 6, "seed": 3, "temperature": 0.8,
+                  "messages": [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "你好"}]}
+        plain = client.chat.completions.create(**kwargs)
+        choice = plain.choices[0]
+        assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+        assert 0 < plain.usage.completion_tokens <= 6
+        assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+        # the same seed gives the same answer, streamed in pieces
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert text == choice.message.content
+        assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+        assert sum(1 for c in chunks if c.choices[0].delta.content) >= 2  # it really streamed
+        # greedy (temperature 0) is deterministic without a seed
+        greedy = {**kwargs, "temperature": 0, "seed": None}
+        a = client.chat.completions.create(**greedy).choices[0].message.content
+        assert client.chat.completions.create(**greedy).choices[0].message.content == a
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "  "}])
+        assert "empty" in err.value.body["message"]
+        with pytest.raises(openai.BadRequestError, match="exceeds the context"):
+            client.chat.completions.create(model="m", max_tokens=250,
+                                           messages=[{"role": "user", "content": "hello " * 20}])
+
+
+def test_stop_strings_and_reference_api(bot):
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(bot, ui=False)) as c:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "seed": 0}
+        full = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        assert len(full) > 2
+        stop = full[1:3]
+        cut = c.post("/v1/chat/completions", json={**body, "stop": [stop]}).json()["choices"][0]
+        assert cut["message"]["content"] == full[: full.index(stop)]
+        assert cut["finish_reason"] == "stop"
+        r = c.post("/", json={"prompt": "你好", "history": [["hi", "hello"]], "max_length": 200,
+                                "top_p": 0.5})
+        data = r.json()
+        assert r.status_code == 200 and data["status"] == 200
+        assert data["history"][0] == ["hi", "hello"] and data["history"][-1] == ["你好", data["response"]]
+        assert time.strptime(data["time"], "%Y-%m-%d %H:%M:%S")
+        # long conversations: 400 by default, trimmed when asked for
+        turns = [{"role": r, "content": "word " * 30} for _ in range(6) for r in ("user", "assistant")]
+        long = {"messages": [*turns, {"role": "user", "content": "last"}], "max_tokens": 8}
+        assert c.post("/v1/chat/completions", json=long).status_code == 400
+        assert c.post("/v1/chat/completions", json={**long, "trim_history": True}).status_code == 200
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    (b"{not json", "JSON"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "content"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "assistant"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+])
+def test_bad_requests_get_openai_shaped_4xx(bot, body, fragment):
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(bot, ui=False)) as c:
+        if isinstance(body, bytes):
+            r = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        else:
+            r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and fragment.lower() in error["message"].lower()
+
+
+def test_api_key_is_required_when_set(bot, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(bot, api_key="s3cret", ui=False)) as c:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            r = c.post("/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            assert c.get("/v1/models", headers=headers).status_code == 401
+            assert c.post("/", json={"prompt": "x"}, headers=headers).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.post("/v1/chat/completions", json=body, headers=ok).status_code == 200
+        assert c.get("/health").json()["status"] == "ok"
+
+
+def test_32_concurrent_clients_get_an_answer_or_429_and_the_server_stays_healthy(bot):
+    app = build_app(bot, max_queue=4, ui=False)
+    engine = app.state.engine
+
+    async def one(client, i):
+        body = {"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 24, "seed": i}
+        r = await client.post("/v1/chat/completions", json=body)
+        if r.status_code == 429:
+            assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
+            return "busy"
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["role"] == "assistant"
+        return "ok"
+
+    async def run(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    with live_server(app) as url:
+        outcomes = asyncio.run(run(url))
+        assert set(outcomes) <= {"ok", "busy"}
+        assert outcomes.count("ok") >= 4 and outcomes.count("busy") >= 1
+        assert _wait_idle(engine)
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["queue"] == 0
+        assert engine.served == outcomes.count("ok")
+        # still serving after the burst
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "again"}], "max_tokens": 3})
+        assert r.status_code == 200
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(bot, monkeypatch):
+    app = build_app(bot, max_queue=1, ui=False)
+    engine = app.state.engine
+    real = bot.stream_reply
+
+    def slow(*args, **kwargs):  # 50 ms a token: the stream is still running when the client leaves
+        for reply in real(*args, **kwargs):
+            time.sleep(0.05)
+            yield reply
+
+    monkeypatch.setattr(bot, "stream_reply", slow)
+    body = {"messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 200,
+            "stream": True}
+    with live_server(app) as url:
+        with httpx.Client(base_url=url, timeout=30) as client, \
+                client.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            busy = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
+            assert busy.status_code == 429  # the only slot is taken
+        # leaving the `with` closed the connection after one chunk
+        assert _wait_idle(engine, timeout=10)
+        assert engine.cancelled == 1
+        monkeypatch.setattr(bot, "stream_reply", real)
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert r.status_code == 200
+
+
+def test_openapi_fuzzing_finds_no_server_error(bot):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    app = build_app(bot, max_queue=64, ui=False)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures = []
+
+    def fuzz(operation) -> None:
+        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def one(case):
+            if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):
+                case.body["max_tokens"] = min(case.body["max_tokens"], 8)  # keep answers short
+            response = case.call()
+            try:
+                case.validate_response(response, checks=[not_a_server_error])
+            except Exception as exc:
+                failures.append(f"{operation.label}: {exc}")
+
+        one()
+
+    operations = [op.ok() for op in schema.get_all_operations()]
+    assert {op.label for op in operations} >= {"POST /", "POST /v1/chat/completions", "GET /health"}
+    for operation in operations:
+        fuzz(operation)
+    assert not failures, failures[:3]
+
+
+def test_web_chat_streams_a_reply_in_headless_chromium(bot):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), "Debian's chromium is needed (.ci/run installs it: apt-get install chromium)"
+    app = build_app(bot, max_queue=4, ui=True)
+    with live_server(app) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/")  # redirects to /ui/
+            page.wait_for_selector("textarea", timeout=60_000)
+            page.fill("textarea", "hello there")
+            page.keyboard.press("Enter")
+            page.wait_for_selector('[data-testid="user"]', timeout=30_000)
+            bot_message = page.wait_for_selector('[data-testid="bot"]', timeout=30_000)
+            page.wait_for_function(
+                "() => { const b = document.querySelector('[data-testid=\"bot\"]');"
+                " return b && b.innerText.trim().length > 0; }", timeout=30_000)
+            assert "hello there" in page.inner_text('[data-testid="user"]')
+            assert bot_message.inner_text().strip()
+        finally:
+            browser.close()
+    assert app.state.engine.served >= 1
+
+
+def test_serve_cli_rejects_bad_options(capsys):
+    from glmgym.cli import main
+
+    assert main(["chat", "serve", "--model", "random:tiny", "--max-queue", "0"]) == 2
+    assert "--max-queue" in capsys.readouterr().err
+    assert main(["chat", "serve", "--model", "random:tiny", "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+
+
+def test_serve_defaults_bind_loopback():
+    from glmgym.chat.server import ServeConfig
+
+    assert ServeConfig().host == "127.0.0.1"
