@@ -77,7 +77,11 @@ def test_openai_client_plain_streamed_and_error(bot):
         assert 0 < plain.usage.completion_tokens <= 6
         assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
         # the same seed gives the same answer, streamed in pieces
-        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        chunks = list(client.chat.completions.create(**kwargs, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+        chunks = chunks[:-1]
         text = "".join(c.choices[0].delta.content or "" for c in chunks)
         assert text == choice.message.content
         assert chunks[-1].choices[0].finish_reason == choice.finish_reason
@@ -154,6 +158,16 @@ def test_api_key_is_required_when_set(bot, monkeypatch):
         ok = {"Authorization": "Bearer s3cret"}
         assert c.post("/v1/chat/completions", json=body, headers=ok).status_code == 200
         assert c.get("/health").json()["status"] == "ok"
+
+
+def test_web_chat_asks_for_the_api_key(bot):
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(bot, api_key="k3y", ui=True)) as c:
+        assert c.get("/ui/config").status_code == 401
+        assert c.post("/ui/login", data={"username": "me", "password": "wrong"}).status_code == 400
+        assert c.post("/ui/login", data={"username": "me", "password": "k3y"}).status_code == 200
+        assert c.get("/ui/config").status_code == 200
 
 
 def test_32_concurrent_clients_get_an_answer_or_429_and_the_server_stays_healthy(bot):

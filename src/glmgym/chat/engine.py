@@ -117,7 +117,7 @@ class Engine:
             text, stopped = cut_at_stop(reply.response, job.stop)
             if stopped:
                 reply = Reply(text, [*reply.history[:-1], (job.query, text)], reply.prompt_tokens,
-                              reply.completion_tokens, True)
+                              reply.completion_tokens, reply.ended)
             job.emit(reply)
             if reply.ended or stopped:
                 reason = "stop"

@@ -86,6 +86,9 @@ def _models():
         role: Literal["system", "user", "assistant"]
         content: str
 
+    class StreamOptions(BaseModel):
+        include_usage: bool = False
+
     class ChatCompletionRequest(BaseModel):
         model_config = ConfigDict(extra="ignore")
         model: str | None = None
@@ -96,6 +99,7 @@ def _models():
         stop: str | list[str] | None = None
         seed: int | None = Field(None, ge=0, le=2**63 - 1)
         stream: bool = False
+        stream_options: StreamOptions | None = None
         n: int = Field(1, ge=1, le=1)
         trim_history: bool = False
 
@@ -275,23 +279,34 @@ def build_app(bot: ChatGLM, max_queue: int = 8, api_key: str | None = None, ui: 
         job, prompt_tokens = submit(query, history, gen, stop, req.trim_history)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         if req.stream:
-            return StreamingResponse(_sse(job, meta, stop), media_type="text/event-stream",
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(_sse(job, meta, stop, prompt_tokens if usage else None),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         reply, reason = await finish(job, request)
-        completion = 0 if reply is None else reply.completion_tokens - int(reply.ended and reason == "stop")
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "finish_reason": reason,
                              "message": {"role": "assistant", "content": reply.response if reply else ""}}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                          "total_tokens": prompt_tokens + completion}}
+                "usage": _usage(prompt_tokens, reply)}
 
     if ui:
         app = _mount_ui(app, engine, api_key)
     return app
 
 
-async def _sse(job: Job, meta: dict[str, Any], stop: tuple[str, ...]) -> AsyncIterator[str]:
-    """Server-sent events of one streamed completion; the job is cancelled if the client leaves."""
+def _usage(prompt_tokens: int, reply: Reply | None) -> dict[str, int]:
+    """OpenAI's usage block; <eop> is not counted as a completion token."""
+    completion = 0 if reply is None else reply.completion_tokens - int(reply.ended)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+async def _sse(job: Job, meta: dict[str, Any], stop: tuple[str, ...],
+               prompt_tokens: int | None = None) -> AsyncIterator[str]:
+    """Server-sent events of one streamed completion; the job is cancelled if the client leaves.
+
+    With `prompt_tokens` (stream_options.include_usage), a last chunk without choices carries usage.
+    """
 
     def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
         body = {**meta, "object": "chat.completion.chunk",
@@ -301,12 +316,13 @@ async def _sse(job: Job, meta: dict[str, Any], stop: tuple[str, ...]) -> AsyncIt
     hold = max((len(s) for s in stop), default=1) - 1  # text that may still become a stop string
     sent = ""
     last = ""
+    reply = None
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
             event = await job.events.get()
             if isinstance(event, Reply):
-                last = event.response
+                reply, last = event, event.response
                 safe = last[: len(last) - hold] if hold else last
                 # post-processing may rewrite earlier characters: send only what extends the text
                 if len(safe) > len(sent) and safe.startswith(sent):
@@ -316,6 +332,10 @@ async def _sse(job: Job, meta: dict[str, Any], stop: tuple[str, ...]) -> AsyncIt
                 if len(last) > len(sent) and last.startswith(sent):
                     yield chunk({"content": last[len(sent):]})
                 yield chunk({}, "stop" if event[1] == "stop" else "length")
+                if prompt_tokens is not None:
+                    body = {**meta, "object": "chat.completion.chunk", "choices": [],
+                            "usage": _usage(prompt_tokens, reply)}
+                    yield f"data: {json.dumps(body)}\n\n"
                 break
             else:
                 kind = "invalid_request_error" if event[2] else "server_error"
