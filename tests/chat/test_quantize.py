@@ -213,3 +213,26 @@ def test_chat_loads_random_tiny_quantized():
     assert bot.model.transformer.layers[0].mlp.dense_h_to_4h.backend == "int4pack"
     response, history = bot.chat("你好", max_new_tokens=4, seed=0)
     assert history[-1] == ("你好", response)
+
+
+def test_int8_weights_at_unaligned_offsets_are_copied_for_the_kernel():
+    """Memory-mapped safetensors put tensors at arbitrary offsets; the int8 kernel crashed on them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from glmgym.chat.quantize import QuantizedLinear\n"
+        "N = K = 1024\n"
+        "buf = torch.randint(-127, 127, (N * K + 1,), dtype=torch.int8)\n"
+        "t = {'weight': buf[1:].view(N, K), 'weight_scale': torch.rand(N).half()}\n"
+        "layer = QuantizedLinear.from_tensors(t, K, None, 8, 0, torch.bfloat16)\n"
+        "assert layer.backend == 'int8pack'\n"
+        "x = torch.randn(8, K).bfloat16()\n"
+        "ref = x.float() @ (t['weight'].float() * t['weight_scale'].float()[:, None]).t()\n"
+        "err = ((layer(x).float() - ref).norm() / ref.norm()).item()\n"
+        "assert err < 1e-2, err\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-500:])

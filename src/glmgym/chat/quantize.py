@@ -183,8 +183,10 @@ class QuantizedLinear(nn.Module):
         bias = None if bias is None else bias.to(device=device, dtype=dtype)
         if kernels and device.type == "cpu" and _kernel_ok(bits, in_features, N, group_size):
             if bits == 8:
-                tensors = {"weight": t["weight"].to(device).contiguous(),
-                           "scales": t["weight_scale"].to(dtype)}
+                # a fresh copy: memory-mapped tensors from a file sit at arbitrary offsets, and the
+                # kernel's vector loads need torch's aligned allocations (it crashes otherwise)
+                tensors = {"weight": t["weight"].to(device).clone(memory_format=torch.contiguous_format),
+                           "scales": t["weight_scale"].to(dtype).clone()}
                 return cls(in_features, N, bits, group_size, "int8pack", tensors, bias)
             return cls(in_features, N, bits, group_size, "int4pack", _int4pack(t, group_size, dtype), bias)
         tensors = {k: v.to(device) for k, v in t.items()}
