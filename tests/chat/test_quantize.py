@@ -236,3 +236,18 @@ def test_int8_weights_at_unaligned_offsets_are_copied_for_the_kernel():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-500:])
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, 0), (4, 0), (4, 128)])
+def test_quantizing_in_row_chunks_changes_nothing(monkeypatch, bits, group_size):
+    import glmgym.chat.quantize as q
+
+    lin = _linear(n_out=336, n_in=256)  # 336 rows: chunks of 64 leave a last chunk of 16
+    whole = QuantizedLinear.from_float(lin, bits, group_size, torch.float32)
+    stored = quantize_weight(lin.weight.detach(), bits, group_size)
+    monkeypatch.setattr(q, "_ROWS", 64)
+    chunked = QuantizedLinear.from_float(lin, bits, group_size, torch.float32)
+    for key, value in quantize_weight(lin.weight.detach(), bits, group_size).items():
+        assert torch.equal(value, stored[key])
+    for name, buf in whole.named_buffers():
+        assert torch.equal(buf, dict(chunked.named_buffers())[name]), name

@@ -98,8 +98,21 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((high, low), dim=-1).flatten(-2)  # [N, K/2, 2] -> [N, K]
 
 
+_ROWS = 4096  # rows per chunk: bounds the fp32 / int32 temporaries of the embedding-sized weights
+
+
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0) -> dict[str, torch.Tensor]:
-    """Quantize a float [N, K] weight into the stored tensors (see the module docstring)."""
+    """Quantize a float [N, K] weight into the stored tensors (see the module docstring).
+
+    Rows are independent in both schemes, so the work goes `_ROWS` rows at a time.
+    """
+    if w.shape[0] > _ROWS:
+        parts = [_quantize_rows(w[i : i + _ROWS], bits, group_size) for i in range(0, w.shape[0], _ROWS)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return _quantize_rows(w, bits, group_size)
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
     w = w.float()
     N, K = w.shape
     if group_size == 0:
@@ -234,7 +247,7 @@ class QuantizedLinear(nn.Module):
 def _kernel_ok(bits: int, K: int, N: int, group_size: int) -> bool:
     if bits == 8:
         return hasattr(torch, "_weight_int8pack_mm")
-    return hasattr(torch, "_weight_int4pack_mm_for_cpu") and _kernel_group(K, group_size) > 0
+    return hasattr(torch, "_weight_int4pack_mm_for_cpu") and _kernel_group(K, group_size) > 0 and N % 16 == 0
 
 
 def _kernel_group(K: int, group_size: int) -> int:
@@ -246,15 +259,22 @@ def _kernel_group(K: int, group_size: int) -> int:
 
 def _int4pack(t: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Stored INT4 tensors -> the CPU kernel's packed weight and [groups, N, 2] scales and zeros."""
-    q = unpack_int4(t["weight"]).to(torch.int32)  # [N, K]
+    N, K = t["weight"].shape[0], t["weight"].shape[1] * 2
     scale = t["weight_scale"].float()
     if group_size == 0:  # per row: the row's scale repeated over the kernel's groups, q + 8, zero 0
-        q += 8
-        scale = scale[:, None].expand(-1, q.shape[1] // _kernel_group(q.shape[1], 0))  # [N] -> [N, groups]
+        scale = scale[:, None].expand(-1, K // _kernel_group(K, 0))  # [N] -> [N, groups]
         zero = torch.zeros_like(scale)
     else:
         zero = t["weight_zero"].float() + 8 * scale
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+
+    def pack(rows: slice) -> torch.Tensor:
+        q = unpack_int4(t["weight"][rows]).to(torch.int32)  # [rows, K]
+        if group_size == 0:
+            q += 8
+        return torch._convert_weight_to_int4pack_for_cpu(q, 1)
+
+    # the kernel packs blocks of 64 rows, so chunks of _ROWS rows give the same bytes as one call
+    packed = torch.cat([pack(slice(i, i + _ROWS)) for i in range(0, N, _ROWS)])
     scales_and_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()  # [groups, N, 2]
     return {"weight": packed, "scales_and_zeros": scales_and_zeros}
 
