@@ -224,7 +224,19 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     if spec:
         config.quantization_bit, config.quantization_group_size = spec.bits, spec.group_size
         config.quantization_embeddings = spec.embeddings
+    _release_freed_memory()
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Give the heap that loading freed back to the OS (glibc): the tensor-by-tensor conversions
+    leave holes between long-lived small tensors that would otherwise stay resident."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,

@@ -106,10 +106,16 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0) -> dict[str
 
     Rows are independent in both schemes, so the work goes `_ROWS` rows at a time.
     """
-    if w.shape[0] > _ROWS:
-        parts = [_quantize_rows(w[i : i + _ROWS], bits, group_size) for i in range(0, w.shape[0], _ROWS)]
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return _quantize_rows(w, bits, group_size)
+    if w.shape[0] <= _ROWS:
+        return _quantize_rows(w, bits, group_size)
+    out: dict[str, torch.Tensor] = {}
+    for i in range(0, w.shape[0], _ROWS):
+        part = _quantize_rows(w[i : i + _ROWS], bits, group_size)
+        for k, v in part.items():  # written into preallocated outputs: no concatenated copies
+            if k not in out:
+                out[k] = torch.empty((w.shape[0], *v.shape[1:]), dtype=v.dtype)
+            out[k][i : i + _ROWS] = v
+    return out
 
 
 def _quantize_rows(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
@@ -274,7 +280,9 @@ def _int4pack(t: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype) -
         return torch._convert_weight_to_int4pack_for_cpu(q, 1)
 
     # the kernel packs blocks of 64 rows, so chunks of _ROWS rows give the same bytes as one call
-    packed = torch.cat([pack(slice(i, i + _ROWS)) for i in range(0, N, _ROWS)])
+    packed = torch.empty(N, K // 2, dtype=torch.uint8)
+    for i in range(0, N, _ROWS):
+        packed[i : i + _ROWS] = pack(slice(i, i + _ROWS))
     scales_and_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()  # [groups, N, 2]
     return {"weight": packed, "scales_and_zeros": scales_and_zeros}
 
