@@ -205,14 +205,14 @@ def test_32_concurrent_clients_get_an_answer_or_429_and_the_server_stays_healthy
 def test_a_client_that_leaves_mid_stream_frees_its_slot(bot, monkeypatch):
     app = build_app(bot, max_queue=1, ui=False)
     engine = app.state.engine
-    real = bot.stream_reply
+    real = bot.stream_batch
 
     def slow(*args, **kwargs):  # 50 ms a token: the stream is still running when the client leaves
-        for reply in real(*args, **kwargs):
+        for replies in real(*args, **kwargs):
             time.sleep(0.05)
-            yield reply
+            yield replies
 
-    monkeypatch.setattr(bot, "stream_reply", slow)
+    monkeypatch.setattr(bot, "stream_batch", slow)
     body = {"messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 200,
             "stream": True}
     with live_server(app) as url:
@@ -225,10 +225,44 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(bot, monkeypatch):
         # leaving the `with` closed the connection after one chunk
         assert _wait_idle(engine, timeout=10)
         assert engine.cancelled == 1
-        monkeypatch.setattr(bot, "stream_reply", real)
+        monkeypatch.setattr(bot, "stream_batch", real)
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert r.status_code == 200
+
+
+def test_unseeded_concurrent_requests_share_a_batch_and_answer_as_alone(bot, monkeypatch):
+    app = build_app(bot, max_queue=8, max_batch=4, ui=False)
+    engine = app.state.engine
+    real = bot.stream_batch
+    gate = threading.Event()
+
+    def gated(*args, **kwargs):  # the first request waits until the others are queued behind it
+        gate.wait(10)
+        yield from real(*args, **kwargs)
+
+    def body(i):  # greedy: deterministic, so batched and lone answers must agree
+        return {"messages": [{"role": "user", "content": f"question number {i} " * (i + 1)}],
+                "max_tokens": 10, "temperature": 0}
+
+    async def burst(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            first = asyncio.create_task(client.post("/v1/chat/completions", json=body(0)))
+            while engine.pending < 1:
+                await asyncio.sleep(0.01)
+            rest = [asyncio.create_task(client.post("/v1/chat/completions", json=body(i))) for i in (1, 2, 3)]
+            while engine.pending < 4:
+                await asyncio.sleep(0.01)
+            gate.set()
+            return [r.json()["choices"][0]["message"]["content"] for r in await asyncio.gather(first, *rest)]
+
+    monkeypatch.setattr(bot, "stream_batch", gated)
+    with live_server(app) as url:
+        batched = asyncio.run(burst(url))
+        assert engine.largest_batch == 3  # request 0 ran alone; 1, 2 and 3 queued behind it
+        alone = [httpx.post(f"{url}/v1/chat/completions", json=body(i), timeout=60)
+                 .json()["choices"][0]["message"]["content"] for i in range(4)]
+    assert batched == alone
 
 
 def test_openapi_fuzzing_finds_no_server_error(bot):

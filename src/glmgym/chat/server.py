@@ -52,6 +52,8 @@ class ServeConfig:
     password (default: $GLMGYM_API_KEY; none when unset)."""
     max_queue: int = 8
     """Requests waiting or running at once; more get 429 at once."""
+    max_batch: int = 4
+    """Unseeded requests with the same options that are decoded together in one batch."""
     quantize: int | None = field(default=None, metadata={"choices": (4, 8)})
     """Quantize the block weights to INT4 or INT8 while loading."""
     dtype: str | None = field(default=None, metadata={"choices": ("float32", "bfloat16", "float16")})
@@ -162,14 +164,15 @@ def _check_auth(api_key: str | None):
     return check
 
 
-def build_app(bot: ChatGLM, max_queue: int = 8, api_key: str | None = None, ui: bool = True):
+def build_app(bot: ChatGLM, max_queue: int = 8, api_key: str | None = None, ui: bool = True,
+              max_batch: int = 4):
     """The FastAPI app serving `bot` (see the module docstring); `app.state.engine` is its queue."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
     _, ChatCompletionRequest, ApiRequest = _models()
-    engine = Engine(bot, max_queue)
+    engine = Engine(bot, max_queue, max_batch)
     model_id = bot.name.rstrip("/").rsplit("/", 1)[-1] or "chatglm-6b"
     context = bot.model.config.max_sequence_length
     auth = [Depends(_check_auth(api_key))]
@@ -419,12 +422,13 @@ def serve(cfg: ServeConfig) -> int:
 
     if not 0 < cfg.port < 65536:
         raise GlmgymError(f"--port must be in 1..65535, not {cfg.port}")
-    if cfg.max_queue < 1:
-        raise GlmgymError(f"--max-queue must be at least 1, not {cfg.max_queue}")
+    if cfg.max_queue < 1 or cfg.max_batch < 1:
+        raise GlmgymError(f"--max-queue and --max-batch must be at least 1, not {cfg.max_queue}, "
+                          f"{cfg.max_batch}")
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
     set_threads(cfg.threads)
     bot = load(cfg.model, dtype=cfg.dtype, device=cfg.device, quantize=cfg.quantize)
-    app = build_app(bot, cfg.max_queue, api_key, cfg.ui)
+    app = build_app(bot, cfg.max_queue, api_key, cfg.ui, cfg.max_batch)
     where = f"http://{cfg.host}:{cfg.port}"
     print(f"serving {bot.name} on {where} (API: {where}/v1, web chat: {where}/ui"
           f"{', API key required' if api_key else ''})", flush=True)

@@ -109,28 +109,41 @@ class ChatGLM:
             raise GlmgymError(f"the query alone has {len(ids)} tokens, more than max_length {limit} allows")
         return ids, history
 
-    def stream_reply(self, query: str, history: History | None = None, trim_history: bool = True,
-                     **gen) -> Iterator[Reply]:
-        """Like `stream_chat`, with token counts and the finish reason (for servers).
+    def stream_batch(self, items: list[tuple[str, History]], trim_history: bool = True,
+                     **gen) -> Iterator[list[Reply]]:
+        """Answer several conversations in one left-padded batch; yield one `Reply` per row per step.
+
+        A row that has ended keeps its last reply while the others go on.
 
         Args:
-            query: the new user message.
-            history: earlier (query, response) turns.
-            trim_history: drop the oldest turns when the prompt does not fit; False raises instead.
-            **gen: `GenerationConfig` options.
+            items: (query, history) per conversation.
+            trim_history: drop the oldest turns when a prompt does not fit; False raises instead.
+            **gen: `GenerationConfig` options, shared by the rows.
+
+        Raises:
+            GlmgymError: a prompt does not fit the context (and trimming is off or not enough).
+        """
+        cfg = self.config(gen)
+        fitted = [self.fit_prompt(q, list(h or []), cfg, trim_history) for q, h in items]
+        tok = self.tokenizer
+        for new in generate(self.model, [ids for ids, _ in fitted], cfg, eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, vocab_limit=tok.vocab_size):
+            replies = []
+            for (query, _), (ids, kept), tokens in zip(items, fitted, new):
+                response = process_response(tok.decode(tokens))
+                replies.append(Reply(response, [*kept, (query, response)], len(ids), len(tokens),
+                                     bool(tokens) and tokens[-1] == tok.eos_id))
+            yield replies
+
+    def stream_reply(self, query: str, history: History | None = None, trim_history: bool = True,
+                     **gen) -> Iterator[Reply]:
+        """Like `stream_chat`, with token counts and whether <eop> ended the answer (for servers).
 
         Raises:
             GlmgymError: the prompt does not fit the context (and trimming is off or not enough).
         """
-        history = list(history or [])
-        cfg = self.config(gen)
-        ids, kept = self.fit_prompt(query, history, cfg, trim_history)
-        tok = self.tokenizer
-        for new in generate(self.model, [ids], cfg, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                            vocab_limit=tok.vocab_size):
-            response = process_response(tok.decode(new[0]))
-            yield Reply(response, [*kept, (query, response)], len(ids), len(new[0]),
-                        new[0][-1] == tok.eos_id)
+        for replies in self.stream_batch([(query, history or [])], trim_history, **gen):
+            yield replies[0]
 
     def stream_chat(self, query: str, history: History | None = None, **gen) -> Iterator[tuple[str, History]]:
         """Yield `(response_so_far, history + [(query, response_so_far)])` while generating.
