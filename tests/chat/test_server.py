@@ -334,3 +334,21 @@ def test_serve_defaults_bind_loopback():
     from glmgym.chat.server import ServeConfig
 
     assert ServeConfig().host == "127.0.0.1"
+
+
+def test_serve_cli_builds_the_app_with_the_key_from_the_environment(monkeypatch, capsys):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from glmgym.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run",
+                        lambda app, host, port, **kw: seen.update(app=app, host=host, port=port))
+    monkeypatch.setenv("GLMGYM_API_KEY", "from-env")
+    assert main(["chat", "serve", "--model", "random:tiny", "--no-ui", "--port", "9123"]) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 9123)
+    assert "API key required" in capsys.readouterr().out
+    with TestClient(seen["app"]) as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
