@@ -3,8 +3,9 @@
 Each model is served by the real CLI in a subprocess on 127.0.0.1; an asyncio client keeps
 `concurrency` streaming chat completions in flight until `--requests` have completed, each asking
 for `--max-tokens` tokens (sampled, without a seed, so that the server may batch them), and reads
-usage from the last chunk (`stream_options.include_usage`). Models: `random:tiny`, and `mid`, a random GLM of 8 layers of
-width 1024 (MLP 4096, 16 heads) over the tiny tokenizer, written to `--workdir` first.
+usage from the last chunk (`stream_options.include_usage`). Models: `random:tiny`, and `mid`, a
+random GLM of 8 layers of width 1024 (MLP 4096, 16 heads) over the tiny tokenizer, written to
+`--workdir` first.
 
     python benchmarks/serve_load.py [--concurrency 1 4 16] [--requests 32] [--max-tokens 32]
 """
