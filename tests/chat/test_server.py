@@ -231,6 +231,25 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(bot, monkeypatch):
         assert r.status_code == 200
 
 
+def test_a_non_streaming_client_that_times_out_frees_its_slot(bot, monkeypatch):
+    app = build_app(bot, max_queue=1, ui=False)
+    engine = app.state.engine
+    real = bot.stream_batch
+
+    def slow(*args, **kwargs):
+        for replies in real(*args, **kwargs):
+            time.sleep(0.05)
+            yield replies
+
+    monkeypatch.setattr(bot, "stream_batch", slow)
+    body = {"messages": [{"role": "user", "content": "a long answer please"}], "max_tokens": 200}
+    with live_server(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
+        assert _wait_idle(engine, timeout=10)  # noticed within the server's 0.5 s poll
+        assert engine.cancelled == 1
+
+
 def test_unseeded_concurrent_requests_share_a_batch_and_answer_as_alone(bot, monkeypatch):
     app = build_app(bot, max_queue=8, max_batch=4, ui=False)
     engine = app.state.engine

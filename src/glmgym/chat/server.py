@@ -209,21 +209,22 @@ def build_app(bot: ChatGLM, max_queue: int = 8, api_key: str | None = None, ui: 
             raise ApiError(429, f"the server is busy ({engine.max_queue} requests queued); retry later",
                            "rate_limit_error", headers={"Retry-After": "1"}) from None
 
-    async def next_event(job: Job, request: Request):
-        """The job's next event; cancels the job when the client has gone."""
-        while True:
-            try:
-                return await asyncio.wait_for(job.events.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    raise ApiError(499, "client disconnected") from None
-
     async def finish(job: Job, request: Request) -> tuple[Reply | None, str]:
+        """Wait for the job's end; a client that has gone (checked twice a second) cancels it."""
         last = None
+        checked = time.monotonic()
         try:
             while True:
-                event = await next_event(job, request)
+                try:
+                    event = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                except TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        raise ApiError(499, "client disconnected")
+                if event is None:
+                    continue
                 if isinstance(event, Reply):
                     last = event
                 elif event[0] == "done":
