@@ -407,7 +407,7 @@ def _mount_ui(app, engine: Engine, api_key: str | None):
                 gr.Slider(0.01, 1.0, value=0.7, step=0.01, label="Top P", render=False),
                 gr.Slider(0.01, 1.5, value=0.95, step=0.01, label="Temperature", render=False),
             ],
-            additional_inputs_accordion=gr.Accordion("Generation", open=True),
+            additional_inputs_accordion=gr.Accordion("Generation", open=True, render=False),
             concurrency_limit=engine.max_queue,
         )
     auth = None if api_key is None else (lambda user, password: secrets.compare_digest(password, api_key))
