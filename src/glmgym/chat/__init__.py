@@ -4,11 +4,13 @@ Example:
     >>> from glmgym import chat  # doctest: +SKIP
     >>> bot = chat.load("THUDM/chatglm-6b")  # doctest: +SKIP
     >>> response, history = bot.chat("你好")  # doctest: +SKIP
+    >>> bot4 = chat.load("THUDM/chatglm-6b", quantize=4)  # INT4 on PyTorch's CPU kernels  # doctest: +SKIP
 """
 
 from glmgym.chat.config import PRESETS, GLMConfig
 from glmgym.chat.generate import GenerationConfig, generate
 from glmgym.chat.model import GLMModel, KVCache
+from glmgym.chat.quantize import QuantizedLinear, QuantSpec, quantize_model
 from glmgym.chat.session import ChatGLM, HistoryTrimmedWarning, build_prompt, load, process_response
 from glmgym.chat.tokenizer import ChatGLMTokenizer
 
@@ -21,8 +23,11 @@ __all__ = [
     "GenerationConfig",
     "HistoryTrimmedWarning",
     "KVCache",
+    "QuantSpec",
+    "QuantizedLinear",
     "build_prompt",
     "generate",
     "load",
     "process_response",
+    "quantize_model",
 ]
