@@ -220,15 +220,6 @@ class QuantizedLinear(nn.Module):
         return cls.from_tensors(quantize_weight(w, bits, group_size), linear.in_features, bias, bits,
                                 group_size, dtype or w.dtype, w.device, kernels)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """Compute dtype of the activations this layer expects."""
-        if self.backend == "int8pack":
-            return self.scales.dtype
-        if self.backend == "int4pack":
-            return self.scales_and_zeros.dtype
-        return self.weight_scale.dtype if self.bias is None else self.bias.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # [..., K] -> [M, K]
