@@ -55,3 +55,19 @@ def test_missing_weights_say_how_to_get_them(tmp_path):
     assert proc.returncode == 2
     assert "huggingface-cli download THUDM/chatglm-6b" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_quantize_and_threads_options(capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        argv = ["chat", "--model", "random:tiny", "--prompt", "hi", "--seed", "3", "--max-length", "48",
+                "--quantize", "8", "--threads", "1"]
+        assert main(argv) == 0
+        assert capsys.readouterr().out.strip()
+        assert torch.get_num_threads() == 1
+        assert main([*argv[:-1], "0"]) == 2
+        assert "--threads must be at least 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
