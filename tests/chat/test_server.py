@@ -371,3 +371,15 @@ def test_serve_cli_builds_the_app_with_the_key_from_the_environment(monkeypatch,
     with TestClient(seen["app"]) as c:
         assert c.get("/v1/models").status_code == 401
         assert c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+
+
+def test_serve_without_the_serve_extras_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from glmgym.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["chat", "serve", "--model", "random:tiny"]) == 2
+    assert "pip install 'glmgym[serve]'" in capsys.readouterr().err

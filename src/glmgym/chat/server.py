@@ -416,6 +416,12 @@ def _mount_ui(app, engine: Engine, api_key: str | None):
 
 def serve(cfg: ServeConfig) -> int:
     """Load the model and run the server until interrupted."""
+    import importlib.util
+
+    needed = ["fastapi", "uvicorn", *(["gradio"] if cfg.ui else [])]
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise GlmgymError(f"glmgym chat serve needs {', '.join(missing)}: pip install 'glmgym[serve]'")
     import uvicorn
 
     from glmgym.chat.session import load
