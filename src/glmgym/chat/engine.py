@@ -20,7 +20,7 @@ from typing import Any
 from glmgym.chat.session import ChatGLM, History, Reply
 from glmgym.errors import GlmgymError
 
-__all__ = ["Engine", "Job", "QueueFull"]
+__all__ = ["Engine", "Job", "QueueFull", "cut_at_stop"]
 
 
 class QueueFull(Exception):

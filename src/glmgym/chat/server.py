@@ -32,7 +32,7 @@ from glmgym.chat.engine import Engine, Job, QueueFull
 from glmgym.chat.session import ChatGLM, Reply
 from glmgym.errors import GlmgymError
 
-__all__ = ["ServeConfig", "build_app", "serve"]
+__all__ = ["ServeConfig", "build_app", "serve", "to_chatglm"]
 
 API_KEY_ENV = "GLMGYM_API_KEY"
 
