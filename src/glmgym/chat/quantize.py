@@ -35,6 +35,7 @@ __all__ = [
     "QuantSpec",
     "QuantizedEmbedding",
     "QuantizedLinear",
+    "check_quantized",
     "dequantize_weight",
     "pack_int4",
     "quantize_model",
