@@ -202,17 +202,23 @@ def test_32_concurrent_clients_get_an_answer_or_429_and_the_server_stays_healthy
         assert r.status_code == 200
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot(bot, monkeypatch):
-    app = build_app(bot, max_queue=1, ui=False)
-    engine = app.state.engine
+def _slow_tokens(monkeypatch, bot):
+    """50 ms a token: a long answer is still running when its client leaves. Returns the original."""
     real = bot.stream_batch
 
-    def slow(*args, **kwargs):  # 50 ms a token: the stream is still running when the client leaves
+    def slow(*args, **kwargs):
         for replies in real(*args, **kwargs):
             time.sleep(0.05)
             yield replies
 
     monkeypatch.setattr(bot, "stream_batch", slow)
+    return real
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(bot, monkeypatch):
+    app = build_app(bot, max_queue=1, ui=False)
+    engine = app.state.engine
+    real = _slow_tokens(monkeypatch, bot)
     body = {"messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 200,
             "stream": True}
     with live_server(app) as url:
@@ -234,14 +240,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(bot, monkeypatch):
 def test_a_non_streaming_client_that_times_out_frees_its_slot(bot, monkeypatch):
     app = build_app(bot, max_queue=1, ui=False)
     engine = app.state.engine
-    real = bot.stream_batch
-
-    def slow(*args, **kwargs):
-        for replies in real(*args, **kwargs):
-            time.sleep(0.05)
-            yield replies
-
-    monkeypatch.setattr(bot, "stream_batch", slow)
+    _slow_tokens(monkeypatch, bot)
     body = {"messages": [{"role": "user", "content": "a long answer please"}], "max_tokens": 200}
     with live_server(app) as url:
         with pytest.raises(httpx.ReadTimeout):
