@@ -119,6 +119,15 @@ def _chat_serve(args: argparse.Namespace) -> int:
     return serve(dataclass_from_namespace(ServeConfig, args))
 
 
+def _command(subparsers, name: str, func, config: type | None = None, **texts) -> argparse.ArgumentParser:
+    """Add a command whose options come from the `config` dataclass and that runs `func`."""
+    p = subparsers.add_parser(name, **texts)
+    if config is not None:
+        add_dataclass_arguments(p, config)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `glmgym` argument parser."""
     from glmgym.agents.collect import CollectConfig
@@ -137,69 +146,42 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Decision Transformer agents.")
     cmds = agent.add_subparsers(dest="command", required=True,
                                 metavar="{train,evaluate,collect,datasets,play}")
-    p = cmds.add_parser(
-        "train", help="train a Decision Transformer offline",
-        description="Train a Decision Transformer on an offline dataset and evaluate it. Dataset "
-        "specs: embedded:NAME (shipped with glmgym), d4rl:NAME (in $D4RL_DATASET_DIR or "
-        "~/.d4rl/datasets), d4rl:PATH.hdf5, minari:ID (local Minari store), "
-        "random:ENV_ID[:EPISODES] (generated now with a random policy).",
-    )
-    add_dataclass_arguments(p, TrainConfig)
-    p.set_defaults(func=_agent_train)
-    p = cmds.add_parser(
-        "evaluate", help="evaluate a checkpoint in its environment",
-        description="Run episodes of a checkpoint (a glmgym checkpoint, a run directory, or a "
-        "transformers save_pretrained directory with --env) for each target return.",
-    )
-    add_dataclass_arguments(p, EvalConfig)
-    p.set_defaults(func=_agent_evaluate)
-    p = cmds.add_parser(
-        "collect", help="collect D4RL-style datasets with SAC behavior policies",
-        description="Train SAC (stable-baselines3) on a Gymnasium env and write datasets at the "
-        "D4RL levels (random, medium, medium-replay, expert, medium-expert) as D4RL-layout HDF5. "
-        "Rerun the same command to resume an interrupted collection.",
-    )
-    add_dataclass_arguments(p, CollectConfig)
-    p.set_defaults(func=_agent_collect)
-    p = cmds.add_parser(
-        "datasets", help="list embedded, D4RL-cache and local Minari datasets",
-        description="List the datasets usable offline: those shipped with glmgym, D4RL files in "
-        "$D4RL_DATASET_DIR (or ~/.d4rl/datasets) and the local Minari store, with statistics.",
-    )
+    _command(cmds, "train", _agent_train, TrainConfig, help="train a Decision Transformer offline",
+             description="Train a Decision Transformer on an offline dataset and evaluate it. Dataset "
+             "specs: embedded:NAME (shipped with glmgym), d4rl:NAME (in $D4RL_DATASET_DIR or "
+             "~/.d4rl/datasets), d4rl:PATH.hdf5, minari:ID (local Minari store), "
+             "random:ENV_ID[:EPISODES] (generated now with a random policy).")
+    _command(cmds, "evaluate", _agent_evaluate, EvalConfig, help="evaluate a checkpoint in its environment",
+             description="Run episodes of a checkpoint (a glmgym checkpoint, a run directory, or a "
+             "transformers save_pretrained directory with --env) for each target return.")
+    _command(cmds, "collect", _agent_collect, CollectConfig,
+             help="collect D4RL-style datasets with SAC behavior policies",
+             description="Train SAC (stable-baselines3) on a Gymnasium env and write datasets at the "
+             "D4RL levels (random, medium, medium-replay, expert, medium-expert) as D4RL-layout HDF5. "
+             "Rerun the same command to resume an interrupted collection.")
+    p = _command(cmds, "datasets", _agent_datasets,
+                 help="list embedded, D4RL-cache and local Minari datasets",
+                 description="List the datasets usable offline: those shipped with glmgym, D4RL files in "
+                 "$D4RL_DATASET_DIR (or ~/.d4rl/datasets) and the local Minari store, with statistics.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_agent_datasets)
-    p = cmds.add_parser(
-        "play", help="render episodes of an agent to a video",
-        description="Render episodes of a Decision Transformer (by default the shipped pretrained "
-        "hopper-medium agent) to a video file, headless (MUJOCO_GL=egl).",
-    )
-    add_dataclass_arguments(p, PlayConfig)
-    p.set_defaults(func=_agent_play)
-    chat = pillars.add_parser(
-        "chat", help="chat with ChatGLM-6B in the terminal",
-        description="Streaming terminal chat with ChatGLM-6B (history kept; 'clear' resets, "
-        "'stop' leaves, Ctrl-C interrupts a reply), or a one-shot answer with --prompt.",
-    )
-    add_dataclass_arguments(chat, ChatCLIConfig)
-    chat.set_defaults(func=_chat)
+    _command(cmds, "play", _agent_play, PlayConfig, help="render episodes of an agent to a video",
+             description="Render episodes of a Decision Transformer (by default the shipped pretrained "
+             "hopper-medium agent) to a video file, headless (MUJOCO_GL=egl).")
+    chat = _command(pillars, "chat", _chat, ChatCLIConfig, help="chat with ChatGLM-6B in the terminal",
+                    description="Streaming terminal chat with ChatGLM-6B (history kept; 'clear' resets, "
+                    "'stop' leaves, Ctrl-C interrupts a reply), or a one-shot answer with --prompt.")
     chat_cmds = chat.add_subparsers(dest="chat_command", required=False, metavar="{quantize,serve}",
                                     title="other commands (without one: the terminal chat)")
-    p = chat_cmds.add_parser(
-        "quantize", help="write an INT8/INT4 copy of a float checkpoint",
-        description="Quantize the block weights of a float ChatGLM-6B checkpoint to INT8 (one scale "
-        "per row, THUDM's scheme) or INT4 (groups of --group-size columns; 0 for THUDM's per-row "
-        "scheme) and write safetensors + config.json + tokenizer, streaming tensor by tensor.",
-    )
-    add_dataclass_arguments(p, QuantizeConfig)
-    p.set_defaults(func=_chat_quantize)
-    p = chat_cmds.add_parser(
-        "serve", help="serve an OpenAI-compatible API, the api.py endpoint and a web chat",
-        description="Serve ChatGLM-6B over HTTP: POST /v1/chat/completions (OpenAI-compatible, "
-        "streaming), GET /v1/models, POST / (the reference api.py), GET /health, and a web chat at "
-        "/ui. Binds 127.0.0.1 unless --host says otherwise.",
-    )
-    add_dataclass_arguments(p, ServeConfig)
-    p.set_defaults(func=_chat_serve)
+    _command(chat_cmds, "quantize", _chat_quantize, QuantizeConfig,
+             help="write an INT8/INT4 copy of a float checkpoint",
+             description="Quantize the block weights of a float ChatGLM-6B checkpoint to INT8 (one scale "
+             "per row, THUDM's scheme) or INT4 (groups of --group-size columns; 0 for THUDM's per-row "
+             "scheme) and write safetensors + config.json + tokenizer, streaming tensor by tensor.")
+    _command(chat_cmds, "serve", _chat_serve, ServeConfig,
+             help="serve an OpenAI-compatible API, the api.py endpoint and a web chat",
+             description="Serve ChatGLM-6B over HTTP: POST /v1/chat/completions (OpenAI-compatible, "
+             "streaming), GET /v1/models, POST / (the reference api.py), GET /health, and a web chat "
+             "at /ui. Binds 127.0.0.1 unless --host says otherwise.")
     return parser
 
 
