@@ -132,7 +132,13 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     Raises:
         GlmgymError: missing or malformed config/weights, or weights that do not fit the config.
     """
-    from glmgym.chat.quantize import QuantizedEmbedding, QuantizedLinear, QuantSpec, check_quantized
+    from glmgym.chat.quantize import (
+        QuantizedEmbedding,
+        QuantizedLinear,
+        QuantSpec,
+        check_quantized,
+        quantize_weight,
+    )
 
     model_dir = Path(model_dir)
     config = GLMConfig.from_file(model_dir / "config.json")
@@ -170,18 +176,13 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
             bias = parts.pop("bias")
             if tuple(bias.shape) != (N,):
                 raise GlmgymError(f"{module}.bias has shape {tuple(bias.shape)}, config.json implies {(N,)}")
-            if stored:
-                check_quantized(module, parts, N, K, spec.bits, spec.group_size)
-                layer = QuantizedLinear.from_tensors(parts, K, bias, spec.bits, spec.group_size, dtype,
-                                                     device)
-            else:  # quantize on load: one float weight at a time
+            if not stored:  # quantize on load: one float weight at a time
                 if tuple(parts["weight"].shape) != (N, K):
                     raise GlmgymError(f"{module}.weight has shape {tuple(parts['weight'].shape)}, "
                                       f"config.json implies {(N, K)}")
-                linear = torch.nn.Linear(K, N, device="meta")
-                linear.weight = torch.nn.Parameter(parts["weight"].to(device), requires_grad=False)
-                linear.bias = torch.nn.Parameter(bias, requires_grad=False)
-                layer = QuantizedLinear.from_float(linear, spec.bits, spec.group_size, dtype)
+                parts = quantize_weight(parts["weight"], spec.bits, spec.group_size)
+            check_quantized(module, parts, N, K, spec.bits, spec.group_size)
+            layer = QuantizedLinear.from_tensors(parts, K, bias, spec.bits, spec.group_size, dtype, device)
             parent_name, _, attr = module.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, layer)
         seen.update(k for k in expected if k.rpartition(".")[0] == module)
@@ -211,8 +212,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
         if stored and "weight" in parts:
             N, K = expected[f"{module}.weight"].shape
             parts.pop("bias", None)
-            group = 0 if module.endswith("embeddings") else spec.group_size
-            check_quantized(module, parts, N, K, spec.bits, group)
+            check_quantized(module, parts, N, K, spec.bits, spec.group_size_of(module))
     missing = sorted(set(expected) - seen)
     if missing:
         raise GlmgymError(f"{model_dir} lacks weights: {', '.join(missing[:5])}"
@@ -248,36 +248,64 @@ def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
         raise GlmgymError("a quantized model in memory holds kernel-specific tensors; write quantized "
                           "checkpoints from float ones with `glmgym chat quantize` (quantize_checkpoint)")
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     state["lm_head.weight"] = state["lm_head.weight"].clone()  # stored untied, like THUDM's files
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    ext = "safetensors" if safetensors else "bin"
-    stem = "model" if safetensors else "pytorch_model"
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "config.json", model.config.to_dict())
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}" if len(shards) > 1 else f"{stem}.{ext}"
-            if safetensors:
-                from safetensors.torch import save_file
-
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            else:
-                torch.save(shard, tmp / name)
-            weight_map.update(dict.fromkeys(shard, name))
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            atomic_write_json(tmp / f"{stem}.{ext}.index.json",
-                              {"metadata": {"total_size": total}, "weight_map": weight_map})
+        writer = _ShardWriter(tmp, max_shard_bytes, safetensors)
+        for name, t in state.items():
+            writer.add(name, t)
+        writer.close()
     return Path(out_dir)
+
+
+class _ShardWriter:
+    """Writes tensors into shards of at most `max_bytes` (a larger tensor gets its own), then names
+    them THUDM's way (`model-00001-of-00003.safetensors`, or one `model.safetensors`) and writes
+    the index. Only the current shard is held in memory."""
+
+    def __init__(self, directory: Path, max_bytes: int, safetensors: bool = True) -> None:
+        self.dir, self.max_bytes, self.safetensors = directory, max_bytes, safetensors
+        self.stem, self.ext = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
+        self.parts: list[str] = []
+        self.weight_map: dict[str, str] = {}
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.shard and self.size + nbytes > self.max_bytes:
+            self._flush()
+        self.shard[name] = t.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        part = f"part-{len(self.parts):05d}.{self.ext}"
+        if self.safetensors:
+            from safetensors.torch import save_file
+
+            save_file(self.shard, str(self.dir / part), metadata={"format": "pt"})
+        else:
+            torch.save(self.shard, self.dir / part)
+        self.parts.append(part)
+        self.weight_map.update(dict.fromkeys(self.shard, part))
+        self.shard, self.size = {}, 0
+
+    def close(self) -> None:
+        from glmgym._io import atomic_write_json
+
+        if self.shard:
+            self._flush()
+        n = len(self.parts)
+        names = {p: f"{self.stem}-{i:05d}-of-{n:05d}.{self.ext}" if n > 1 else f"{self.stem}.{self.ext}"
+                 for i, p in enumerate(self.parts, 1)}
+        for old, new in names.items():
+            (self.dir / old).rename(self.dir / new)
+        if n > 1:
+            atomic_write_json(self.dir / f"{self.stem}.{self.ext}.index.json",
+                              {"metadata": {"total_size": self.total},
+                               "weight_map": {k: names[v] for k, v in self.weight_map.items()}})
 
 
 _TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
@@ -295,69 +323,30 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_s
     """
     import shutil
 
-    from safetensors.torch import save_file
-
     from glmgym._io import atomic_dir, atomic_write_json
     from glmgym.chat.quantize import QuantSpec, quantize_weight
 
-    spec = QuantSpec.default(bits, group_size)
-    spec = QuantSpec(spec.bits, spec.group_size, embeddings)
+    spec = QuantSpec.default(bits, group_size, embeddings)
     model_dir = resolve_model_dir(str(src))
     config = GLMConfig.from_file(model_dir / "config.json")
     if config.quantization_bit:
         raise GlmgymError(f"{model_dir} is already {config.quantization_bit}-bit quantized; "
                           "quantize a float (fp16/bf16/fp32) checkpoint")
     targets = _quantized_modules(config, spec)
-    if embeddings:
-        targets.discard("transformer.word_embeddings")  # per row, whatever group_size says
     files = _weight_files(model_dir)
     with atomic_dir(out_dir) as tmp:
-        parts: list[str] = []
-        weight_map: dict[str, str] = {}
-        shard: dict[str, torch.Tensor] = {}
-        size = total = 0
-
-        def flush() -> None:
-            nonlocal shard, size
-            if shard:
-                name = f"part-{len(parts):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                parts.append(name)
-                weight_map.update(dict.fromkeys(shard, name))
-            shard, size = {}, 0
-
-        def add(name: str, t: torch.Tensor) -> None:
-            nonlocal size, total
-            t = t.contiguous()
-            shard[name] = t
-            size += t.numel() * t.element_size()
-            total += t.numel() * t.element_size()
-            if size >= max_shard_bytes:
-                flush()
-
+        writer = _ShardWriter(tmp, max_shard_bytes)
         for path in files:
             for name, tensor in _read_shard(path):
                 if name.endswith(_IGNORED_SUFFIXES) or name.startswith("lm_head."):
                     continue  # rebuilt on load / tied to the embeddings
                 module, _, leaf = name.rpartition(".")
                 if leaf == "weight" and module in targets:
-                    for key, value in quantize_weight(tensor, spec.bits, spec.group_size).items():
-                        add(f"{module}.{key}", value)
-                elif embeddings and name == "transformer.word_embeddings.weight":
-                    for key, value in quantize_weight(tensor, spec.bits, 0).items():
-                        add(f"{module}.{key}", value)
+                    for key, value in quantize_weight(tensor, spec.bits, spec.group_size_of(module)).items():
+                        writer.add(f"{module}.{key}", value)
                 else:
-                    add(name, tensor.clone())  # detach from the source mmap
-        flush()
-        n = len(parts)
-        names = {p: f"model-{i:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
-                 for i, p in enumerate(parts, 1)}
-        for old, new in names.items():
-            (tmp / old).rename(tmp / new)
-        if n > 1:
-            atomic_write_json(tmp / "model.safetensors.index.json",
-                              {"metadata": {"total_size": total},
-                               "weight_map": {k: names[v] for k, v in weight_map.items()}})
+                    writer.add(name, tensor.clone())  # detach from the source mmap
+        writer.close()
         config.quantization_bit, config.quantization_group_size = spec.bits, spec.group_size
         config.quantization_embeddings = spec.embeddings
         atomic_write_json(tmp / "config.json", config.to_dict())

@@ -71,11 +71,15 @@ class QuantSpec:
                               f"(or 0 for one scale per row), not {self.group_size}")
 
     @classmethod
-    def default(cls, bits: int, group_size: int | None = None) -> QuantSpec:
+    def default(cls, bits: int, group_size: int | None = None, embeddings: bool = False) -> QuantSpec:
         """glmgym's defaults: INT8 per row, INT4 in groups of 128."""
         if group_size is None:
             group_size = DEFAULT_GROUP_SIZE if bits == 4 else 0
-        return cls(bits, group_size)
+        return cls(bits, group_size, embeddings)
+
+    def group_size_of(self, module: str) -> int:
+        """The group size of one quantized module: the embeddings are always per row."""
+        return 0 if module == "transformer.word_embeddings" else self.group_size
 
     @classmethod
     def from_config(cls, config) -> QuantSpec | None:

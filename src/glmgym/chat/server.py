@@ -196,15 +196,14 @@ def build_app(bot: ChatGLM, max_queue: int = 8, api_key: str | None = None, ui: 
     async def internal(request: Request, exc: Exception):  # never a bare traceback page
         return JSONResponse(_error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
 
-    def submit(query: str, history, gen: dict[str, Any], stop=(), trim: bool = True) -> tuple[Job, int]:
+    def submit(query: str, history, gen: dict[str, Any], stop=(), trim: bool = True) -> Job:
         """Validate the options and the prompt length, then queue (400 / 429 on failure)."""
         try:
-            cfg = bot.config(gen)
-            ids, _ = bot.fit_prompt(query, history, cfg, trim)
+            bot.fit_prompt(query, history, bot.config(gen), trim)  # before a stream's 200 is sent
         except GlmgymError as exc:
             raise ApiError(400, str(exc)) from None
         try:
-            return engine.submit(query, history, gen, stop, trim), len(ids)
+            return engine.submit(query, history, gen, stop, trim)
         except QueueFull:
             raise ApiError(429, f"the server is busy ({engine.max_queue} requests queued); retry later",
                            "rate_limit_error", headers={"Retry-After": "1"}) from None
@@ -258,7 +257,7 @@ def build_app(bot: ChatGLM, max_queue: int = 8, api_key: str | None = None, ui: 
         if not req.prompt.strip():
             raise ApiError(400, "prompt is empty", param="prompt")
         gen = gen_options(req.temperature, req.top_p, None, None, req.max_length)
-        job, _ = submit(req.prompt, [tuple(h) for h in req.history], gen)
+        job = submit(req.prompt, [tuple(h) for h in req.history], gen)
         reply, _ = await finish(job, request)
         response = reply.response if reply else ""
         history = [list(h) for h in (reply.history if reply else [*req.history, (req.prompt, "")])]
@@ -280,36 +279,37 @@ def build_app(bot: ChatGLM, max_queue: int = 8, api_key: str | None = None, ui: 
         query, history = to_chatglm(req.messages)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         gen = gen_options(req.temperature, req.top_p, req.max_tokens, req.seed)
-        job, prompt_tokens = submit(query, history, gen, stop, req.trim_history)
+        job = submit(query, history, gen, stop, req.trim_history)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(_sse(job, meta, stop, prompt_tokens if usage else None),
+            return StreamingResponse(_sse(job, meta, stop, usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         reply, reason = await finish(job, request)
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "finish_reason": reason,
                              "message": {"role": "assistant", "content": reply.response if reply else ""}}],
-                "usage": _usage(prompt_tokens, reply)}
+                "usage": _usage(reply)}
 
     if ui:
         app = _mount_ui(app, engine, api_key)
     return app
 
 
-def _usage(prompt_tokens: int, reply: Reply | None) -> dict[str, int]:
+def _usage(reply: Reply | None) -> dict[str, int]:
     """OpenAI's usage block; <eop> is not counted as a completion token."""
+    prompt_tokens = 0 if reply is None else reply.prompt_tokens
     completion = 0 if reply is None else reply.completion_tokens - int(reply.ended)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion}
 
 
 async def _sse(job: Job, meta: dict[str, Any], stop: tuple[str, ...],
-               prompt_tokens: int | None = None) -> AsyncIterator[str]:
+               usage: bool = False) -> AsyncIterator[str]:
     """Server-sent events of one streamed completion; the job is cancelled if the client leaves.
 
-    With `prompt_tokens` (stream_options.include_usage), a last chunk without choices carries usage.
+    With `usage` (stream_options.include_usage), a last chunk without choices carries usage.
     """
 
     def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
@@ -336,9 +336,9 @@ async def _sse(job: Job, meta: dict[str, Any], stop: tuple[str, ...],
                 if len(last) > len(sent) and last.startswith(sent):
                     yield chunk({"content": last[len(sent):]})
                 yield chunk({}, "stop" if event[1] == "stop" else "length")
-                if prompt_tokens is not None:
+                if usage:
                     body = {**meta, "object": "chat.completion.chunk", "choices": [],
-                            "usage": _usage(prompt_tokens, reply)}
+                            "usage": _usage(reply)}
                     yield f"data: {json.dumps(body)}\n\n"
                 break
             else:

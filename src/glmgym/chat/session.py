@@ -163,14 +163,10 @@ class ChatGLM:
 
     def batch_chat(self, queries: list[str], **gen) -> list[str]:
         """Answer several single-turn queries in one left-padded batch."""
-        cfg = self.config(gen)
-        tok = self.tokenizer
-        prompts = [tok.encode(q) for q in queries]
-        out: list[list[int]] = [[] for _ in queries]
-        for step in generate(self.model, prompts, cfg, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                             vocab_limit=tok.vocab_size):
-            out = step
-        return [process_response(tok.decode(o)) for o in out]
+        replies: list[Reply] = []
+        for replies in self.stream_batch([(q, []) for q in queries], **gen):  # noqa: B007 (the last step)
+            pass
+        return [r.response for r in replies]
 
 
 def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None = None,
