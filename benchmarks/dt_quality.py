@@ -17,7 +17,9 @@ Results are cached per (method, seed) in the output JSON, so an interrupted run 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -48,13 +50,22 @@ def main() -> None:
     args = p.parse_args()
 
     out = Path(args.out)
-    cache = json.loads(out.read_text()) if out.exists() else {}
-    runs = cache.setdefault("runs", {})
     path = embedded_datasets()[args.dataset]
     ds = load_dataset(f"embedded:{args.dataset}")
     ref = reference_scores(ds.env_id, ds.metadata)
     summary = ds.summary()
     targets = args.targets or [3600.0, 1800.0, float(np.round(summary["return_max"]))]
+    # cached runs are reused only for the same data and settings; anything else starts over
+    setting = {"dataset": f"embedded:{args.dataset}",
+               "dataset_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+               "steps": args.steps, "warmup": args.warmup, "episodes": args.episodes,
+               "targets": targets}
+    cache = json.loads(out.read_text()) if out.exists() else {}
+    if cache and {k: cache.get("config", {}).get(k) for k in setting} != setting:
+        print(f"{out}: cached runs are for other data or settings; starting over")
+        cache = {}
+    runs = cache.setdefault("runs", {})
+    cache.setdefault("config", dict(setting))  # saved with the first run, so a resume matches
 
     def save() -> None:
         atomic_write_json(out, cache)
@@ -65,6 +76,7 @@ def main() -> None:
         if key in runs:
             continue
         run_dir = Path(args.runs) / f"glmgym-dt-seed{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # not in the cache: an old or interrupted run
         t0 = time.perf_counter()
         train(TrainConfig(dataset=f"embedded:{args.dataset}", steps=args.steps, warmup_steps=args.warmup,
                           seed=seed, eval_episodes=0, save_every=args.steps, out=str(run_dir),
@@ -120,8 +132,7 @@ def main() -> None:
                           "normalized_score_std": float(ds_norm.std()), "train_seconds": 0.0,
                           "return_mean": summary["return_mean"]}
     cache.update(methods)
-    cache["config"] = {"dataset": f"embedded:{args.dataset}", "steps": args.steps, "warmup": args.warmup,
-                       "seeds": args.seeds, "episodes": args.episodes, "targets": targets,
+    cache["config"] = {**setting, "seeds": args.seeds,
                        "reference_scores": {"min": ref.min, "max": ref.max, "source": ref.source},
                        "date": time.strftime("%Y-%m-%d")}
     save()

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from glmgym.agents import TrainConfig, load_checkpoint, load_dataset
 from glmgym.agents.catalog import format_catalog, list_datasets
@@ -11,19 +12,29 @@ from glmgym.agents.play import PRETRAINED_DIR
 from glmgym.cli import main
 
 
-def test_embedded_hopper_medium_has_the_documented_shape():
-    assert "hopper-medium" in embedded_datasets()
+# (episodes, transitions) of each shipped file, as DATASETS.md documents them
+SHIPPED = {"hopper-medium": (234, 80_168), "hopper-medium-replay": (232, 36_645),
+           "hopper-expert": (80, 80_000)}
+
+
+def test_embedded_datasets_have_the_documented_shapes():
+    assert set(embedded_datasets()) == set(SHIPPED)
     total = sum(p.stat().st_size for p in embedded_datasets().values())
     assert total <= 30 * 2**20  # all shipped data together <= 30 MB
-    ds = load_dataset("embedded:hopper-medium")
-    assert (ds.state_dim, ds.act_dim) == (11, 3)
-    assert ds.env_id == "Hopper-v5"
-    assert ds.num_transitions >= 50_000
-    assert ds.lengths.max() <= 1000
-    ref_min, ref_max = ds.metadata["ref_min_score"], ds.metadata["ref_max_score"]
-    # a medium policy: clearly better than random, clearly below the expert
-    mean = ds.episode_returns().mean()
-    assert ref_min < mean < ref_max
+    returns = {}
+    for name, (episodes, transitions) in SHIPPED.items():
+        ds = load_dataset(f"embedded:{name}")
+        assert (ds.state_dim, ds.act_dim, ds.env_id) == (11, 3, "Hopper-v5")
+        assert (ds.num_episodes, ds.num_transitions) == (episodes, transitions)
+        assert ds.observations.shape == (transitions, 11) and ds.actions.shape == (transitions, 3)
+        assert ds.lengths.max() <= 1000 and np.isfinite(ds.observations).all()
+        # one SAC run made all three: they share its reference returns
+        assert ds.metadata["ref_min_score"] == pytest.approx(15.0, abs=0.1)
+        assert ds.metadata["ref_max_score"] == pytest.approx(3220.5, abs=0.1)
+        returns[name] = ds.episode_returns().mean()
+    # D4RL's levels: medium about a third of the expert, the expert near its own reference
+    assert 0.25 < returns["hopper-medium"] / returns["hopper-expert"] < 0.45
+    assert returns["hopper-expert"] == pytest.approx(3220.5, rel=0.02)
 
 
 def test_pretrained_agent_loads_with_its_extras():
