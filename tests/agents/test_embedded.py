@@ -11,7 +11,6 @@ from glmgym.agents.data import embedded_datasets
 from glmgym.agents.play import PRETRAINED_DIR
 from glmgym.cli import main
 
-
 # (episodes, transitions) of each shipped file, as DATASETS.md documents them
 SHIPPED = {"hopper-medium": (234, 80_168), "hopper-medium-replay": (232, 36_645),
            "hopper-expert": (80, 80_000)}
@@ -43,6 +42,7 @@ def test_pretrained_agent_loads_with_its_extras():
     assert (cfg.state_dim, cfg.act_dim, cfg.hidden_size, cfg.n_layer) == (11, 3, 128, 3)
     assert ckpt.extras["env_id"] == "Hopper-v5"
     assert ckpt.extras["dataset"] == "hopper-medium"
+    assert ckpt.extras["dataset_source"] == "embedded:hopper-medium"  # no build-machine path
     assert ckpt.state_mean.shape == (11,) and np.all(ckpt.state_std > 0)
 
 

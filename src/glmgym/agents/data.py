@@ -187,7 +187,9 @@ def _embedded(name: str) -> OfflineDataset:
     shipped = embedded_datasets()
     if name not in shipped:
         raise GlmgymError(f"no embedded dataset {name!r}; shipped: {', '.join(shipped) or 'none'}")
-    return load_d4rl(shipped[name], name=name)
+    ds = load_d4rl(shipped[name], name=name)
+    ds.source = f"embedded:{name}"  # the spec, not this install's path: it ends up in checkpoints
+    return ds
 
 
 def _d4rl_file_for(name: str) -> Path:
