@@ -166,10 +166,10 @@ class Engine:
                     reply = Reply(text, [*reply.history[:-1], (job.query, text)], reply.prompt_tokens,
                                   reply.completion_tokens, reply.ended)
                 job.emit(reply)
-                if reply.ended or stopped or job.cancelled.is_set():
+                answered = reply.ended or stopped
+                if answered or job.cancelled.is_set():
                     del open_jobs[i]
-                    self._finish(job, ("done", "cancelled" if job.cancelled.is_set() and not
-                                       (reply.ended or stopped) else "stop"))
+                    self._finish(job, ("done", "stop" if answered else "cancelled"))
             if not open_jobs:
                 return
         for i, job in list(open_jobs.items()):
