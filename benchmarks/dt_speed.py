@@ -23,7 +23,8 @@ from glmgym._io import atomic_write_json
 from glmgym.agents import DecisionTransformer, DTConfig
 from glmgym.agents.data import OfflineDataset, WindowSampler
 from glmgym.agents.evaluate import Policy, rollout
-from glmgym.agents.train import native_bf16, train_step
+from glmgym.agents.train import train_step
+from glmgym.devices import native_bf16
 
 
 class HFAdapter(torch.nn.Module):

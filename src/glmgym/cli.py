@@ -39,7 +39,8 @@ def _agent_evaluate(args: argparse.Namespace) -> int:
     from glmgym.agents.config import EvalConfig
     from glmgym.agents.envs import RefScores, reference_scores
     from glmgym.agents.evaluate import evaluate, format_report
-    from glmgym.agents.train import latest_checkpoint, resolve_device
+    from glmgym.agents.train import latest_checkpoint
+    from glmgym.devices import resolve_device
 
     cfg = dataclass_from_namespace(EvalConfig, args)
     ckpt_dir = latest_checkpoint(cfg.checkpoint)

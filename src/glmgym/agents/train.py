@@ -40,42 +40,16 @@ from glmgym.agents.envs import (
 )
 from glmgym.agents.evaluate import Policy, evaluate, format_report
 from glmgym.agents.model import DecisionTransformer
+from glmgym.devices import native_bf16, resolve_device
 from glmgym.errors import GlmgymError
 
-__all__ = ["latest_checkpoint", "native_bf16", "resolve_device", "train", "train_step"]
+__all__ = ["latest_checkpoint", "train", "train_step"]
 
 TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_PT = "trainer_state.pt"
 # Options that may change when resuming; any other difference would silently change the run.
 _RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_episodes", "save_every", "log_every",
                         "progress", "device", "target_returns")
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda (this process's local rank under torchrun) when available, else cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GlmgymError(f"unknown --device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GlmgymError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` runs bf16 matmuls natively (so that bf16 autocast pays)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        try:
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        except AttributeError:  # older torch without the probes
-            return False
-    return False
 
 
 def latest_checkpoint(path: str | Path) -> Path:

@@ -21,6 +21,7 @@ import torch
 
 from glmgym.chat.config import GLMConfig
 from glmgym.chat.model import GLMModel, RotaryEmbedding
+from glmgym.devices import native_bf16
 from glmgym.errors import GlmgymError
 
 __all__ = ["DTYPES", "default_dtype", "load_model", "quantize_checkpoint", "resolve_model_dir", "save_model"]
@@ -32,8 +33,6 @@ _HUB_FILES = ["*.json", "*.model", "*.safetensors", "*.bin"]
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the device computes it natively, else fp16 on CUDA and fp32 on CPU."""
-    from glmgym.agents.train import native_bf16  # the same probe as the agents' --precision auto
-
     if native_bf16(device):
         return torch.bfloat16
     return torch.float16 if device.type == "cuda" else torch.float32
@@ -138,6 +137,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
         QuantSpec,
         check_quantized,
         quantize_weight,
+        use_decode_kernels,
     )
 
     model_dir = Path(model_dir)
@@ -219,6 +219,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     if not (spec and spec.embeddings):
         model.lm_head.weight = model.transformer.word_embeddings.weight
+        use_decode_kernels(model)
     rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
     model.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1).to(device)
     if spec:

@@ -11,18 +11,26 @@ Two schemes, both stored as `weight` + `weight_scale` (+ `weight_zero`) next to 
   uint8 [N, K/2] (same nibble order), `weight_scale` and `weight_zero` (the group minimum) are fp16
   [N, K/G].
 
-At run time `QuantizedLinear` picks a backend by device and bits:
+At load `QuantizedLinear` picks a backend by device, bits and CPU capability (`select_backend`),
+each the fastest measured there (`benchmarks/chat_speed.py`, docs/benchmarks):
 
-- CPU INT8: `torch._weight_int8pack_mm` on the int8 weight and per-row scales, as stored.
-- CPU INT4: `torch._weight_int4pack_mm_for_cpu`. Its format is asymmetric groups,
-  `w = (q - 8) * scale + zero`, so both schemes map onto it exactly: group-wise with
-  `zero = min + 8 * scale`; per row as one group spanning the row, with `q = q_signed + 8` and zero 0.
-- Anywhere else (CUDA, or a shape a kernel refuses): the stored tensors, dequantized per call
-  (pure PyTorch).
+- CPU with AVX-512 (`torch.backends.cpu.get_cpu_capability()`): PyTorch's packed kernels,
+  `torch._weight_int8pack_mm` on the int8 weight and per-row scales as stored, and
+  `torch._weight_int4pack_mm_for_cpu`, whose format is asymmetric groups, `w = (q - 8) * scale + zero`:
+  group-wise maps onto it with `zero = min + 8 * scale`; per row as one group spanning the row, with
+  `q = q_signed + 8` and zero 0.
+- CPU with AVX2 only: glmgym's own integer dot-product kernels (`cpu_kernels`, llama.cpp's method),
+  about 2x faster there than PyTorch's kernels, which are vectorized for AVX-512 only. Without a C
+  compiler to build them, PyTorch's kernels, with one warning line.
+- CUDA: INT4 on PyTorch's tinygemm kernel `torch._weight_int4pack_mm` (Ampere and newer), INT8 on
+  `torch._weight_int8pack_mm` where this torch has it for CUDA. Each is checked against the
+  dequantized weight on the first layer; a failure falls back, with one warning line.
+- Anywhere else (or a shape a kernel refuses): the stored tensors, dequantized per call (pure PyTorch).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +40,7 @@ from glmgym.errors import GlmgymError
 
 __all__ = [
     "QUANTIZED_LINEARS",
+    "Bf16DecodeLinear",
     "QuantSpec",
     "QuantizedEmbedding",
     "QuantizedLinear",
@@ -40,7 +49,9 @@ __all__ = [
     "pack_int4",
     "quantize_model",
     "quantize_weight",
+    "select_backend",
     "unpack_int4",
+    "use_decode_kernels",
 ]
 
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -205,16 +216,25 @@ class QuantizedLinear(nn.Module):
         device = torch.device(device)
         N = t["weight"].shape[0]
         bias = None if bias is None else bias.to(device=device, dtype=dtype)
-        if kernels and device.type == "cpu" and _kernel_ok(bits, in_features, N, group_size):
-            if bits == 8:
-                # a fresh copy: memory-mapped tensors from a file sit at arbitrary offsets, and the
-                # kernel's vector loads need torch's aligned allocations (it crashes otherwise)
-                tensors = {"weight": t["weight"].to(device).clone(memory_format=torch.contiguous_format),
-                           "scales": t["weight_scale"].to(dtype).clone()}
-                return cls(in_features, N, bits, group_size, "int8pack", tensors, bias)
-            return cls(in_features, N, bits, group_size, "int4pack", _int4pack(t, group_size, dtype), bias)
-        tensors = {k: v.to(device) for k, v in t.items()}
-        return cls(in_features, N, bits, group_size, "dequant", tensors, bias)
+        backend = select_backend(bits, in_features, N, group_size, device) if kernels else "dequant"
+        if backend == "int8pack":
+            # a fresh copy: memory-mapped tensors from a file sit at arbitrary offsets, and the
+            # kernel's vector loads need torch's aligned allocations (it crashes otherwise)
+            tensors = {"weight": t["weight"].to(device).clone(memory_format=torch.contiguous_format),
+                       "scales": t["weight_scale"].to(device, dtype).clone()}
+        elif backend == "int4pack":
+            tensors = _int4pack(t, group_size, dtype)
+        elif backend == "avx2":
+            tensors = _avx2_tensors(t, bits, group_size)
+        elif backend == "cuda_int4pack":
+            tensors = _cuda_int4pack(t, group_size, device)
+        else:
+            tensors = {k: v.to(device) for k, v in t.items()}
+        layer = cls(in_features, N, bits, group_size, backend, tensors, bias)
+        if backend.startswith("cuda_") and not _cuda_kernel_checked(layer, t, dtype, device):
+            tensors = {k: v.to(device) for k, v in t.items()}
+            layer = cls(in_features, N, bits, group_size, "dequant", tensors, bias)
+        return layer
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int = 0, dtype: torch.dtype | None = None,
@@ -233,6 +253,20 @@ class QuantizedLinear(nn.Module):
         elif self.backend == "int4pack":
             y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.kernel_group_size,
                                                   self.scales_and_zeros)
+        elif self.backend == "avx2":
+            from glmgym.chat import cpu_kernels
+
+            if self.bits == 4:
+                y = cpu_kernels.q4_matmul(x2, self.weight, self.scale, self.zero,
+                                          self.group_size or self.in_features)
+            else:
+                y = cpu_kernels.q8_matmul(x2, self.weight, self.scale)
+            y = y.to(x.dtype)
+        elif self.backend == "cuda_int4pack":
+            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight,
+                                          self.kernel_group_size, self.scales_and_zeros).to(x.dtype)
+        elif self.backend == "cuda_int8pack":
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
         else:
             names = ("weight", "weight_scale", "weight_zero")
             stored = {k: getattr(self, k) for k in names if hasattr(self, k)}
@@ -246,10 +280,57 @@ class QuantizedLinear(nn.Module):
                 f"group_size={self.group_size}, backend={self.backend}")
 
 
-def _kernel_ok(bits: int, K: int, N: int, group_size: int) -> bool:
-    if bits == 8:
-        return hasattr(torch, "_weight_int8pack_mm")
-    return hasattr(torch, "_weight_int4pack_mm_for_cpu") and _kernel_group(K, group_size) > 0 and N % 16 == 0
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One line on stderr per distinct message and process (a library must not spam a chat)."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"glmgym: warning: {message}", file=sys.stderr)
+
+
+def select_backend(bits: int, in_features: int, out_features: int, group_size: int,
+                   device: torch.device | str = "cpu", capability: str | None = None) -> str:
+    """The backend a quantized layer of this shape runs on (see the module docstring).
+
+    Args:
+        bits, in_features, out_features, group_size: the layer.
+        device: where it runs.
+        capability: the CPU's vector capability as `torch.backends.cpu.get_cpu_capability()` names
+            it ("AVX512", "AVX2", "DEFAULT", ...); None reads it (it honors ATEN_CPU_CAPABILITY).
+
+    Returns:
+        "int8pack" / "int4pack" (PyTorch's CPU kernels), "avx2" (glmgym's), "cuda_int4pack",
+        "cuda_int8pack", or "dequant".
+    """
+    device = torch.device(device)
+    K, N = in_features, out_features
+    if device.type == "cuda":
+        if bits == 4 and hasattr(torch, "_weight_int4pack_mm") and _kernel_group(K, group_size) \
+                and K % 128 == 0 and N % 8 == 0:  # tinygemm tiles: K in 128s (innerKTiles 8), N in 8s
+            return "cuda_int4pack"
+        if bits == 8 and hasattr(torch, "_weight_int8pack_mm"):
+            return "cuda_int8pack"
+        return "dequant"
+    if device.type != "cpu":
+        return "dequant"
+    torch_kernel_ok = (hasattr(torch, "_weight_int8pack_mm") if bits == 8 else
+                       hasattr(torch, "_weight_int4pack_mm_for_cpu") and _kernel_group(K, group_size) > 0
+                       and N % 16 == 0)
+    torch_kernel = ("int8pack" if bits == 8 else "int4pack") if torch_kernel_ok else "dequant"
+    capability = (capability or torch.backends.cpu.get_cpu_capability()).upper()
+    if capability != "AVX2":  # AVX-512 (and AMX): PyTorch's kernels are the faster ones there
+        return torch_kernel
+    if K % 32 or (group_size and group_size % 32):
+        return torch_kernel
+    from glmgym.chat import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        _warn_once(f"INT{bits} layers run PyTorch's generic kernels, about 2x slower on this AVX2 CPU: "
+                   f"glmgym's AVX2 kernels are not available ({cpu_kernels.unavailable_reason()})")
+        return torch_kernel
+    return "avx2"
 
 
 def _kernel_group(K: int, group_size: int) -> int:
@@ -281,6 +362,108 @@ def _int4pack(t: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype) -
         packed[i : i + _ROWS] = pack(slice(i, i + _ROWS))
     scales_and_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()  # [groups, N, 2]
     return {"weight": packed, "scales_and_zeros": scales_and_zeros}
+
+
+def _avx2_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """Stored tensors -> `cpu_kernels`' layout: fp32 scales (and zeros); INT4 codes 0..15 repacked
+    per block of 32 columns, byte j = column j (low nibble) | column j + 16 (high nibble)."""
+    scale = t["weight_scale"].float()
+    if bits == 8:
+        return {"weight": t["weight"].contiguous(), "scale": scale.contiguous()}
+    N, K = t["weight"].shape[0], t["weight"].shape[1] * 2
+    if group_size == 0:  # per row, symmetric: one group spanning the row, codes q + 8, zero -8 * scale
+        scale = scale[:, None]  # [N] -> [N, 1]
+        zero = -8 * scale
+    else:
+        zero = t["weight_zero"].float()
+    packed = torch.empty(N, K // 2, dtype=torch.uint8)
+    for i in range(0, N, _ROWS):  # bounded temporaries for the embedding-sized weights
+        q = unpack_int4(t["weight"][i : i + _ROWS])
+        codes = (q + 8).to(torch.uint8) if group_size == 0 else q
+        blocks = codes.view(-1, K // 32, 2, 16)  # [rows, K] -> [rows, blocks, halves, 16]
+        packed[i : i + _ROWS] = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).view(-1, K // 2)
+    return {"weight": packed, "scale": scale.contiguous(), "zero": zero.contiguous()}
+
+
+def _cuda_int4pack(t: dict[str, torch.Tensor], group_size: int,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """Stored INT4 tensors -> tinygemm's tiled weight (innerKTiles 8) and bf16 [groups, N, 2] scales
+    and zeros (the same `(q - 8) * scale + zero` convention as the CPU kernel)."""
+    K = t["weight"].shape[1] * 2
+    scale = t["weight_scale"].float()
+    if group_size == 0:
+        scale = scale[:, None].expand(-1, K // _kernel_group(K, 0))  # [N] -> [N, groups]
+        zero = torch.zeros_like(scale)
+        codes = (unpack_int4(t["weight"]) + 8).to(torch.uint8)
+    else:
+        zero = t["weight_zero"].float() + 8 * scale
+        codes = unpack_int4(t["weight"])
+    packed = pack_int4(codes.to(device))  # uint8 [N, K/2], even column high, as the kernel reads it
+    weight = torch._convert_weight_to_int4pack(packed, 8)
+    scales_and_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(device, torch.bfloat16).contiguous()
+    return {"weight": weight, "scales_and_zeros": scales_and_zeros}
+
+
+def _cuda_kernel_checked(layer: QuantizedLinear, t: dict[str, torch.Tensor], dtype: torch.dtype,
+                         device: torch.device) -> bool:
+    """Run a CUDA kernel once against the dequantized weight; warn and return False if it fails or
+    disagrees (kernel availability varies across GPUs and torch builds)."""
+    key = (layer.backend, layer.in_features, layer.out_features, layer.group_size)
+    if key not in _cuda_checked:
+        x = torch.randn(2, layer.in_features, device=device, dtype=dtype)
+        stored = {k: v.to(device) for k, v in t.items()}
+        ref = x.float() @ dequantize_weight(stored, layer.bits, layer.group_size).t()
+        try:
+            bias, layer.bias = layer.bias, None
+            y = layer(x).float()
+            ok = bool(((y - ref).norm() / ref.norm()) < 0.02)
+            reason = "its output disagrees with the dequantized weights"
+        except RuntimeError as exc:
+            ok, reason = False, str(exc).splitlines()[0]
+        finally:
+            layer.bias = bias
+        _cuda_checked[key] = ok
+        if not ok:
+            _warn_once(f"{layer.backend} is unusable here ({reason}); INT{layer.bits} layers dequantize "
+                       "their weights on every call instead (slower)")
+    return _cuda_checked[key]
+
+
+_cuda_checked: dict[tuple, bool] = {}
+
+
+class Bf16DecodeLinear(nn.Module):
+    """A bias-free bf16 Linear (the tied lm_head) that runs glmgym's AVX2 kernel for a few rows.
+
+    PyTorch's bf16 matrix-vector product is emulated on AVX2 CPUs (no native bf16) and reads the
+    weight at about half the memory speed; the kernel widens bf16 to fp32 in registers. Prefill
+    (many rows) keeps `F.linear`. `weight` stays the same Parameter (the embeddings' tie holds).
+    """
+
+    MAX_ROWS = 8
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > self.MAX_ROWS * self.in_features or x.requires_grad:
+            return nn.functional.linear(x, self.weight)
+        from glmgym.chat import cpu_kernels
+
+        y = cpu_kernels.bf16_matmul(x.reshape(-1, self.in_features), self.weight.detach())
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def use_decode_kernels(model: nn.Module) -> nn.Module:
+    """Swap a bf16 model's tied lm_head for `Bf16DecodeLinear` where glmgym's AVX2 kernels are the
+    chosen backend (CPU capability AVX2, kernels built); elsewhere, or for another dtype, no change."""
+    head = model.lm_head
+    if (type(head) is nn.Linear and head.weight.dtype == torch.bfloat16 and head.weight.device.type == "cpu"
+            and select_backend(8, head.in_features, head.out_features, 0, "cpu") == "avx2"):
+        model.lm_head = Bf16DecodeLinear(head.weight)
+    return model
 
 
 class QuantizedEmbedding(nn.Module):

@@ -1,0 +1,228 @@
+/* Low-bit matrix products for x86-64 CPUs with AVX2 + FMA (glmgym.chat.cpu_kernels builds and
+ * loads this file; it is plain C with no Python or torch headers, so it compiles in about a second).
+ *
+ * y[M, N] = x[M, K] @ W[N, K]^T with W stored as
+ *   - q4: 4-bit unsigned codes in blocks of 32 columns (16 bytes: byte j holds column j in the low
+ *     nibble and column j + 16 in the high nibble), w = code * scale[g] + zero[g] over groups of G
+ *     columns (G a multiple of 32; G = K is one group per row);
+ *   - q8: int8 codes, w = code * scale[n] (one scale per row);
+ *   - bf16: plain bf16 rows (the lm_head), read at memory speed.
+ * The quantized products use the integer dot product of llama.cpp/ggml: activations are quantized
+ * per block of 32 to int8 with one float scale (d = absmax / 127), and each block's dot product is
+ * `vpmaddubsw` (unsigned x signed bytes -> int16 pairs) + `vpmaddwd` (-> int32) in registers; the
+ * groups' zero points multiply the sum of the quantized activations over the group.
+ * Work is split over output rows with OpenMP (torch's own libgomp once torch is imported).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QK 32
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* 8 bf16 -> 8 fp32 */
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+/* One row of activations -> int8 codes per block of 32, their scales, and per group the sum of the
+ * quantized activations (the zero points multiply it: with the float sum instead, the rounding
+ * errors of the code part (codes 0..15, mean 7.5) would no longer cancel against the zero part). */
+static void quantize_row(const void *x, int x_bf16, int64_t K, int64_t G, int8_t *q, float *d,
+                         float *gsum) {
+    float buf[QK];
+    for (int64_t g = 0; g < K / G; g++) gsum[g] = 0.f;
+    for (int64_t b = 0; b < K / QK; b++) {
+        float amax = 0.f;
+        for (int j = 0; j < QK; j++) {
+            int64_t k = b * QK + j;
+            buf[j] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+            float a = fabsf(buf[j]);
+            amax = a > amax ? a : amax;
+        }
+        float scale = amax / 127.f;
+        float inv = scale > 0.f ? 1.f / scale : 0.f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            q[b * QK + j] = (int8_t)lrintf(buf[j] * inv);
+            sum += q[b * QK + j];
+        }
+        d[b] = scale;
+        gsum[b * QK / G] += scale * (float)sum;
+    }
+}
+
+typedef struct {
+    int8_t *q;    /* [M, K] */
+    float *d;     /* [M, K/32] */
+    float *gsum;  /* [M, K/G]: sum over the group of d * q */
+} QActs;
+
+static int quantize_acts(const void *x, int x_bf16, int64_t M, int64_t K, int64_t G, QActs *a,
+                         int nthreads) {
+    a->q = (int8_t *)aligned_alloc(64, ((M * K + 63) / 64) * 64);
+    a->d = (float *)malloc(sizeof(float) * M * (K / QK));
+    a->gsum = (float *)malloc(sizeof(float) * M * (K / G));
+    if (!a->q || !a->d || !a->gsum) return -1;
+    size_t esize = x_bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
+    for (int64_t m = 0; m < M; m++)
+        quantize_row((const char *)x + m * K * esize, x_bf16, K, G, a->q + m * K, a->d + m * (K / QK),
+                     a->gsum + m * (K / G));
+    return 0;
+}
+
+static void free_acts(QActs *a) {
+    free(a->q);
+    free(a->d);
+    free(a->gsum);
+}
+
+/* 16 bytes of packed nibbles -> 32 unsigned bytes in column order: the bytes in both halves, the
+ * upper half shifted right by 4, then masked (bits shifted in from the neighbouring byte drop out). */
+static inline __m256i unpack_q4(const uint8_t *p) {
+    __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    b = _mm256_srlv_epi32(b, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+    return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+}
+
+#define ROWS 4 /* output rows per inner loop: shares each activation block load, more independent FMAs */
+
+/* y[m, n0 .. n0+R) for R <= ROWS rows of a q4 weight. */
+static inline void q4_rows(const QActs *a, int64_t m, int64_t K, int64_t G, const uint8_t *w,
+                           const float *scale, const float *zero, int64_t n0, int R, float *y) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
+    const int8_t *xq = a->q + m * K;
+    const float *xd = a->d + m * nb;
+    const float *xs = a->gsum + m * ng;
+    __m256 acc[ROWS];
+    float zacc[ROWS];
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm256_setzero_ps();
+        zacc[r] = 0.f;
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 gacc[ROWS];
+        for (int r = 0; r < R; r++) gacc[r] = _mm256_setzero_ps();
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+            __m256 dx = _mm256_set1_ps(xd[b]);
+            for (int r = 0; r < R; r++) {
+                __m256i wv = unpack_q4(w + (n0 + r) * (K / 2) + b * (QK / 2));
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+                gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dx, gacc[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            int64_t i = (n0 + r) * ng + g;
+            acc[r] = _mm256_fmadd_ps(gacc[r], _mm256_set1_ps(scale[i]), acc[r]);
+            zacc[r] += zero[i] * xs[g];
+        }
+    }
+    for (int r = 0; r < R; r++) y[r] = hsum8(acc[r]) + zacc[r];
+}
+
+/* x: [M, K] fp32 or bf16; w: [N, K/2] q4 blocks; scale, zero: [N, K/G] fp32; y: [M, N] fp32. */
+int glmgym_q4_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w,
+                     const float *scale, const float *zero, int64_t N, int64_t G, float *y,
+                     int nthreads) {
+    if (K % QK || G % QK || K % G) return -2;
+    QActs a;
+    if (quantize_acts(x, x_bf16, M, K, G, &a, nthreads)) return -1;
+    int64_t tiles = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * ROWS;
+        int R = (int)(N - n0 < ROWS ? N - n0 : ROWS);
+        float out[ROWS];
+        for (int64_t m = 0; m < M; m++) {
+            q4_rows(&a, m, K, G, w, scale, zero, n0, R, out);
+            for (int r = 0; r < R; r++) y[m * N + n0 + r] = out[r];
+        }
+    }
+    free_acts(&a);
+    return 0;
+}
+
+static inline void q8_rows(const QActs *a, int64_t m, int64_t K, const int8_t *w, const float *scale,
+                           int64_t n0, int R, float *y) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t nb = K / QK;
+    const int8_t *xq = a->q + m * K;
+    const float *xd = a->d + m * nb;
+    __m256 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        __m256 dx = _mm256_set1_ps(xd[b]);
+        for (int r = 0; r < R; r++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (n0 + r) * K + b * QK));
+            /* signed x signed through maddubs: |w| as unsigned, the sign moved onto x */
+            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            p = _mm256_madd_epi16(p, ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dx, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r] = hsum8(acc[r]) * scale[n0 + r];
+}
+
+/* x: [M, K] fp32 or bf16; w: [N, K] int8; scale: [N] fp32; y: [M, N] fp32. */
+int glmgym_q8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const int8_t *w,
+                     const float *scale, int64_t N, float *y, int nthreads) {
+    if (K % QK) return -2;
+    QActs a;
+    if (quantize_acts(x, x_bf16, M, K, K, &a, nthreads)) return -1;
+    int64_t tiles = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * ROWS;
+        int R = (int)(N - n0 < ROWS ? N - n0 : ROWS);
+        float out[ROWS];
+        for (int64_t m = 0; m < M; m++) {
+            q8_rows(&a, m, K, w, scale, n0, R, out);
+            for (int r = 0; r < R; r++) y[m * N + n0 + r] = out[r];
+        }
+    }
+    free_acts(&a);
+    return 0;
+}
+
+/* x: [M, K] fp32 (M small); w: [N, K] bf16; y: [M, N] fp32. K a multiple of 8. */
+int glmgym_bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y,
+                       int nthreads) {
+    if (K % 8) return -2;
+    int64_t tiles = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * ROWS;
+        int R = (int)(N - n0 < ROWS ? N - n0 : ROWS);
+        for (int64_t m = 0; m < M; m++) {
+            __m256 acc[ROWS];
+            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 8) {
+                __m256 xv = _mm256_loadu_ps(x + m * K + k);
+                for (int r = 0; r < R; r++)
+                    acc[r] = _mm256_fmadd_ps(load_bf16x8(w + (n0 + r) * K + k), xv, acc[r]);
+            }
+            for (int r = 0; r < R; r++) y[m * N + n0 + r] = hsum8(acc[r]);
+        }
+    }
+    return 0;
+}

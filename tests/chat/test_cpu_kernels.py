@@ -1,0 +1,138 @@
+"""glmgym's AVX2 kernels against exact references, the backend choice per capability, the fallback."""
+
+import pytest
+import torch
+
+from glmgym.chat import cpu_kernels
+from glmgym.chat.quantize import (
+    QuantizedLinear,
+    dequantize_weight,
+    quantize_weight,
+    select_backend,
+)
+
+# every x86-64 CPU PyTorch dispatches to AVX2 or AVX-512 code has AVX2 (CI's machines all do)
+needs_kernels = pytest.mark.skipif(
+    not torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX2", "AVX512")),
+    reason="the AVX2 kernels need an x86-64 CPU with AVX2")
+
+
+def _quantized_acts(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels compute with: x rounded to int8 per block of 32 (scale absmax / 127)."""
+    M, K = x.shape
+    b = x.float().view(M, K // 32, 32)  # [M, K] -> [M, blocks, 32]
+    d = b.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(b / torch.where(d > 0, d, 1)) * d).view(M, K)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 64), (4, 128), (4, 0), (8, 0)])
+@pytest.mark.parametrize(("M", "N", "K"), [(1, 37, 128), (3, 5, 256), (17, 64, 384), (2, 1, 512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx2_kernels_compute_the_stored_weights_on_int8_activations(bits, group_size, M, N, K, dtype):
+    if group_size and K % group_size:
+        pytest.skip("group does not divide K")
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    w = torch.randn(N, K, generator=g) * 0.02
+    x = (torch.randn(M, K, generator=g) * 3).to(dtype)
+    t = quantize_weight(w, bits, group_size)
+    layer = QuantizedLinear.from_tensors(t, K, None, bits, group_size, dtype)
+    assert layer.backend == select_backend(bits, K, N, group_size)
+    from glmgym.chat.quantize import _avx2_tensors
+
+    avx2 = QuantizedLinear(K, N, bits, group_size, "avx2", _avx2_tensors(t, bits, group_size), None)
+    y = avx2(x)
+    assert y.shape == (M, N) and y.dtype == dtype
+    # exact up to float summation order against the dequantized weights on quantized activations
+    exact = _quantized_acts(x) @ dequantize_weight(t, bits, group_size).t()
+    assert _rel(y, exact) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # and close to the float activations (activation rounding only)
+    ref = x.float() @ dequantize_weight(t, bits, group_size).t()
+    assert _rel(y, ref) < 2e-2
+
+
+@needs_kernels
+def test_int8_kernel_handles_the_full_code_range():
+    """-128 cannot come out of glmgym's quantizer but can be in a file; the sign trick must hold."""
+    N, K = 8, 64
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    w[0, :32] = -128
+    scale = torch.rand(N) + 0.5
+    x = torch.randn(3, K)
+    y = cpu_kernels.q8_matmul(x, w, scale)
+    exact = _quantized_acts(x) @ (w.float() * scale[:, None]).t()
+    assert _rel(y, exact) < 1e-5
+
+
+@needs_kernels
+def test_bf16_matmul_matches_float():
+    w = torch.randn(50, 72).bfloat16()
+    x = torch.randn(2, 72)
+    assert _rel(cpu_kernels.bf16_matmul(x, w), x @ w.float().t()) < 1e-5
+
+
+@pytest.mark.parametrize(("capability", "bits", "expected"), [
+    ("AVX512", 4, "int4pack"), ("AVX512", 8, "int8pack"), ("AVX512_BF16", 4, "int4pack"),
+    ("DEFAULT", 4, "int4pack"), ("DEFAULT", 8, "int8pack"),
+    ("AVX2", 4, "avx2"), ("AVX2", 8, "avx2"),
+])
+def test_backend_choice_per_cpu_capability(capability, bits, expected, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "load", lambda: object())  # as if built
+    group = 128 if bits == 4 else 0
+    assert select_backend(bits, 4096, 4096, group, "cpu", capability) == expected
+
+
+def test_backend_choice_on_cuda_and_for_shapes_the_kernels_refuse(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "load", lambda: object())
+    assert select_backend(4, 4096, 12288, 128, "cuda") == "cuda_int4pack"
+    assert select_backend(4, 4096, 12288, 0, "cuda") == "cuda_int4pack"  # per row as kernel groups
+    assert select_backend(4, 4100, 12288, 0, "cuda") == "dequant"  # K not in tiles of 128
+    assert select_backend(8, 4096, 4096, 0, "cuda") == "cuda_int8pack"
+    assert select_backend(4, 4096, 12288, 128, "meta") == "dequant"
+    assert select_backend(8, 100, 64, 0, "cpu", "AVX2") == "int8pack"  # K not in blocks of 32
+    assert select_backend(4, 100, 24, 0, "cpu", "AVX2") == "dequant"  # neither kernel fits
+
+
+def test_without_a_compiler_avx2_falls_back_to_torch_kernels_with_one_warning(monkeypatch, tmp_path, capsys):
+    import glmgym.chat.quantize as q
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("GLMGYM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(q, "_warned", set())
+    cpu_kernels.load.cache_clear()
+    try:
+        assert cpu_kernels.load() is None
+        assert "could not build" in cpu_kernels.unavailable_reason()
+        assert select_backend(4, 256, 32, 128, "cpu", "AVX2") == "int4pack"
+        assert select_backend(8, 256, 32, 0, "cpu", "AVX2") == "int8pack"
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and all("2x slower" in line and "could not build" in line for line in err)
+        assert not list((tmp_path / "cache").rglob("*.so*"))  # no half-built file left behind
+        # the layer still works, on PyTorch's kernel
+        w = torch.randn(32, 256) * 0.02
+        t = quantize_weight(w, 4, 128)
+        layer = QuantizedLinear.from_tensors(t, 256, None, 4, 128, torch.float32)
+        x = torch.randn(2, 256)
+        assert _rel(layer(x), x @ dequantize_weight(t, 4, 128).t()) < 1e-5
+    finally:
+        cpu_kernels.load.cache_clear()
+
+
+@needs_kernels
+def test_kernels_build_into_the_cache_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("GLMGYM_CACHE", str(tmp_path))
+    cpu_kernels.load.cache_clear()
+    try:
+        assert cpu_kernels.load() is not None
+        built = list((tmp_path / "kernels").glob("lowbit_avx2-*.so"))
+        assert len(built) == 1
+        mtime = built[0].stat().st_mtime_ns
+        cpu_kernels.load.cache_clear()
+        assert cpu_kernels.load() is not None
+        assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    finally:
+        cpu_kernels.load.cache_clear()
