@@ -17,6 +17,11 @@ bandwidth measured here (summing a 4 GiB fp32 tensor with all threads: the media
 best single run varied from 42 to 64 GiB/s between runs of this script, the median is steadier).
 `--bounds-only` re-measures the bandwidth and recomputes the bound of every entry in the results.
 
+Results go under `by_cpu[KIND]` of `--out`, KIND being `avx2` or `avx512` as PyTorch dispatches here
+(`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2` measures an AVX-512
+machine as `avx2`; build chatglm.cpp with ggml's AVX-512 options off for that run), with the CPU
+flags seen; a run replaces only its own kind's entries.
+
     python benchmarks/chat_speed.py [--formats bf16 int8 int4 int4_rowwise int4_qe] \\
         [--cpp-python /path/to/venv/bin/python] [--layers 28] [--prompt 128] [--new 16]
 
@@ -28,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -279,8 +282,14 @@ def main() -> None:
 
     import torch
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import cpu_kind, machine_facts
+
     out_path = Path(args.out)
-    result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    everything = json.loads(out_path.read_text()) if out_path.exists() else {}
+    everything.setdefault("by_cpu", {})
+    result = everything["by_cpu"].setdefault(cpu_kind(), {})
+    print(f"measuring as CPU kind {cpu_kind()!r}")
     bandwidth = read_bandwidth_gb_per_s()
     print(f"read bandwidth: {bandwidth:.1f} GiB/s")
     if args.bounds_only:
@@ -291,7 +300,7 @@ def main() -> None:
                 entry["fraction_of_bound"] = entry["decode_tokens_per_s"] / entry["decode_bound_tokens_per_s"]
         from glmgym._io import atomic_write_json
 
-        atomic_write_json(out_path, result)
+        atomic_write_json(out_path, everything)
         return
     src = work / f"random-fp16-{args.layers}l"
     if not (src / "config.json").exists():
@@ -311,7 +320,7 @@ def main() -> None:
               f"peak {entry['peak_rss_gb']:.2f} GiB", flush=True)
         from glmgym._io import atomic_write_json
 
-        atomic_write_json(out_path, result)
+        atomic_write_json(out_path, everything)
 
     ref_logits = work / "logits-bf16.pt"
     for name in args.formats:
@@ -342,12 +351,10 @@ def main() -> None:
             result.pop("chatglm_cpp_error", None)
             finish(key, entry)
     result["config"] = {"prompt_tokens": args.prompt, "new_tokens": args.new, "layers": args.layers,
-                        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                        "threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "date": time.strftime("%Y-%m-%d")}
+                        "date": time.strftime("%Y-%m-%d"), **machine_facts()}
     from glmgym._io import atomic_write_json
 
-    atomic_write_json(out_path, result)
+    atomic_write_json(out_path, everything)
 
 
 if __name__ == "__main__":

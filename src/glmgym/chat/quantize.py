@@ -217,7 +217,7 @@ class QuantizedLinear(nn.Module):
         N = t["weight"].shape[0]
         bias = None if bias is None else bias.to(device=device, dtype=dtype)
         backend = select_backend(bits, in_features, N, group_size, device) if kernels else "dequant"
-        if backend == "int8pack":
+        if backend in ("int8pack", "cuda_int8pack"):
             # a fresh copy: memory-mapped tensors from a file sit at arbitrary offsets, and the
             # kernel's vector loads need torch's aligned allocations (it crashes otherwise)
             tensors = {"weight": t["weight"].to(device).clone(memory_format=torch.contiguous_format),

@@ -105,7 +105,7 @@ static inline __m256i unpack_q4(const uint8_t *p) {
 #define ROWS 4 /* output rows per inner loop: shares each activation block load, more independent FMAs */
 
 /* y[m, n0 .. n0+R) for R <= ROWS rows of a q4 weight. */
-static inline void q4_rows(const QActs *a, int64_t m, int64_t K, int64_t G, const uint8_t *w,
+static inline __attribute__((always_inline)) void q4_rows(const QActs *a, int64_t m, int64_t K, int64_t G, const uint8_t *w,
                            const float *scale, const float *zero, int64_t n0, int R, float *y) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
@@ -150,18 +150,24 @@ int glmgym_q4_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const uint
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         int64_t n0 = t * ROWS;
-        int R = (int)(N - n0 < ROWS ? N - n0 : ROWS);
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) {
-            q4_rows(&a, m, K, G, w, scale, zero, n0, R, out);
-            for (int r = 0; r < R; r++) y[m * N + n0 + r] = out[r];
+            if (n0 + ROWS <= N) { /* a constant row count: the accumulators stay in registers */
+                q4_rows(&a, m, K, G, w, scale, zero, n0, ROWS, out);
+                for (int r = 0; r < ROWS; r++) y[m * N + n0 + r] = out[r];
+            } else {
+                for (int64_t n = n0; n < N; n++) {
+                    q4_rows(&a, m, K, G, w, scale, zero, n, 1, out);
+                    y[m * N + n] = out[0];
+                }
+            }
         }
     }
     free_acts(&a);
     return 0;
 }
 
-static inline void q8_rows(const QActs *a, int64_t m, int64_t K, const int8_t *w, const float *scale,
+static inline __attribute__((always_inline)) void q8_rows(const QActs *a, int64_t m, int64_t K, const int8_t *w, const float *scale,
                            int64_t n0, int R, float *y) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t nb = K / QK;
@@ -193,15 +199,32 @@ int glmgym_q8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const int8
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         int64_t n0 = t * ROWS;
-        int R = (int)(N - n0 < ROWS ? N - n0 : ROWS);
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) {
-            q8_rows(&a, m, K, w, scale, n0, R, out);
-            for (int r = 0; r < R; r++) y[m * N + n0 + r] = out[r];
+            if (n0 + ROWS <= N) {
+                q8_rows(&a, m, K, w, scale, n0, ROWS, out);
+                for (int r = 0; r < ROWS; r++) y[m * N + n0 + r] = out[r];
+            } else {
+                for (int64_t n = n0; n < N; n++) {
+                    q8_rows(&a, m, K, w, scale, n, 1, out);
+                    y[m * N + n] = out[0];
+                }
+            }
         }
     }
     free_acts(&a);
     return 0;
+}
+
+static inline __attribute__((always_inline)) void bf16_rows(const float *x, int64_t K,
+                                                           const uint16_t *w, int R, float *y) {
+    __m256 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 xv = _mm256_loadu_ps(x + k);
+        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(load_bf16x8(w + r * K + k), xv, acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[r] = hsum8(acc[r]);
 }
 
 /* x: [M, K] fp32 (M small); w: [N, K] bf16; y: [M, N] fp32. K a multiple of 8. */
@@ -212,16 +235,14 @@ int glmgym_bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, 
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         int64_t n0 = t * ROWS;
-        int R = (int)(N - n0 < ROWS ? N - n0 : ROWS);
+        float out[ROWS];
         for (int64_t m = 0; m < M; m++) {
-            __m256 acc[ROWS];
-            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-            for (int64_t k = 0; k < K; k += 8) {
-                __m256 xv = _mm256_loadu_ps(x + m * K + k);
-                for (int r = 0; r < R; r++)
-                    acc[r] = _mm256_fmadd_ps(load_bf16x8(w + (n0 + r) * K + k), xv, acc[r]);
+            if (n0 + ROWS <= N) {
+                bf16_rows(x + m * K, K, w + n0 * K, ROWS, out);
+                for (int r = 0; r < ROWS; r++) y[m * N + n0 + r] = out[r];
+            } else {
+                for (int64_t n = n0; n < N; n++) bf16_rows(x + m * K, K, w + n * K, 1, y + m * N + n);
             }
-            for (int r = 0; r < R; r++) y[m * N + n0 + r] = hsum8(acc[r]);
         }
     }
     return 0;

@@ -1,0 +1,168 @@
+"""Speed on one NVIDIA GPU: ChatGLM-6B decoding in bf16, INT8 and INT4 on the full-size random model,
+DT training steps/s, and vectorized vs sequential evaluation. Run by benchmarks/gpu_check.sh.
+
+The GLM is built in GPU memory (random N(0, 0.02) weights, no checkpoint on disk); each quantized
+format is made from a fresh copy with `quantize_model`, whose layers pick their CUDA kernels (and
+check them against the dequantized weights) as `glmgym chat --quantize` does.
+
+    python benchmarks/gpu_speed.py [--prompt 128] [--new 64] [--out benchmarks/results/gpu_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def random_glm(device: str):
+    from glmgym.chat.config import PRESETS
+    from glmgym.chat.model import GLMModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GLMModel(PRESETS["chatglm-6b"]).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def decode_speed(model, prompt: int, new: int) -> dict:
+    from glmgym.chat.generate import PromptBatch, decode_one_token, prefill
+    from glmgym.chat.model import KVCache
+
+    cfg = model.config
+    ids = [*range(100, 100 + prompt - 2), cfg.gmask_token_id, cfg.bos_token_id]
+    dev = model.lm_head.weight.device if hasattr(model.lm_head, "weight") else "cuda"
+    with torch.inference_mode():
+        cache = KVCache.empty(cfg, 1, prompt + new + 2, torch.bfloat16, dev)
+        prefill(model, PromptBatch.build([ids[:8]], cfg.pad_token_id, device=dev), cache)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = prefill(model, PromptBatch.build([ids], cfg.pad_token_id, device=dev), cache)
+        torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - t0
+        token = logits.argmax(-1, keepdim=True)
+        for i in range(2):  # warm-up
+            pos = torch.tensor([[[prompt - 2], [i + 2]]], device=dev)
+            token = decode_one_token(model, token, pos, None, cache, prompt + i).argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(2, new):
+            pos = torch.tensor([[[prompt - 2], [i + 2]]], device=dev)
+            token = decode_one_token(model, token, pos, None, cache, prompt + i).argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        decode_s = (time.perf_counter() - t0) / (new - 2)
+    return {"prefill_tokens_per_s": prompt / prefill_s, "decode_tokens_per_s": 1 / decode_s,
+            "gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def chat_speeds(prompt: int, new: int) -> dict:
+    from glmgym.chat.quantize import QuantSpec, quantize_model
+
+    out = {}
+    for name, bits in [("bf16", 0), ("int8", 8), ("int4", 4)]:
+        torch.cuda.reset_peak_memory_stats()
+        model = random_glm("cuda")
+        if bits:
+            quantize_model(model, QuantSpec.default(bits))
+            torch.cuda.empty_cache()
+        entry = decode_speed(model, prompt, new)
+        entry["backend"] = getattr(model.transformer.layers[0].mlp.dense_h_to_4h, "backend", "bf16")
+        out[name] = entry
+        print(f"chat {name} ({entry['backend']}): prefill {entry['prefill_tokens_per_s']:.0f} tok/s, "
+              f"decode {entry['decode_tokens_per_s']:.1f} tok/s", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    return out
+
+
+def dt_speeds(steps: int) -> dict:
+    from dt_speed import hopper_like_dataset
+    from glmgym.agents import DecisionTransformer, DTConfig
+    from glmgym.agents.data import WindowSampler
+    from glmgym.agents.train import train_step
+
+    cfg = DTConfig(state_dim=11, act_dim=3, max_ep_len=1000)
+    ds = hopper_like_dataset()
+    sampler = WindowSampler(ds, 20, *ds.state_stats(), 1000.0, 1000, np.random.default_rng(0))
+    batches = [sampler.sample(64) for _ in range(steps + 10)]
+    device = torch.device("cuda")
+    out = {}
+    for name, bf16 in [("fp32", False), ("bf16_autocast", True)]:
+        torch.manual_seed(0)
+        model = DecisionTransformer(cfg).to(device).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        for b in batches[:10]:
+            train_step(model, params, opt, sched, b, device, bf16, 0.25)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in batches[10:]:
+            train_step(model, params, opt, sched, b, device, bf16, 0.25)
+        torch.cuda.synchronize()
+        out[name] = steps / (time.perf_counter() - t0)
+        print(f"dt train {name}: {out[name]:.1f} steps/s", flush=True)
+    return out
+
+
+def eval_ratio(episodes: int) -> dict:
+    try:
+        import gymnasium  # noqa: F401
+        import mujoco  # noqa: F401
+    except ImportError as exc:
+        print(f"dt evaluation skipped: {exc}")
+        return {"skipped": str(exc)}
+    from glmgym.agents import DecisionTransformer, DTConfig
+    from glmgym.agents.evaluate import Policy, rollout
+
+    torch.manual_seed(0)
+    model = DecisionTransformer(DTConfig(state_dim=17, act_dim=6, max_ep_len=1000)).cuda()
+    policy = Policy(model, np.zeros(17, np.float32), np.ones(17, np.float32), 1000.0, 20)
+    speeds = {}
+    for name, num_envs in [("vectorized", None), ("sequential", 1)]:
+        t0 = time.perf_counter()
+        r = rollout(policy, "HalfCheetah-v5", 6000.0, episodes, seed=0, num_envs=num_envs)
+        speeds[name] = float(r["env_steps"]) / (time.perf_counter() - t0)
+    speeds["ratio"] = speeds["vectorized"] / speeds["sequential"]
+    print(f"dt eval: vectorized {speeds['vectorized']:.0f} vs sequential {speeds['sequential']:.0f} "
+          f"env steps/s ({speeds['ratio']:.2f}x)", flush=True)
+    return speeds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--dt-steps", type=int, default=200)
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--out", default="benchmarks/results/gpu_speed.json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_speed.py needs an NVIDIA GPU")
+    result = {"gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "config": {"prompt_tokens": args.prompt, "new_tokens": args.new, "dt_steps": args.dt_steps,
+                         "eval_episodes": args.episodes}}
+    result["chat"] = chat_speeds(args.prompt, args.new)
+    result["dt_train_steps_per_s"] = dt_speeds(args.dt_steps)
+    result["dt_eval_env_steps_per_s"] = eval_ratio(args.episodes)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
