@@ -23,7 +23,7 @@ from glmgym._io import atomic_write_json
 from glmgym.agents import DecisionTransformer, DTConfig
 from glmgym.agents.data import OfflineDataset, WindowSampler
 from glmgym.agents.evaluate import Policy, rollout
-from glmgym.agents.train import train_step
+from glmgym.agents.train import make_optimizer, train_step
 from glmgym.devices import native_bf16
 
 
@@ -52,7 +52,7 @@ def hopper_like_dataset(seed: int = 0) -> OfflineDataset:
 
 def train_speed(model: torch.nn.Module, batches, bf16: bool, warmup: int = 5) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    opt = make_optimizer(params, 1e-4, 1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 10_000, 1.0))
     model.train()
     device = torch.device("cpu")

@@ -22,8 +22,42 @@ if TYPE_CHECKING:
 
 __all__ = ["DecisionTransformer"]
 
+class Dropout(nn.Module):
+    """`nn.Dropout` with a cheaper random draw on CPU (same distribution up to p's rounding).
+
+    PyTorch's CPU dropout draws one Bernoulli sample per element (bernoulli_), and with the
+    scaling and masking it costs about 4.3 ms fwd+bwd on a [64, 60, 128] activation on 2 AVX2
+    cores, against 2.3 ms here: one 32-bit integer from the generator makes two 16-bit draws,
+    kept when >= p (p rounded to a multiple of 1/65536). With dropout on every block this was 30%
+    of a training step. CUDA keeps PyTorch's fused kernel. Deviation from the reference: the
+    random stream differs from torch's dropout (the distribution does not).
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        return x * keep_mask(x, self.p)
+
+
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A [x.shape] tensor of 0 and 1/(1-p), each entry 0 with probability p (CPU, see `Dropout`)."""
+    n = x.numel()
+    bits = torch.randint(-(2**31), 2**31, ((n + 1) // 2,), dtype=torch.int32)
+    draws = bits.view(torch.int16)[:n].view(x.shape)  # two uniform 16-bit draws per integer
+    threshold = round(p * 65536) - 32768
+    return (draws >= threshold).to(x.dtype) * (1.0 / (1.0 - p))
+
+
 _ACTIVATIONS = {
-    "relu": nn.ReLU,
+    # in place: c_fc's output is not needed by its backward (ReLU's uses its own output), and a
+    # fresh [B, 3K, 4h] buffer costs more than the ReLU itself on CPU
+    "relu": lambda: nn.ReLU(inplace=True),
     "gelu": nn.GELU,
     "gelu_new": lambda: nn.GELU(approximate="tanh"),
     "tanh": nn.Tanh,
@@ -38,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.attn_pdrop = cfg.attn_pdrop
-        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+        self.resid_dropout = Dropout(cfg.resid_pdrop)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, queries: slice | None = None
@@ -58,12 +92,21 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, Tq, self.n_head, hd).transpose(1, 2)
         k = k.view(B, T, self.n_head, hd).transpose(1, 2)
         v = v.view(B, T, self.n_head, hd).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=attn_mask is None,
-        )
+        if self.training and self.attn_pdrop > 0 and x.device.type == "cpu":
+            # SDPA's CPU training path is the math one with torch's slower dropout: written out,
+            # with `keep_mask`, a step is faster (and the math is the same).
+            if attn_mask is None:
+                attn_mask = torch.ones(Tq, T, dtype=torch.bool, device=x.device).tril(T - Tq)
+            att = (q @ k.transpose(-1, -2)) * hd**-0.5  # [B, n_head, Tq, T]
+            att = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+            y = (att * keep_mask(att, self.attn_pdrop)) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_pdrop if self.training else 0.0,
+                is_causal=attn_mask is None,
+            )
         y = y.transpose(1, 2).reshape(B, Tq, C)  # [B, n_head, Tq, head_dim] -> [B, Tq, C]
         return self.resid_dropout(self.c_proj(y))
 
@@ -74,7 +117,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.hidden_size, cfg.inner_size)
         self.act = _ACTIVATIONS[cfg.activation_function]()
         self.c_proj = nn.Linear(cfg.inner_size, cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.resid_pdrop)
+        self.dropout = Dropout(cfg.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
@@ -106,7 +149,7 @@ class GPTEncoder(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.drop = Dropout(cfg.embd_pdrop)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
 

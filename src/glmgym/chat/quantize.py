@@ -369,7 +369,9 @@ def _avx2_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) -> dic
     per block of 32 columns, byte j = column j (low nibble) | column j + 16 (high nibble)."""
     scale = t["weight_scale"].float()
     if bits == 8:
-        return {"weight": t["weight"].contiguous(), "scale": scale.contiguous()}
+        # a copy in anonymous memory: a memory-mapped file would be paged in during the first
+        # tokens and read through 4 KiB pages
+        return {"weight": t["weight"].clone(memory_format=torch.contiguous_format), "scale": scale.contiguous()}
     N, K = t["weight"].shape[0], t["weight"].shape[1] * 2
     if group_size == 0:  # per row, symmetric: one group spanning the row, codes q + 8, zero -8 * scale
         scale = scale[:, None]  # [N] -> [N, 1]
