@@ -6,13 +6,19 @@ AdamW, grad clip 0.25). Both models train with glmgym's `train_step` on the same
 to take the same arguments. Evaluation: `rollout` of 10 episodes in one vector env versus the same
 10 episodes one at a time (HalfCheetah-v5: fixed 1000-step episodes, so both do the same work).
 
+Results go under `by_cpu[KIND]` (`avx2` or `avx512`, as PyTorch dispatches here; simulate AVX2 on
+an AVX-512 machine with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`),
+with the CPU flags seen. Where bf16 is emulated (no AVX512-BF16) the bf16 variants are timed over
+a tenth of the steps: they are that slow.
+
     python benchmarks/dt_speed.py [--steps 60] [--out benchmarks/results/dt_speed.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +57,7 @@ def hopper_like_dataset(seed: int = 0) -> OfflineDataset:
 
 
 def train_speed(model: torch.nn.Module, batches, bf16: bool, warmup: int = 5) -> float:
+    """Timed steps/s over batches[warmup:], after `warmup` untimed steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, 1e-4, 1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 10_000, 1.0))
@@ -92,11 +99,12 @@ def main() -> None:
         return HFAdapter(DecisionTransformerModel(DecisionTransformerConfig(**cfg.to_dict())))
 
     speeds = {}
+    default_bf16 = native_bf16(torch.device("cpu"))
     for name, make, bf16 in [("glmgym_fp32", glmgym_model, False), ("hf_fp32", hf_model, False),
                              ("glmgym_bf16", glmgym_model, True), ("hf_bf16", hf_model, True)]:
-        speeds[name] = train_speed(make(), batches, bf16)
+        timed = batches if not bf16 or default_bf16 else batches[: 5 + max(3, args.steps // 10)]
+        speeds[name] = train_speed(make(), timed, bf16)
         print(f"train {name}: {speeds[name]:.2f} steps/s", flush=True)
-    default_bf16 = native_bf16(torch.device("cpu"))
     speeds["glmgym_default"] = speeds["glmgym_bf16" if default_bf16 else "glmgym_fp32"]
 
     torch.manual_seed(0)
@@ -108,6 +116,9 @@ def main() -> None:
         r = rollout(policy, "HalfCheetah-v5", 6000.0, args.episodes, seed=0, num_envs=num_envs)
         eval_speed[name] = float(r["env_steps"]) / (time.perf_counter() - t0)
         print(f"eval {name}: {eval_speed[name]:.0f} env steps/s", flush=True)
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import cpu_kind, machine_facts
 
     result = {
         "train_steps_per_s": speeds,
@@ -122,13 +133,14 @@ def main() -> None:
         "config": {"context_len": 20, "hidden_size": 128, "n_layer": 3, "n_head": 1, "batch_size": 64,
                    "timed_steps": args.steps, "eval_env": "HalfCheetah-v5",
                    "eval_episodes": args.episodes},
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "transformers": hf_version,
-                    "python": platform.python_version()},
+        "machine": {**machine_facts(), "transformers": hf_version},
         "date": time.strftime("%Y-%m-%d"),
     }
-    atomic_write_json(Path(args.out), result)
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    everything = json.loads(out.read_text()) if out.exists() else {}
+    everything.setdefault("by_cpu", {})[cpu_kind()] = result
+    atomic_write_json(out, everything)
+    print(f"wrote {args.out} (by_cpu.{cpu_kind()})")
 
 
 if __name__ == "__main__":

@@ -169,3 +169,42 @@ def test_predict_last_action_equals_the_last_full_prediction():
         last = model.predict_last_action(states, actions, rtg, timesteps)
     assert last.shape == (3, ACT)
     assert torch.allclose(full, last, atol=1e-6)
+
+
+def test_cpu_dropout_keeps_each_entry_with_probability_1_minus_p_and_rescales():
+    from glmgym.agents.model import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.1).train()
+    x = torch.ones(400, 1000)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    # draws are independent: neighbours (which share one random integer) are not correlated
+    a, b = kept[:, 0::2].flatten().float(), kept[:, 1::2].flatten().float()
+    assert abs(torch.corrcoef(torch.stack((a, b)))[0, 1].item()) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    # gradients flow through the kept entries only, scaled as in the forward pass
+    x = torch.randn(30, 7, requires_grad=True)
+    out = Dropout(0.5).train()(x)
+    out.sum().backward()
+    assert torch.equal(x.grad, (out.detach() != 0).float() * 2.0)
+
+
+def test_training_attention_with_dropout_off_matches_sdpa():
+    """The written-out CPU training attention computes what SDPA does (dropout aside)."""
+    torch.manual_seed(0)
+    cfg = DTConfig(state_dim=4, act_dim=2, hidden_size=32, n_layer=2, n_head=2, attn_pdrop=0.0,
+                   resid_pdrop=0.0, embd_pdrop=0.0)
+    model = DecisionTransformer(cfg)
+    B, K = 3, 6
+    args = (torch.randn(B, K, 4), torch.rand(B, K, 2) * 2 - 1, torch.rand(B, K, 1),
+            torch.arange(K).repeat(B, 1), torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 1, 1, 1, 1, 1]]))
+    ref = model.eval()(*args)
+    for block in model.encoder.h:
+        block.attn.attn_pdrop = 1e-9  # takes the written-out path; keeps (almost) everything
+    out = model.train()(*args)
+    mask = args[-1].bool()
+    assert torch.allclose(out[mask], ref[mask], atol=1e-5)

@@ -29,13 +29,15 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+SHAPES = [(1, 37, 128), (3, 5, 256), (17, 64, 384), (2, 1, 512), (4, 9, 320)]  # (M, N, K), odd ones too
+CASES = [(bits, g, *shape) for bits, g in [(4, 64), (4, 128), (4, 0), (8, 0)] for shape in SHAPES
+         if not g or shape[2] % g == 0]
+
+
 @needs_kernels
-@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 64), (4, 128), (4, 0), (8, 0)])
-@pytest.mark.parametrize(("M", "N", "K"), [(1, 37, 128), (3, 5, 256), (17, 64, 384), (2, 1, 512)])
+@pytest.mark.parametrize(("bits", "group_size", "M", "N", "K"), CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_avx2_kernels_compute_the_stored_weights_on_int8_activations(bits, group_size, M, N, K, dtype):
-    if group_size and K % group_size:
-        pytest.skip("group does not divide K")
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     w = torch.randn(N, K, generator=g) * 0.02
     x = (torch.randn(M, K, generator=g) * 3).to(dtype)
@@ -95,6 +97,8 @@ def test_backend_choice_on_cuda_and_for_shapes_the_kernels_refuse(monkeypatch):
     assert select_backend(4, 4096, 12288, 128, "meta") == "dequant"
     assert select_backend(8, 100, 64, 0, "cpu", "AVX2") == "int8pack"  # K not in blocks of 32
     assert select_backend(4, 100, 24, 0, "cpu", "AVX2") == "dequant"  # neither kernel fits
+    assert select_backend(4, 512, 64, 32, "cpu", "AVX2") == "int4pack"  # groups below a 64-column chunk
+    assert select_backend(4, 96, 64, 0, "cpu", "AVX2") == "int4pack"  # K not in chunks of 64
 
 
 def test_without_a_compiler_avx2_falls_back_to_torch_kernels_with_one_warning(monkeypatch, tmp_path, capsys):

@@ -21,7 +21,7 @@ import torch
 
 from glmgym.chat.config import GLMConfig
 from glmgym.chat.model import GLMModel, RotaryEmbedding
-from glmgym.devices import native_bf16
+from glmgym.devices import cpu_capability, native_bf16
 from glmgym.errors import GlmgymError
 
 __all__ = ["DTYPES", "default_dtype", "load_model", "quantize_checkpoint", "resolve_model_dir", "save_model"]
@@ -31,11 +31,17 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _HUB_FILES = ["*.json", "*.model", "*.safetensors", "*.bin"]
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device computes it natively, else fp16 on CUDA and fp32 on CPU."""
+def default_dtype(device: torch.device, quantized: bool = False) -> torch.dtype:
+    """bf16 where the device computes it natively, else fp16 on CUDA and fp32 on CPU; and bf16 for
+    a quantized model on an AVX2 CPU, where glmgym's kernels take bf16 activations and the bf16
+    lm_head runs at memory speed (the emulated bf16 elsewhere costs little at one token a step)."""
     if native_bf16(device):
         return torch.bfloat16
-    return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        return torch.float16
+    if quantized and device.type == "cpu" and cpu_capability() == "AVX2":
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_model_dir(path_or_id: str) -> Path:
@@ -148,7 +154,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
                           f"it cannot be loaded as {quantize}-bit")
     spec = stored or (QuantSpec.default(quantize, group_size) if quantize else None)
     device = torch.device(device)
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or default_dtype(device, quantized=spec is not None)
     with torch.device("meta"):
         model = GLMModel(config)
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}

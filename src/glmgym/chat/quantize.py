@@ -322,7 +322,7 @@ def select_backend(bits: int, in_features: int, out_features: int, group_size: i
     capability = (capability or torch.backends.cpu.get_cpu_capability()).upper()
     if capability != "AVX2":  # AVX-512 (and AMX): PyTorch's kernels are the faster ones there
         return torch_kernel
-    if K % 32 or (group_size and group_size % 32):
+    if K % 32 or (bits == 4 and (K % 64 or group_size % 64)):  # the kernels' block and chunk sizes
         return torch_kernel
     from glmgym.chat import cpu_kernels
 
@@ -366,12 +366,13 @@ def _int4pack(t: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype) -
 
 def _avx2_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) -> dict[str, torch.Tensor]:
     """Stored tensors -> `cpu_kernels`' layout: fp32 scales (and zeros); INT4 codes 0..15 repacked
-    per block of 32 columns, byte j = column j (low nibble) | column j + 16 (high nibble)."""
+    per chunk of 64 columns, byte j = column j (low nibble) | column j + 32 (high nibble)."""
     scale = t["weight_scale"].float()
     if bits == 8:
         # a copy in anonymous memory: a memory-mapped file would be paged in during the first
         # tokens and read through 4 KiB pages
-        return {"weight": t["weight"].clone(memory_format=torch.contiguous_format), "scale": scale.contiguous()}
+        weight = t["weight"].clone(memory_format=torch.contiguous_format)
+        return {"weight": weight, "scale": scale.contiguous()}
     N, K = t["weight"].shape[0], t["weight"].shape[1] * 2
     if group_size == 0:  # per row, symmetric: one group spanning the row, codes q + 8, zero -8 * scale
         scale = scale[:, None]  # [N] -> [N, 1]
@@ -382,8 +383,8 @@ def _avx2_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) -> dic
     for i in range(0, N, _ROWS):  # bounded temporaries for the embedding-sized weights
         q = unpack_int4(t["weight"][i : i + _ROWS])
         codes = (q + 8).to(torch.uint8) if group_size == 0 else q
-        blocks = codes.view(-1, K // 32, 2, 16)  # [rows, K] -> [rows, blocks, halves, 16]
-        packed[i : i + _ROWS] = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).view(-1, K // 2)
+        chunks = codes.view(-1, K // 64, 2, 32)  # [rows, K] -> [rows, chunks, halves, 32]
+        packed[i : i + _ROWS] = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).view(-1, K // 2)
     return {"weight": packed, "scale": scale.contiguous(), "zero": zero.contiguous()}
 
 

@@ -177,7 +177,8 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
     Args:
         path_or_id: checkpoint directory, hub id such as THUDM/chatglm-6b, or random:tiny (a tiny
             random model with a generated tokenizer: its output is noise, for plumbing tests).
-        dtype: float32, bfloat16 or float16 (default: bf16 where native, else fp32 on CPU).
+        dtype: float32, bfloat16 or float16 (default: `checkpoint.default_dtype`: bf16 where native;
+            on CPU otherwise fp32, or bf16 for a quantized model on an AVX2 CPU).
         device: torch device (default: cuda when available, else cpu).
         quantize: 4 or 8 to quantize the block weights while loading (a checkpoint that is
             already quantized loads as it is, whatever this says).

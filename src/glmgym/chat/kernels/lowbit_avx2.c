@@ -2,9 +2,9 @@
  * loads this file; it is plain C with no Python or torch headers, so it compiles in about a second).
  *
  * y[M, N] = x[M, K] @ W[N, K]^T with W stored as
- *   - q4: 4-bit unsigned codes in blocks of 32 columns (16 bytes: byte j holds column j in the low
- *     nibble and column j + 16 in the high nibble), w = code * scale[g] + zero[g] over groups of G
- *     columns (G a multiple of 32; G = K is one group per row);
+ *   - q4: 4-bit unsigned codes in chunks of 64 columns (32 bytes: byte j holds column j in the low
+ *     nibble and column j + 32 in the high nibble), w = code * scale[g] + zero[g] over groups of G
+ *     columns (G a multiple of 64; G = K is one group per row);
  *   - q8: int8 codes, w = code * scale[n] (one scale per row);
  *   - bf16: plain bf16 rows (the lm_head), read at memory speed.
  * The quantized products use the integer dot product of llama.cpp/ggml: activations are quantized
@@ -94,21 +94,18 @@ static void free_acts(QActs *a) {
     free(a->gsum);
 }
 
-/* 16 bytes of packed nibbles -> 32 unsigned bytes in column order: the bytes in both halves, the
- * upper half shifted right by 4, then masked (bits shifted in from the neighbouring byte drop out). */
-static inline __m256i unpack_q4(const uint8_t *p) {
-    __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
-    b = _mm256_srlv_epi32(b, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0));
-    return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
-}
-
 #define ROWS 4 /* output rows per inner loop: shares each activation block load, more independent FMAs */
+#define QP 64  /* columns per 32-byte chunk of q4 codes */
 
-/* y[m, n0 .. n0+R) for R <= ROWS rows of a q4 weight. */
-static inline __attribute__((always_inline)) void q4_rows(const QActs *a, int64_t m, int64_t K, int64_t G, const uint8_t *w,
-                           const float *scale, const float *zero, int64_t n0, int R, float *y) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
+/* y[m, n0 .. n0+R) for R <= ROWS rows of a q4 weight. Each 32-byte chunk holds 64 columns: byte j
+ * is column j (low nibble) | column 32 + j (high nibble), so one load, an AND and a shift+AND
+ * give two blocks of 32 codes in column order (no lane shuffles). */
+static inline __attribute__((always_inline)) void q4_rows(const QActs *a, int64_t m, int64_t K,
+                                                         int64_t G, const uint8_t *w,
+                                                         const float *scale, const float *zero,
+                                                         int64_t n0, int R, float *y) {
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+    const int64_t nb = K / QK, ng = K / G, ppg = G / QP;
     const int8_t *xq = a->q + m * K;
     const float *xd = a->d + m * nb;
     const float *xs = a->gsum + m * ng;
@@ -121,13 +118,18 @@ static inline __attribute__((always_inline)) void q4_rows(const QActs *a, int64_
     for (int64_t g = 0; g < ng; g++) {
         __m256 gacc[ROWS];
         for (int r = 0; r < R; r++) gacc[r] = _mm256_setzero_ps();
-        for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-            __m256 dx = _mm256_set1_ps(xd[b]);
+        for (int64_t c = g * ppg; c < (g + 1) * ppg; c++) {
+            __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + c * QP));
+            __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + c * QP + QK));
+            __m256 da = _mm256_set1_ps(xd[2 * c]), db = _mm256_set1_ps(xd[2 * c + 1]);
             for (int r = 0; r < R; r++) {
-                __m256i wv = unpack_q4(w + (n0 + r) * (K / 2) + b * (QK / 2));
-                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-                gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dx, gacc[r]);
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + (n0 + r) * (K / 2) + c * (QP / 2)));
+                __m256i wa = _mm256_and_si256(v, low);
+                __m256i wb = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                __m256i pa = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xa), ones);
+                __m256i pb = _mm256_madd_epi16(_mm256_maddubs_epi16(wb, xb), ones);
+                gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), da, gacc[r]);
+                gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), db, gacc[r]);
             }
         }
         for (int r = 0; r < R; r++) {
@@ -139,11 +141,11 @@ static inline __attribute__((always_inline)) void q4_rows(const QActs *a, int64_
     for (int r = 0; r < R; r++) y[r] = hsum8(acc[r]) + zacc[r];
 }
 
-/* x: [M, K] fp32 or bf16; w: [N, K/2] q4 blocks; scale, zero: [N, K/G] fp32; y: [M, N] fp32. */
+/* x: [M, K] fp32 or bf16; w: [N, K/2] q4 chunks; scale, zero: [N, K/G] fp32; y: [M, N] fp32. */
 int glmgym_q4_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w,
                      const float *scale, const float *zero, int64_t N, int64_t G, float *y,
                      int nthreads) {
-    if (K % QK || G % QK || K % G) return -2;
+    if (K % QP || G % QP || K % G) return -2;
     QActs a;
     if (quantize_acts(x, x_bf16, M, K, G, &a, nthreads)) return -1;
     int64_t tiles = (N + ROWS - 1) / ROWS;
