@@ -4,7 +4,7 @@ Example:
     >>> from glmgym import chat  # doctest: +SKIP
     >>> bot = chat.load("THUDM/chatglm-6b")  # doctest: +SKIP
     >>> response, history = bot.chat("你好")  # doctest: +SKIP
-    >>> bot4 = chat.load("THUDM/chatglm-6b", quantize=4)  # INT4 on this machine's fastest kernel  # doctest: +SKIP
+    >>> bot4 = chat.load("THUDM/chatglm-6b", quantize=4)  # INT4, fastest kernel here  # doctest: +SKIP
 """
 
 from glmgym.chat.config import PRESETS, GLMConfig
