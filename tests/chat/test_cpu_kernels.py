@@ -17,10 +17,11 @@ needs_kernels = pytest.mark.skipif(
     reason="the AVX2 kernels need an x86-64 CPU with AVX2")
 
 
-def _quantized_acts(x: torch.Tensor) -> torch.Tensor:
-    """What the kernels compute with: x rounded to int8 per block of 32 (scale absmax / 127)."""
+def _quantized_acts(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """What the kernels compute with: x rounded to int8 per block (scale absmax / 127); the INT8
+    kernel uses blocks of 32, the INT4 kernel blocks of 64."""
     M, K = x.shape
-    b = x.float().view(M, K // 32, 32)  # [M, K] -> [M, blocks, 32]
+    b = x.float().view(M, K // block, block)  # [M, K] -> [M, blocks, block]
     d = b.abs().amax(-1, keepdim=True) / 127
     return (torch.round(b / torch.where(d > 0, d, 1)) * d).view(M, K)
 
@@ -50,7 +51,7 @@ def test_avx2_kernels_compute_the_stored_weights_on_int8_activations(bits, group
     y = avx2(x)
     assert y.shape == (M, N) and y.dtype == dtype
     # exact up to float summation order against the dequantized weights on quantized activations
-    exact = _quantized_acts(x) @ dequantize_weight(t, bits, group_size).t()
+    exact = _quantized_acts(x, 64 if bits == 4 else 32) @ dequantize_weight(t, bits, group_size).t()
     assert _rel(y, exact) < (1e-5 if dtype == torch.float32 else 1e-2)
     # and close to the float activations (activation rounding only)
     ref = x.float() @ dequantize_weight(t, bits, group_size).t()

@@ -99,3 +99,30 @@ def test_cached_decoding_equals_full_recomputation():
         for t in range(6, 10):
             steps.append(model(ids[:, t:t + 1], pos[..., t:t + 1], None, kv_cache=cache, start=t))
     np.testing.assert_allclose(torch.cat(steps, 1).numpy(), full.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_bf16_cached_decoding_follows_fp32_on_both_cpu_attention_paths(native_bf16, monkeypatch):
+    """Single-query attention has one path for CPUs with native bf16 and one (fp32 SDPA) without."""
+    import glmgym.chat.model as glm
+
+    monkeypatch.setattr(glm, "_CPU_NATIVE_BF16", native_bf16)
+    torch.manual_seed(0)
+    cfg = GLMConfig(vocab_size=50, hidden_size=64, num_attention_heads=4, num_layers=2,
+                    inner_hidden_size=128, max_sequence_length=64)
+    model = GLMModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    pos = torch.stack([torch.arange(9), torch.zeros(9, dtype=torch.long)])[None].expand(2, -1, -1)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, :2] = True  # the second row is left-padded: its pad keys are masked in every step
+
+    def decode(m, dtype):
+        cache = KVCache.empty(cfg, 2, 9, dtype, "cpu")
+        with torch.no_grad():
+            m(ids[:, :5], pos[..., :5], pad[:, None, None, :5].expand(-1, -1, 5, -1), kv_cache=cache)
+            return torch.cat([m(ids[:, t:t + 1], pos[..., t:t + 1], pad[:, None, None, :t + 1],
+                                kv_cache=cache, start=t).float() for t in range(5, 9)], 1)
+
+    ref = decode(model, torch.float32)
+    out = decode(model.to(torch.bfloat16), torch.bfloat16)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.03

@@ -51,7 +51,8 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     bits = torch.randint(-(2**31), 2**31, ((n + 1) // 2,), dtype=torch.int32)
     draws = bits.view(torch.int16)[:n].view(x.shape)  # two uniform 16-bit draws per integer
     threshold = round(p * 65536) - 32768
-    return (draws >= threshold).to(x.dtype) * (1.0 / (1.0 - p))
+    keep = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype)
+    return torch.where(draws >= threshold, keep, torch.zeros((), dtype=x.dtype))  # one pass
 
 
 _ACTIVATIONS = {

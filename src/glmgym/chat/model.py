@@ -110,19 +110,20 @@ class SelfAttention(nn.Module):
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
             k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
-        if T == 1 and x.device.type == "cpu":
-            # One query (decoding): on CPU a plain matmul-softmax beats SDPA's kernel, the more so
-            # the longer the cache (alone: 0.35 vs 2.9 ms at 1024 keys; a 4-layer INT4 decode step
-            # at 1024 cached tokens: 23.1 vs 26.2 ms, no change at 128). The softmax runs in fp32.
-            # Without native bf16 (AVX2) PyTorch's bf16 bmm loops over the heads in generic code
-            # (a 28-layer step at 130 cached tokens: 21 ms in bf16 vs 1 ms upcast to fp32).
-            dtype = q.dtype
-            if dtype == torch.bfloat16 and not _CPU_NATIVE_BF16:
-                q, k, v = q.float(), k.float(), v.float()
+        if T == 1 and x.device.type == "cpu" and q.dtype == torch.bfloat16 and not _CPU_NATIVE_BF16:
+            # One query on a CPU without native bf16 (AVX2): bf16 matmuls run generic code there,
+            # so attend in fp32, where SDPA's kernel is the fastest way measured (one layer, 32
+            # heads: 175 us at 130 keys, 2.5 ms at 1024, against 507 us and 17.6 ms for the fp32
+            # matmul-softmax below).
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed).to(q.dtype)
+        elif T == 1 and x.device.type == "cpu":
+            # One query (decoding) with native bf16: a plain matmul-softmax beats SDPA's kernel, the
+            # more so the longer the cache (alone: 0.35 vs 2.9 ms at 1024 keys; a 4-layer INT4 decode
+            # step at 1024 cached tokens: 23.1 vs 26.2 ms, no change at 128). The softmax runs in fp32.
             scores = (q @ k.transpose(-1, -2)) * d**-0.5  # [B, H, 1, S]
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
-            y = (scores.float().softmax(dim=-1).to(v.dtype) @ v).to(dtype)
+            y = scores.float().softmax(dim=-1).to(v.dtype) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))  # [B, H, T, d] -> [B, T, C]
