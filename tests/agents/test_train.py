@@ -61,6 +61,20 @@ def test_training_with_evaluation_writes_logs_checkpoints_and_report(hopper_file
     assert extras["target_returns"] == [3600.0, 1800.0]
     assert len(extras["state_mean"]) == 11 and extras["context_len"] == 5
     assert json.loads((run / "train_config.json").read_text())["precision"] == "bf16"
+    # the sweep reuses the final evaluation for the run's own targets: the same as evaluating again
+    sweep = json.loads((run / "eval_sweep.json").read_text())["results"]
+    targets = [e["target_return"] for e in sweep]
+    assert targets == sorted(targets) and {3600.0, 1800.0} < set(targets)
+    final = {e["target_return"]: e for e in report["results"]}
+    assert all(e == final[e["target_return"]] for e in sweep if e["target_return"] in final)
+    from glmgym.cli import main
+
+    again = run / "again.json"
+    assert main(["agent", "evaluate", "--checkpoint", str(run / "checkpoints" / "step_0000004"),
+                 "--target-return", "3600", "--episodes", "2", "--json", str(again)]) == 0
+    # (equal up to float rounding: the loaded checkpoint runs the same math in another order)
+    assert json.loads(again.read_text())["results"][0]["returns"] == pytest.approx(final[3600.0]["returns"],
+                                                                                rel=1e-6)
 
 
 def test_ddp_on_cpu_with_two_processes(hopper_file, tmp_path):

@@ -141,3 +141,26 @@ def test_kernels_build_into_the_cache_once(monkeypatch, tmp_path):
         assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
     finally:
         cpu_kernels.load.cache_clear()
+
+
+def test_bf16_lm_head_uses_the_kernel_on_avx2_only_and_stays_tied(monkeypatch):
+    from glmgym.chat.config import PRESETS
+    from glmgym.chat.model import GLMModel
+    from glmgym.chat.quantize import Bf16DecodeLinear, use_decode_kernels
+
+    model = GLMModel(PRESETS["tiny"]).to(torch.bfloat16).eval()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert type(use_decode_kernels(model).lm_head) is torch.nn.Linear
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    x = torch.randn(1, 3, 128).bfloat16()
+    ref = model.lm_head(x)
+    head = use_decode_kernels(model).lm_head
+    if cpu_kernels.load() is None:  # no compiler: the plain Linear stays, silently
+        assert type(head) is torch.nn.Linear
+        return
+    assert isinstance(head, Bf16DecodeLinear)
+    assert head.weight is model.transformer.word_embeddings.weight
+    assert "lm_head.weight" in model.state_dict()
+    assert _rel(head(x), ref) < 1e-2
+    many = torch.randn(2, 40, 128).bfloat16()  # more rows than the kernel takes: F.linear
+    assert torch.equal(head(many), torch.nn.functional.linear(many, head.weight))

@@ -316,8 +316,13 @@ def train(cfg: TrainConfig) -> Path:
             # the dataset's range of returns.
             best = float(dataset.episode_returns().max())
             sweep_targets = sorted({*map(float, targets), *np.round(np.linspace(0.25, 1.25, 5) * best)})
-            sweep = evaluate(policy, env_id, sweep_targets, episodes=cfg.eval_episodes,
-                             seed=cfg.seed, ref=ref)
+            # the final evaluation already ran the run's own targets on the same episode seeds
+            # (and evaluation is deterministic): only the other targets are rolled out again
+            done = {e["target_return"]: e for e in (last_report or {"results": []})["results"]}
+            todo = [t for t in sweep_targets if t not in done]
+            sweep = evaluate(policy, env_id, todo, episodes=cfg.eval_episodes, seed=cfg.seed, ref=ref)
+            sweep["results"] = sorted([*sweep["results"], *(done[t] for t in sweep_targets if t in done)],
+                                      key=lambda e: e["target_return"])
             atomic_write_json(run_dir / "eval_sweep.json", sweep)
         from glmgym.agents.report import write_report
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from glmgym.devices import cpu_capability
 from glmgym.errors import GlmgymError
 
 __all__ = [
@@ -319,7 +320,7 @@ def select_backend(bits: int, in_features: int, out_features: int, group_size: i
                        hasattr(torch, "_weight_int4pack_mm_for_cpu") and _kernel_group(K, group_size) > 0
                        and N % 16 == 0)
     torch_kernel = ("int8pack" if bits == 8 else "int4pack") if torch_kernel_ok else "dequant"
-    capability = (capability or torch.backends.cpu.get_cpu_capability()).upper()
+    capability = (capability or cpu_capability()).upper()
     if capability != "AVX2":  # AVX-512 (and AMX): PyTorch's kernels are the faster ones there
         return torch_kernel
     if K % 32 or (bits == 4 and (K % 64 or group_size % 64)):  # the kernels' block and chunk sizes
@@ -460,12 +461,15 @@ class Bf16DecodeLinear(nn.Module):
 
 
 def use_decode_kernels(model: nn.Module) -> nn.Module:
-    """Swap a bf16 model's tied lm_head for `Bf16DecodeLinear` where glmgym's AVX2 kernels are the
-    chosen backend (CPU capability AVX2, kernels built); elsewhere, or for another dtype, no change."""
+    """Swap a bf16 model's tied lm_head for `Bf16DecodeLinear` on an AVX2 CPU where glmgym's kernels
+    are built; elsewhere, or for another dtype, no change (and no warning: the head works either way)."""
     head = model.lm_head
     if (type(head) is nn.Linear and head.weight.dtype == torch.bfloat16 and head.weight.device.type == "cpu"
-            and select_backend(8, head.in_features, head.out_features, 0, "cpu") == "avx2"):
-        model.lm_head = Bf16DecodeLinear(head.weight)
+            and head.in_features % 8 == 0 and cpu_capability() == "AVX2"):
+        from glmgym.chat import cpu_kernels
+
+        if cpu_kernels.load() is not None:
+            model.lm_head = Bf16DecodeLinear(head.weight)
     return model
 
 
