@@ -7,6 +7,7 @@ import pytest
 
 from glmgym.agents import TrainConfig, load_checkpoint, load_dataset
 from glmgym.agents.catalog import format_catalog, list_datasets
+from glmgym.agents.config import PRESETS
 from glmgym.agents.data import embedded_datasets
 from glmgym.agents.play import PRETRAINED_DIR
 from glmgym.cli import main
@@ -57,7 +58,7 @@ def test_datasets_lists_the_embedded_ones(capsys):
 
 def test_train_without_arguments_uses_the_embedded_dataset(capsys, tmp_path):
     assert TrainConfig().dataset == "embedded:hopper-medium"
-    assert TrainConfig().steps == 10_000  # the cpu preset
+    assert TrainConfig().steps == PRESETS["cpu"]["steps"] == 4_000  # the cpu preset
     # the no-argument command, shortened for the test
     rc = main(["agent", "train", "--steps", "3", "--eval-episodes", "0", "--no-progress",
                "--hidden-size", "32"])

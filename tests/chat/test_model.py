@@ -7,7 +7,7 @@ import torch
 from glmgym.chat.config import GLMConfig
 from glmgym.chat.model import GLMModel, KVCache
 
-FIXTURES = Path(__file__).parents[2].parent / "shared" / "fixtures" / "chatglm"
+FIXTURES = Path(__file__).parent / "fixtures"  # see fixtures/README.md (origin, license, layout)
 FIXTURE_CFG = GLMConfig(vocab_size=5, hidden_size=32, num_attention_heads=8, num_layers=1,
                         inner_hidden_size=128, max_sequence_length=64, layernorm_epsilon=1e-5,
                         torch_dtype="float32")
