@@ -11,9 +11,16 @@ from glmgym.cli import main
 PROMPT = r"you\): "
 
 
+def _default_sigint() -> None:
+    # A shell that runs the suite in the background (`cmd &`) ignores SIGINT, and children inherit
+    # that; the chat must see Ctrl-C as a person's terminal delivers it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(*args):
     return pexpect.spawn(sys.executable, ["-m", "glmgym.cli", "chat", "--model", "random:tiny", *args],
-                         encoding="utf-8", timeout=60, env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"})
+                         encoding="utf-8", timeout=60, env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"},
+                         preexec_fn=_default_sigint)
 
 
 def test_interactive_chat_clear_interrupt_and_stop():
