@@ -100,6 +100,28 @@ static void free_acts(QActs *a) {
 
 #define ROWS 4 /* output rows per inner loop: shares each activation block load, more independent FMAs */
 
+/* The work split shared by the three products: output rows in tiles of ROWS over the threads;
+ * full tiles call ROW_FN with the constant ROWS (the accumulators stay in registers), the last
+ * rows go one at a time. ROW_FN(m, n, R, out) writes out[0 .. R) = y[m, n .. n+R). Needs a
+ * variable `nthreads` in scope. */
+#define FOR_ROW_TILES(M, N, y, ROW_FN)                                                  \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                 \
+    for (int64_t t = 0; t < ((N) + ROWS - 1) / ROWS; t++) {                             \
+        int64_t n0 = t * ROWS;                                                          \
+        float out[ROWS];                                                                \
+        for (int64_t m = 0; m < (M); m++) {                                             \
+            if (n0 + ROWS <= (N)) {                                                     \
+                ROW_FN(m, n0, ROWS, out);                                               \
+                for (int r = 0; r < ROWS; r++) (y)[m * (N) + n0 + r] = out[r];          \
+            } else {                                                                    \
+                for (int64_t n = n0; n < (N); n++) {                                    \
+                    ROW_FN(m, n, 1, out);                                               \
+                    (y)[m * (N) + n] = out[0];                                          \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
+    }
+
 /* y[m, n0 .. n0+R) for R <= ROWS rows of a q4 weight. Each 32-byte chunk holds 64 columns: byte j
  * is column j (low nibble) | column 32 + j (high nibble), so one load, an AND and a shift+AND
  * give two blocks of 32 codes in column order (no lane shuffles). */
@@ -152,23 +174,9 @@ int glmgym_q4_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const uint
     if (K % QP || G % QP || K % G) return -2;
     QActs a;
     if (quantize_acts(x, x_bf16, M, K, QP, G, &a, nthreads)) return -1;
-    int64_t tiles = (N + ROWS - 1) / ROWS;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * ROWS;
-        float out[ROWS];
-        for (int64_t m = 0; m < M; m++) {
-            if (n0 + ROWS <= N) { /* a constant row count: the accumulators stay in registers */
-                q4_rows(&a, m, K, G, w, scale, zero, n0, ROWS, out);
-                for (int r = 0; r < ROWS; r++) y[m * N + n0 + r] = out[r];
-            } else {
-                for (int64_t n = n0; n < N; n++) {
-                    q4_rows(&a, m, K, G, w, scale, zero, n, 1, out);
-                    y[m * N + n] = out[0];
-                }
-            }
-        }
-    }
+#define Q4_ROW(m, n, R, out) q4_rows(&a, m, K, G, w, scale, zero, n, R, out)
+    FOR_ROW_TILES(M, N, y, Q4_ROW)
+#undef Q4_ROW
     free_acts(&a);
     return 0;
 }
@@ -201,23 +209,9 @@ int glmgym_q8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const int8
     if (K % QK) return -2;
     QActs a;
     if (quantize_acts(x, x_bf16, M, K, QK, K, &a, nthreads)) return -1;
-    int64_t tiles = (N + ROWS - 1) / ROWS;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * ROWS;
-        float out[ROWS];
-        for (int64_t m = 0; m < M; m++) {
-            if (n0 + ROWS <= N) {
-                q8_rows(&a, m, K, w, scale, n0, ROWS, out);
-                for (int r = 0; r < ROWS; r++) y[m * N + n0 + r] = out[r];
-            } else {
-                for (int64_t n = n0; n < N; n++) {
-                    q8_rows(&a, m, K, w, scale, n, 1, out);
-                    y[m * N + n] = out[0];
-                }
-            }
-        }
-    }
+#define Q8_ROW(m, n, R, out) q8_rows(&a, m, K, w, scale, n, R, out)
+    FOR_ROW_TILES(M, N, y, Q8_ROW)
+#undef Q8_ROW
     free_acts(&a);
     return 0;
 }
@@ -237,19 +231,8 @@ static inline __attribute__((always_inline)) void bf16_rows(const float *x, int6
 int glmgym_bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y,
                        int nthreads) {
     if (K % 8) return -2;
-    int64_t tiles = (N + ROWS - 1) / ROWS;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * ROWS;
-        float out[ROWS];
-        for (int64_t m = 0; m < M; m++) {
-            if (n0 + ROWS <= N) {
-                bf16_rows(x + m * K, K, w + n0 * K, ROWS, out);
-                for (int r = 0; r < ROWS; r++) y[m * N + n0 + r] = out[r];
-            } else {
-                for (int64_t n = n0; n < N; n++) bf16_rows(x + m * K, K, w + n * K, 1, y + m * N + n);
-            }
-        }
-    }
+#define BF16_ROW(m, n, R, out) bf16_rows(x + (m) * K, K, w + (n) * K, R, out)
+    FOR_ROW_TILES(M, N, y, BF16_ROW)
+#undef BF16_ROW
     return 0;
 }
