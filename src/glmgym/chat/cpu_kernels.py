@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["bf16_matmul", "load", "q4_matmul", "q8_matmul", "unavailable_reason"]
+__all__ = ["TILE_ROWS", "bf16_matmul", "load", "q4_matmul", "q8_matmul", "tile_q4", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("kernels") / "lowbit_avx2.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
 _reason: str | None = None
+TILE_ROWS = 4  # ROWS in kernels/lowbit_avx2.c: output rows per tile of a q4 weight
+_CHUNK_ROWS = 4096  # rows repacked at a time: bounds the temporaries for embedding-sized weights
 
 
 def _cache_dir() -> Path:
@@ -106,23 +108,57 @@ def _check(rc: int, name: str) -> None:
         raise RuntimeError(f"{name} failed ({'out of memory' if rc == -1 else 'bad shape'})")
 
 
-def q4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-              group_size: int) -> torch.Tensor:
-    """[M, K] @ a q4 weight -> [M, N] fp32.
+def tile_q4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+            code_offset: int = 0) -> dict[str, torch.Tensor]:
+    """glmgym's stored INT4 weight -> the q4 kernel's tiles.
 
     Args:
-        x: [M, K] activations (fp32 or bf16; others are converted).
-        weight: uint8 [N, K/2] in blocks of 32 columns (see `pack_q4_blocks`).
-        scale: fp32 [N, K/group_size]; zero: fp32 [N, K/group_size] (w = code * scale + zero).
-        group_size: a multiple of 32 dividing K.
+        packed: uint8 [N, K/2], two signed codes per byte as `quantize.pack_int4` writes them.
+        scale, zero: fp32 [N, groups]; the weight is (code + code_offset) * scale + zero.
+        code_offset: added to the stored codes to make them 0..15 (0 for glmgym's grouped INT4,
+            whose codes already are; 8 for the symmetric per-row scheme).
+
+    Returns:
+        `weight`: uint8 [T, K/64, TILE_ROWS, 32] with T = ceil(N / TILE_ROWS): per tile, chunk by
+        chunk, the TILE_ROWS rows' 64 columns (byte j = column j in the low nibble, column j + 32
+        in the high one); `scale`, `zero`: fp32 [T, groups, TILE_ROWS]. Rows past N are zero.
+    """
+    from glmgym.chat.quantize import unpack_int4
+
+    N, K, R = packed.shape[0], packed.shape[1] * 2, TILE_ROWS
+    T = -(-N // R)
+    weight = torch.zeros(T * R, K // 2, dtype=torch.uint8)
+    for i in range(0, N, _CHUNK_ROWS):
+        codes = (unpack_int4(packed[i : i + _CHUNK_ROWS]) + code_offset).to(torch.uint8)
+        halves = codes.view(-1, K // 64, 2, 32)  # [rows, K] -> [rows, chunks, halves, 32]
+        weight[i : i + codes.shape[0]] = (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(-1, K // 2)
+    weight = weight.view(T, R, K // 64, 32).transpose(1, 2).contiguous()  # rows inside each chunk
+
+    def tiles(v: torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros(T * R, v.shape[1], dtype=torch.float32)
+        padded[:N] = v
+        return padded.view(T, R, -1).transpose(1, 2).contiguous()  # [T*R, G] -> [T, G, R]
+
+    return {"weight": weight, "scale": tiles(scale), "zero": tiles(zero)}
+
+
+def q4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              out_features: int, group_size: int) -> torch.Tensor:
+    """[M, K] @ a tiled q4 weight -> [M, N] fp32.
+
+    Args:
+        x: [M, K] activations (fp32 or bf16; others are converted), K a multiple of 64.
+        weight, scale, zero: the tiles `tile_q4` returns.
+        out_features: N.
+        group_size: columns per scale/zero group: a multiple of 64 dividing K.
     """
     lib = load()
     x = _acts(x)
-    (M, K), N = x.shape, weight.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
+    M, K = x.shape
+    y = torch.empty(M, out_features, dtype=torch.float32)
     rc = lib.glmgym_q4_matmul(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(),
-                              scale.data_ptr(), zero.data_ptr(), N, group_size, y.data_ptr(),
-                              torch.get_num_threads())
+                              scale.data_ptr(), zero.data_ptr(), out_features, group_size,
+                              y.data_ptr(), torch.get_num_threads())
     _check(rc, "q4_matmul")
     return y
 

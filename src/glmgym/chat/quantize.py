@@ -258,7 +258,7 @@ class QuantizedLinear(nn.Module):
             from glmgym.chat import cpu_kernels
 
             if self.bits == 4:
-                y = cpu_kernels.q4_matmul(x2, self.weight, self.scale, self.zero,
+                y = cpu_kernels.q4_matmul(x2, self.weight, self.scale, self.zero, self.out_features,
                                           self.group_size or self.in_features)
             else:
                 y = cpu_kernels.q8_matmul(x2, self.weight, self.scale)
@@ -366,27 +366,20 @@ def _int4pack(t: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype) -
 
 
 def _avx2_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    """Stored tensors -> `cpu_kernels`' layout: fp32 scales (and zeros); INT4 codes 0..15 repacked
-    per chunk of 64 columns, byte j = column j (low nibble) | column j + 32 (high nibble)."""
+    """Stored tensors -> `cpu_kernels`' layout: INT8 codes and fp32 row scales as stored; INT4 codes
+    0..15 and fp32 scales and zeros in tiles of `cpu_kernels.TILE_ROWS` rows (see `tile_q4`)."""
     scale = t["weight_scale"].float()
     if bits == 8:
         # a copy in anonymous memory: a memory-mapped file would be paged in during the first
         # tokens and read through 4 KiB pages
         weight = t["weight"].clone(memory_format=torch.contiguous_format)
         return {"weight": weight, "scale": scale.contiguous()}
-    N, K = t["weight"].shape[0], t["weight"].shape[1] * 2
+    from glmgym.chat.cpu_kernels import tile_q4
+
     if group_size == 0:  # per row, symmetric: one group spanning the row, codes q + 8, zero -8 * scale
         scale = scale[:, None]  # [N] -> [N, 1]
-        zero = -8 * scale
-    else:
-        zero = t["weight_zero"].float()
-    packed = torch.empty(N, K // 2, dtype=torch.uint8)
-    for i in range(0, N, _ROWS):  # bounded temporaries for the embedding-sized weights
-        q = unpack_int4(t["weight"][i : i + _ROWS])
-        codes = (q + 8).to(torch.uint8) if group_size == 0 else q
-        chunks = codes.view(-1, K // 64, 2, 32)  # [rows, K] -> [rows, chunks, halves, 32]
-        packed[i : i + _ROWS] = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).view(-1, K // 2)
-    return {"weight": packed, "scale": scale.contiguous(), "zero": zero.contiguous()}
+        return tile_q4(t["weight"], scale, -8 * scale, code_offset=8)
+    return tile_q4(t["weight"], scale, t["weight_zero"].float())
 
 
 def _cuda_int4pack(t: dict[str, torch.Tensor], group_size: int,
