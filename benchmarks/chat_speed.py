@@ -23,7 +23,10 @@ machine as `avx2`; build chatglm.cpp with ggml's AVX-512 options off for that ru
 flags seen; a run replaces only its own kind's entries.
 
     python benchmarks/chat_speed.py [--formats bf16 int8 int4 int4_rowwise int4_qe] \\
-        [--cpp-python /path/to/venv/bin/python] [--layers 28] [--prompt 128] [--new 16]
+        [--cpp-python /path/to/venv/bin/python] [--layers 28] [--prompt 128] [--new 16] [--rounds 3]
+
+`--rounds N` measures every format N times in turn (A, B, A, B, ...) and keeps the median: on a
+shared machine the speed drifts by tens of percent within minutes, and turns spread that over all.
 
 The `fp32` entry of the results (if present) comes from an earlier run that timed 1- and 2-layer
 fp32 models and extrapolated (28 fp32 layers do not fit in this machine's 24 GB).
@@ -251,6 +254,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=28, help="transformer blocks (28 is the real model)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=16, help="decoded tokens")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every format this many times, in turn; keep the median")
     p.add_argument("--workdir", default="benchmarks/runs/chat_speed")
     p.add_argument("--out", default="benchmarks/results/chat_speed.json")
     p.add_argument("--bounds-only", action="store_true",
@@ -323,7 +328,8 @@ def main() -> None:
         atomic_write_json(out_path, everything)
 
     ref_logits = work / "logits-bf16.pt"
-    for name in args.formats:
+
+    def measure_glmgym(name: str) -> dict:
         bits, group, emb = FORMATS[name]
         entry: dict = {"bits": bits or 16, "group_size": group, "quantized_embeddings": emb}
         model_dir = src
@@ -338,18 +344,37 @@ def main() -> None:
         if ref_logits.exists() and name != "bf16":
             a, b = torch.load(logits), torch.load(ref_logits)
             entry["logits_rel_error_vs_bf16"] = ((a - b).norm() / b.norm()).item()
-        finish(name, entry)
+        return entry
+
+    def measure_cpp(ggml_type: str) -> dict:
+        return child("cpp", str(src), str(work / f"{ggml_type}-{args.layers}l.ggml"), ggml_type,
+                     python=args.cpp_python)
+
+    jobs = [(name, lambda name=name: measure_glmgym(name)) for name in args.formats]
     if args.cpp_python:
-        for key, ggml_type in CPP_TYPES.items():
+        jobs += [(key, lambda t=ggml_type: measure_cpp(t)) for key, ggml_type in CPP_TYPES.items()]
+    # rounds run every job once in turn, so a slow spell of a shared machine hits all of them; each
+    # entry keeps its median round (by decode speed) and every round's speeds
+    runs: dict[str, list[dict]] = {key: [] for key, _ in jobs}
+    for r in range(args.rounds):
+        for key, job in jobs:
             try:
-                entry = child("cpp", str(src), str(work / f"{ggml_type}-{args.layers}l.ggml"), ggml_type,
-                              python=args.cpp_python)
+                entry = job()
             except RuntimeError as exc:
+                if not key.startswith("chatglm_cpp"):
+                    raise
                 result["chatglm_cpp_error"] = str(exc)[-1000:]
                 print(f"{key}: failed: {str(exc)[-500:]}")
                 continue
             result.pop("chatglm_cpp_error", None)
-            finish(key, entry)
+            runs[key].append(entry)
+            ordered = sorted(runs[key], key=lambda e: e["decode_tokens_per_s"])
+            median = dict(ordered[(len(ordered) - 1) // 2])
+            median["rounds"] = len(ordered)
+            for speed in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+                median[f"{speed}_per_round"] = [e[speed] for e in runs[key]]
+            print(f"round {r + 1}/{args.rounds} ", end="")
+            finish(key, median)
     result["config"] = {"prompt_tokens": args.prompt, "new_tokens": args.new, "layers": args.layers,
                         "date": time.strftime("%Y-%m-%d"), **machine_facts()}
     from glmgym._io import atomic_write_json

@@ -2,9 +2,10 @@
  * loads this file; it is plain C with no Python or torch headers, so it compiles in about a second).
  *
  * y[M, N] = x[M, K] @ W[N, K]^T with W stored as
- *   - q4: 4-bit unsigned codes in chunks of 64 columns (32 bytes: byte j holds column j in the low
- *     nibble and column j + 32 in the high nibble), w = code * scale[g] + zero[g] over groups of G
- *     columns (G a multiple of 64; G = K is one group per row);
+ *   - q4: 4-bit unsigned codes in tiles of ROWS rows: per tile, chunk by chunk of 64 columns, the
+ *     ROWS rows' 32 bytes one after the other (byte j holds column j in the low nibble and column
+ *     j + 32 in the high nibble); w = code * scale[g] + zero[g] over groups of G columns (G a
+ *     multiple of 64; G = K is one group per row), scales and zeros tiled the same way;
  *   - q8: int8 codes, w = code * scale[n] (one scale per row);
  *   - bf16: plain bf16 rows (the lm_head), read at memory speed.
  * The quantized products use the integer dot product of llama.cpp/ggml: activations are quantized
@@ -100,7 +101,7 @@ static void free_acts(QActs *a) {
 
 #define ROWS 4 /* output rows per inner loop: shares each activation block load, more independent FMAs */
 
-/* The work split shared by the three products: output rows in tiles of ROWS over the threads;
+/* The work split of the q8 and bf16 products: output rows in tiles of ROWS over the threads;
  * full tiles call ROW_FN with the constant ROWS (the accumulators stay in registers), the last
  * rows go one at a time. ROW_FN(m, n, R, out) writes out[0 .. R) = y[m, n .. n+R). Needs a
  * variable `nthreads` in scope. */
