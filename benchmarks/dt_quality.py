@@ -29,10 +29,10 @@ import numpy as np
 
 from glmgym._io import atomic_write_json
 from glmgym.agents import TrainConfig, load_checkpoint, train
+from glmgym.agents.checkpoint import latest_checkpoint
 from glmgym.agents.data import embedded_datasets, load_dataset
 from glmgym.agents.envs import normalized_score, reference_scores
 from glmgym.agents.evaluate import evaluate
-from glmgym.agents.train import latest_checkpoint
 
 
 def main() -> None:

@@ -13,7 +13,10 @@ TINY = ["--hidden-size", "32", "--n-layer", "1", "--context-len", "5", "--batch-
         "--no-progress"]
 
 
-@pytest.mark.parametrize("argv", [[], ["agent"], ["agent", "train"], ["agent", "evaluate"]])
+@pytest.mark.parametrize("argv", [
+    [], ["agent"], ["agent", "train"], ["agent", "evaluate"], ["agent", "collect"], ["agent", "datasets"],
+    ["agent", "play"], ["chat"], ["chat", "quantize"], ["chat", "serve"],
+])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--help"])
@@ -24,6 +27,12 @@ def test_every_command_has_help(argv, capsys):
         assert "--resume DIR" in out and "Dataset spec" in out and "default: 64" in out
     if argv[-1:] == ["evaluate"]:
         assert "--target-return R [R ...]" in out and "--checkpoint DIR" in out
+    expected = {  # one option of each command, with its help text from the config dataclass
+        "collect": "--levels", "datasets": "--json", "play": "--video", "chat": "--quantize {4,8}",
+        "quantize": "--group-size G", "serve": "--max-queue",
+    }
+    if argv and argv[-1] in expected:
+        assert expected[argv[-1]] in out
 
 
 def test_train_then_evaluate_through_the_cli(hopper_file, tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 Each field becomes `--field-name`; its help text is the attribute docstring written under the field
 (read from the source with `ast`, the way cleanrl/tyro document their configs). A field can rename
-its flag with `metadata={"flag": "--other"}`.
+its flag with `metadata={"flag": "--other"}`; `metadata` may also set "metavar", "choices" and
+"required". bool fields become `--x / --no-x`, tuple fields take one or more values.
 """
 
 from __future__ import annotations
@@ -52,13 +53,11 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple = ()) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one option per field of `cls` to `parser` (defaults and help from the dataclass)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.metadata.get("cli") is False:
-            continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         tp, _ = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -35,11 +35,10 @@ def _agent_train(args: argparse.Namespace) -> int:
 
 def _agent_evaluate(args: argparse.Namespace) -> int:
     from glmgym._io import atomic_write_json
-    from glmgym.agents.checkpoint import load_checkpoint
+    from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint
     from glmgym.agents.config import EvalConfig
     from glmgym.agents.envs import RefScores, reference_scores
     from glmgym.agents.evaluate import evaluate, format_report
-    from glmgym.agents.train import latest_checkpoint
     from glmgym.devices import resolve_device
 
     cfg = dataclass_from_namespace(EvalConfig, args)

@@ -12,7 +12,7 @@ from glmgym.agents.data import embedded_datasets
 from glmgym.agents.play import PRETRAINED_DIR
 from glmgym.cli import main
 
-# (episodes, transitions) of each shipped file, as DATASETS.md documents them
+# (episodes, transitions) of each shipped file, as docs/agents/shipped.md documents them
 SHIPPED = {"hopper-medium": (234, 80_168), "hopper-medium-replay": (232, 36_645),
            "hopper-expert": (80, 80_000)}
 

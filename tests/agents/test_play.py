@@ -1,9 +1,11 @@
+import os
+
 import imageio.v2 as imageio
 import numpy as np
 import pytest
 
 from glmgym.agents import DecisionTransformer, DTConfig
-from glmgym.agents.play import PlayConfig, play
+from glmgym.agents.play import PlayConfig, camera_options, play
 from glmgym.cli import main
 from glmgym.errors import GlmgymError
 
@@ -40,3 +42,34 @@ def test_play_through_the_cli(tmp_path, capsys):
 def test_play_needs_a_video_path():
     with pytest.raises(GlmgymError, match="--video"):
         PlayConfig()
+
+
+def _agent_pixels(env_id: str, forward: float, **options) -> float:
+    """Fraction of the picture that changes when the agent is made invisible, after moving it
+    `forward` along x: 0 when the agent is out of the picture."""
+    import gymnasium as gym
+    import mujoco
+
+    env = gym.make(env_id, render_mode="rgb_array", width=96, height=96, **options)
+    try:
+        env.reset(seed=0)
+        model, data = env.unwrapped.model, env.unwrapped.data
+        data.qpos[0] += forward
+        mujoco.mj_forward(model, data)
+        with_agent = env.render().astype(np.int16)
+        model.geom_rgba[model.geom_bodyid > 0, 3] = 0.0  # every geom but the floor's
+        floor_only = env.render().astype(np.int16)
+    finally:
+        env.close()
+    return float((np.abs(with_agent - floor_only).max(-1) > 30).mean())
+
+
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5"])
+def test_the_video_camera_follows_the_agent(env_id):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    at_start = _agent_pixels(env_id, 0.0, **camera_options(env_id))
+    # 8 m on: far past where Gymnasium's default camera looks (inside Hopper's 20 m floor)
+    moved = _agent_pixels(env_id, 8.0, **camera_options(env_id))
+    assert at_start > 0.01 and moved > 0.5 * at_start
+    if env_id == "Hopper-v5":  # the check can fail: the default camera loses the hopper
+        assert _agent_pixels(env_id, 8.0) < 0.005

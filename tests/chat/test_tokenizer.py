@@ -59,3 +59,19 @@ def test_not_a_chatglm_tokenizer(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"junk")
     with pytest.raises(GlmgymError, match="not a SentencePiece model"):
         ChatGLMTokenizer(tmp_path / "junk.model")
+
+
+def test_special_token_strings_typed_by_a_user_stay_plain_text(tokenizer):
+    """Deviation (a): the reference turns "<eop>" in a message into the control token."""
+    text = "say <eop> and [gMASK] or <sop>[MASK] now"
+    ids = tokenizer.tokenize(text)
+    assert tokenizer.special_ids.isdisjoint(ids)
+    assert tokenizer.decode(ids) == text
+    prompt = tokenizer.encode(text)
+    assert prompt.count(tokenizer.gmask_id) == 1 and prompt[-2:] == [tokenizer.gmask_id, tokenizer.bos_id]
+
+
+@pytest.mark.parametrize("text", ["a , b", "x != y", "it ' s", "end .", "f(a , b) ?"])
+def test_decode_keeps_spaces_before_punctuation(tokenizer, text):
+    """Deviation (b): the reference's clean-up would give "a, b" and "x!= y"."""
+    assert tokenizer.decode(tokenizer.encode(text)) == text

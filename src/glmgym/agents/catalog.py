@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 
 from glmgym.agents.data import d4rl_dataset_dir, embedded_datasets, episode_bounds, load_minari
-from glmgym.errors import GlmgymError
+from glmgym.errors import GlmgymError, import_extra
 
 __all__ = ["format_catalog", "list_datasets"]
 
 
 def _hdf5_summary(path: Path) -> dict[str, Any]:
     """Episode and return statistics from rewards/terminals/timeouts only (fast on big files)."""
-    import h5py
+    h5py = import_extra("h5py", "agents")
 
     with h5py.File(path, "r") as f:
         rewards = f["rewards"][()].astype(np.float64).reshape(-1)

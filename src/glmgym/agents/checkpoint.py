@@ -33,6 +33,7 @@ __all__ = [
     "EXTRAS_FILE",
     "Checkpoint",
     "from_hf_state_dict",
+    "latest_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
     "to_hf_state_dict",
@@ -206,3 +207,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
                 raise GlmgymError(f"{extras_file}: {key} has {len(extras[key])} entries, "
                                   f"state_dim is {config.state_dim}")
     return Checkpoint(model=model, extras=extras)
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    ckpts = sorted((path / "checkpoints").glob("step_*")) if path.is_dir() else []
+    ckpts = [c for c in ckpts if (c / "config.json").is_file()]
+    if not ckpts:
+        if not path.exists():
+            raise GlmgymError(f"checkpoint directory {path} does not exist")
+        raise GlmgymError(f"{path} is not a checkpoint directory: it has no config.json "
+                          "(nor is it a run directory with checkpoints/)")
+    return ckpts[-1]

@@ -20,28 +20,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from glmgym._io import atomic_write_json, fix_mode
+from glmgym._io import atomic_path, atomic_write_json
 from glmgym.agents.data import OfflineDataset, load_d4rl
 from glmgym.agents.envs import env_family, make_vector_env
-from glmgym.errors import GlmgymError
+from glmgym.agents.rollouts import ActFn, check_spaces, run_episodes, uniform_policy
+from glmgym.errors import GlmgymError, import_extra
 
-__all__ = ["LEVELS", "CollectConfig", "collect", "collect_random", "run_episodes", "write_d4rl_hdf5"]
+__all__ = ["LEVELS", "CollectConfig", "collect", "write_d4rl_hdf5"]
 
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 STATE_FILE = "collect_state.json"
-
-ActFn = Callable[[np.ndarray], np.ndarray]
-
 
 @dataclass
 class CollectConfig:
@@ -95,121 +90,6 @@ class CollectConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rollouts
-
-
-def _check_spaces(envs, env_id: str) -> None:
-    import gymnasium as gym
-
-    if not isinstance(envs.single_action_space, gym.spaces.Box):
-        raise GlmgymError(f"{env_id} has a {type(envs.single_action_space).__name__} action space; "
-                          "glmgym collects continuous (Box) actions only")
-    if not isinstance(envs.single_observation_space, gym.spaces.Box) or \
-            len(envs.single_observation_space.shape) != 1:
-        raise GlmgymError(f"{env_id}: only flat Box observations are supported")
-
-
-def run_episodes(
-    env_id: str,
-    act: ActFn,
-    *,
-    episodes: int | None = None,
-    transitions: int | None = None,
-    seed: int = 0,
-    num_envs: int = 8,
-    desc: str | None = None,
-) -> dict[str, np.ndarray]:
-    """Run whole episodes of `act` (batched over `num_envs` envs) and record every transition.
-
-    Stops after exactly `episodes` episodes, or once at least `transitions` transitions of
-    complete episodes are recorded. Episode k of the run is reset with seed `seed + k`.
-
-    Returns:
-        flat D4RL arrays (observations, next_observations, actions, rewards, terminals,
-        timeouts, qpos, qvel) and `episode_returns`.
-    """
-    from tqdm.auto import tqdm
-
-    if (episodes is None) == (transitions is None):
-        raise ValueError("pass exactly one of episodes and transitions")
-    n = min(num_envs, episodes) if episodes else num_envs
-    envs = make_vector_env(env_id, n)
-    keys = ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts",
-            "qpos", "qvel")
-    out: dict[str, list] = {k: [] for k in keys}
-    returns: list[float] = []
-    try:
-        _check_spaces(envs, env_id)
-        mujoco = hasattr(envs.envs[0].unwrapped, "data")
-        started = n
-        obs, _ = envs.reset(seed=[seed + i for i in range(n)])
-        live = np.ones(n, bool)  # False: this env's current episode is not recorded
-        buffers: list[list[tuple]] = [[] for _ in range(n)]
-        resetting = np.zeros(n, bool)
-        total = 0
-        bar = tqdm(total=episodes or transitions, desc=desc, disable=desc is None,
-                   unit="ep" if episodes else "step", mininterval=2.0)
-        while (episodes and len(returns) < episodes) or (transitions and total < transitions):
-            if not live.any() and not resetting.any():
-                break
-            action = np.asarray(act(obs), dtype=np.float32)
-            if mujoco:
-                qpos = [e.unwrapped.data.qpos.copy() for e in envs.envs]
-                qvel = [e.unwrapped.data.qvel.copy() for e in envs.envs]
-            next_obs, reward, term, trunc, _ = envs.step(action)
-            for i in range(n):
-                if resetting[i]:  # NEXT_STEP autoreset: this step only reset env i
-                    resetting[i] = False
-                    if episodes and started >= episodes:
-                        live[i] = False
-                    else:
-                        started += 1
-                    continue
-                if not live[i]:
-                    continue
-                buffers[i].append((obs[i], next_obs[i], action[i], reward[i], term[i], trunc[i],
-                                   qpos[i] if mujoco else np.zeros(0), qvel[i] if mujoco else np.zeros(0)))
-                if term[i] or trunc[i]:
-                    resetting[i] = True
-                    ep = buffers[i]
-                    buffers[i] = []
-                    for k, col in zip(keys, zip(*ep)):
-                        out[k].append(np.asarray(col))
-                    returns.append(float(np.sum([s[3] for s in ep])))
-                    total += len(ep)
-                    bar.update(1 if episodes else len(ep))
-            obs = next_obs
-        bar.close()
-    finally:
-        envs.close()
-    arrays = {k: np.concatenate(v).astype(np.float32 if k not in ("terminals", "timeouts") else bool)
-              for k, v in out.items()}
-    arrays["episode_returns"] = np.asarray(returns)
-    return arrays
-
-
-def _uniform(env_id: str, seed: int) -> ActFn:
-    import gymnasium as gym
-
-    space = gym.make(env_id).action_space
-    rng = np.random.default_rng(seed)
-    return lambda obs: rng.uniform(space.low, space.high, size=(len(obs), *space.shape))
-
-
-def collect_random(env_id: str, episodes: int = 100, seed: int = 0, num_envs: int = 8) -> OfflineDataset:
-    """`episodes` episodes of a uniform random policy, as an in-memory dataset (`random:` specs)."""
-    if episodes <= 0:
-        raise GlmgymError(f"random:{env_id}: the number of episodes must be positive")
-    a = run_episodes(env_id, _uniform(env_id, seed), episodes=episodes, seed=seed, num_envs=num_envs)
-    return OfflineDataset(
-        name=f"{env_id.lower()}-random", observations=a["observations"], actions=a["actions"],
-        rewards=a["rewards"], terminals=a["terminals"], timeouts=a["timeouts"], env_id=env_id,
-        source=f"random:{env_id}:{episodes}",
-        metadata={"policy": "uniform random", "seed": seed, "episodes": episodes},
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # Files
 
 
@@ -217,29 +97,20 @@ def write_d4rl_hdf5(path: Path, arrays: dict[str, np.ndarray], metadata: dict[st
     """Write a D4RL-layout HDF5 file atomically (gzip-compressed datasets)."""
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key in ("observations", "next_observations", "actions", "rewards", "terminals",
-                        "timeouts"):
-                f.create_dataset(key, data=arrays[key], compression="gzip", compression_opts=4,
-                                 shuffle=True)
-            for key in ("qpos", "qvel"):
-                if arrays.get(key) is not None and arrays[key].size:
-                    f.create_dataset(f"infos/{key}", data=arrays[key], compression="gzip",
-                                     compression_opts=4, shuffle=True)
-            meta = f.create_group("metadata")
-            for key, value in metadata.items():
-                if value is None:  # HDF5 attributes have no null
-                    continue
-                meta.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-        fix_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for key in ("observations", "next_observations", "actions", "rewards", "terminals",
+                    "timeouts"):
+            f.create_dataset(key, data=arrays[key], compression="gzip", compression_opts=4,
+                             shuffle=True)
+        for key in ("qpos", "qvel"):
+            if arrays.get(key) is not None and arrays[key].size:
+                f.create_dataset(f"infos/{key}", data=arrays[key], compression="gzip",
+                                 compression_opts=4, shuffle=True)
+        meta = f.create_group("metadata")
+        for key, value in metadata.items():
+            if value is None:  # HDF5 attributes have no null
+                continue
+            meta.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
     return path
 
 
@@ -354,6 +225,81 @@ def _train_sac(cfg: CollectConfig, out: Path, state: dict[str, Any], save_state)
     save_state()
 
 
+def _open_state(cfg: CollectConfig, out: Path) -> dict[str, Any]:
+    """The collection state in `out`: a new one, or the saved one when it is the same collection.
+
+    Raises:
+        GlmgymError: `out` holds other files, or a collection with other settings.
+    """
+    state_path = out / STATE_FILE
+    # --steps may change on resume while SAC is still training (to cut or extend the run).
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("levels", "out", "minari", "progress", "num_envs", "steps")}
+    if not state_path.is_file():
+        if out.exists() and any(out.iterdir()):
+            raise GlmgymError(f"{out} already holds files that are not a glmgym collection; "
+                              "use another --out")
+        return {"settings": settings, "snapshots": [], "trained_steps": 0, "done": {}}
+    state = json.loads(state_path.read_text())
+    state["settings"].pop("steps", None)
+    if state.get("train_done") and state.get("sac_steps", cfg.steps) != cfg.steps:
+        raise GlmgymError(f"{out}: SAC training finished at {state['sac_steps']} steps; "
+                          f"pass --steps {state['sac_steps']} or use another --out")
+    if state.get("trained_steps", 0) > cfg.steps:
+        raise GlmgymError(f"{out}: SAC already trained {state['trained_steps']} steps, "
+                          f"more than --steps {cfg.steps}")
+    if state["settings"] != settings:
+        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        raise GlmgymError(f"{out} holds a collection with other settings ({', '.join(changed)}); "
+                          "use another --out")
+    return state
+
+
+def _policies(cfg: CollectConfig, out: Path, state: dict, save_state) -> tuple[Any, Any]:
+    """The expert and medium SAC policies, after measuring the expert's reference return and
+    picking the medium snapshot (the one closest to a third of it)."""
+    expert = _load_snapshot(cfg, out / "sac" / state["snapshots"][-1]["policy"])
+    if "ref_max_score" not in state:
+        r = run_episodes(cfg.env, _policy_act(expert), episodes=cfg.ref_episodes,
+                         seed=cfg.seed + 30_000, num_envs=cfg.num_envs,
+                         desc="reference: expert" if cfg.progress else None)
+        state["ref_max_score"] = float(r["episode_returns"].mean())
+        target = state["ref_max_score"] / 3
+        candidates = state["snapshots"][:-1] or state["snapshots"]
+        state["medium_snapshot"] = min(candidates, key=lambda s: abs(s["return_mean"] - target))
+        save_state()
+    return expert, _load_snapshot(cfg, out / "sac" / state["medium_snapshot"]["policy"])
+
+
+def _level_arrays(level: str, cfg: CollectConfig, out: Path, family: str, state: dict, seed: int,
+                  expert, medium) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One level's transitions, and the metadata that describes its policy."""
+    desc = level if cfg.progress else None
+    if level == "random":
+        arrays = run_episodes(cfg.env, uniform_policy(cfg.env, seed), transitions=cfg.dataset_steps,
+                              seed=seed, num_envs=cfg.num_envs, desc=desc)
+        return arrays, {"policy": "uniform random"}
+    if level in ("medium", "expert"):
+        snap = state["medium_snapshot"] if level == "medium" else state["snapshots"][-1]
+        arrays = run_episodes(cfg.env, _policy_act(medium if level == "medium" else expert),
+                              transitions=cfg.dataset_steps, seed=seed, num_envs=cfg.num_envs, desc=desc)
+        return arrays, {"policy": f"SAC (stable-baselines3), stochastic actions, step {snap['step']}",
+                        "policy_steps": snap["step"], "policy_snapshot_return": snap["return_mean"]}
+    if level == "medium-replay":
+        with np.load(out / "sac" / "stream.npz") as s:
+            stop = state["medium_snapshot"]["step"]
+            arrays = {k: s[k][:stop] for k in s.files}
+        arrays["timeouts"][-1] |= not arrays["terminals"][-1]  # cut at the snapshot
+        arrays["terminals"] = arrays["terminals"].astype(bool)
+        arrays["timeouts"] = arrays["timeouts"].astype(bool)
+        return arrays, {"policy": f"SAC replay buffer, steps 0..{stop} (incl. {cfg.learning_starts} random)",
+                        "policy_steps": stop}
+    # medium-expert: the two files written before it, one after the other
+    files = [out / f"{family}-{x}.hdf5" for x in ("medium", "expert")]
+    return _concat_files(files), {"policy": "medium followed by expert",
+                                  "policy_steps": [load_d4rl(f).metadata.get("policy_steps") for f in files]}
+
+
 def collect(cfg: CollectConfig) -> dict[str, Path]:
     """Collect the requested dataset levels; return {level: hdf5 path}.
 
@@ -361,69 +307,33 @@ def collect(cfg: CollectConfig) -> dict[str, Path]:
         GlmgymError: unknown env or level, non-Box spaces, an output directory of another run.
     """
     levels = cfg.level_list()
-    try:
-        import stable_baselines3  # noqa: F401
-    except ImportError:
-        raise GlmgymError("collect needs stable-baselines3: pip install 'glmgym[collect]'") from None
+    import_extra("stable_baselines3", "collect")
     family = env_family(cfg.env) or cfg.env.lower().split("-v")[0]
     probe = make_vector_env(cfg.env, 1)
     try:
-        _check_spaces(probe, cfg.env)
+        check_spaces(probe, cfg.env)
     finally:
         probe.close()
     out = Path(cfg.out or Path("datasets") / cfg.env)
-    state_path = out / STATE_FILE
-    # --steps may change on resume while SAC is still training (to cut or extend the run).
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("levels", "out", "minari", "progress", "num_envs", "steps")}
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        state["settings"].pop("steps", None)
-        if state.get("train_done") and state.get("sac_steps", cfg.steps) != cfg.steps:
-            raise GlmgymError(f"{out}: SAC training finished at {state['sac_steps']} steps; "
-                              f"pass --steps {state['sac_steps']} or use another --out")
-        if state.get("trained_steps", 0) > cfg.steps:
-            raise GlmgymError(f"{out}: SAC already trained {state['trained_steps']} steps, "
-                              f"more than --steps {cfg.steps}")
-        if state["settings"] != settings:
-            changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-            raise GlmgymError(f"{out} holds a collection with other settings ({', '.join(changed)}); "
-                              "use another --out")
-    elif out.exists() and any(out.iterdir()):
-        raise GlmgymError(f"{out} already holds files that are not a glmgym collection; use another --out")
-    else:
-        state = {"settings": settings, "snapshots": [], "trained_steps": 0, "done": {}}
+    state = _open_state(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
 
     def save_state() -> None:
-        atomic_write_json(state_path, state)
+        atomic_write_json(out / STATE_FILE, state)
 
     save_state()
     t_start = time.time()
-    # Reference returns: random policy and (after training) the expert.
-    if "ref_min_score" not in state:
-        r = run_episodes(cfg.env, _uniform(cfg.env, cfg.seed), episodes=cfg.ref_episodes,
+    if "ref_min_score" not in state:  # the random policy's reference return
+        r = run_episodes(cfg.env, uniform_policy(cfg.env, cfg.seed), episodes=cfg.ref_episodes,
                          seed=cfg.seed + 20_000, num_envs=cfg.num_envs,
                          desc="reference: random" if cfg.progress else None)
         state["ref_min_score"] = float(r["episode_returns"].mean())
         save_state()
-    needs_sac = any(level != "random" for level in levels)
-    if needs_sac and not state.get("train_done"):
-        _train_sac(cfg, out, state, save_state)
     expert = medium = None
-    if needs_sac:
-        expert = _load_snapshot(cfg, out / "sac" / state["snapshots"][-1]["policy"])
-        if "ref_max_score" not in state:
-            r = run_episodes(cfg.env, _policy_act(expert), episodes=cfg.ref_episodes,
-                             seed=cfg.seed + 30_000, num_envs=cfg.num_envs,
-                             desc="reference: expert" if cfg.progress else None)
-            state["ref_max_score"] = float(r["episode_returns"].mean())
-            target = state["ref_max_score"] / 3
-            candidates = state["snapshots"][:-1] or state["snapshots"]
-            state["medium_snapshot"] = min(candidates, key=lambda s: abs(s["return_mean"] - target))
-            save_state()
-        medium = _load_snapshot(cfg, out / "sac" / state["medium_snapshot"]["policy"])
-
+    if any(level != "random" for level in levels):
+        if not state.get("train_done"):
+            _train_sac(cfg, out, state, save_state)
+        expert, medium = _policies(cfg, out, state, save_state)
     base_meta = {
         "env_id": cfg.env, "seed": cfg.seed, "sac_steps": cfg.steps,
         "ref_min_score": state["ref_min_score"], "ref_max_score": state.get("ref_max_score"),
@@ -432,39 +342,12 @@ def collect(cfg: CollectConfig) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     order = sorted(levels, key=lambda x: x == "medium-expert")  # medium-expert reuses the others
     for i, level in enumerate(order):
-        path = out / f"{family}-{level}.hdf5"
-        paths[level] = path
+        path = paths[level] = out / f"{family}-{level}.hdf5"
         if state["done"].get(level) and path.is_file():
             continue
-        meta = dict(base_meta, level=level)
         seed = cfg.seed + 40_000 + 1_000_000 * i
-        desc = level if cfg.progress else None
-        if level == "random":
-            arrays = run_episodes(cfg.env, _uniform(cfg.env, seed), transitions=cfg.dataset_steps,
-                                  seed=seed, num_envs=cfg.num_envs, desc=desc)
-            meta["policy"] = "uniform random"
-        elif level in ("medium", "expert"):
-            snap = state["medium_snapshot"] if level == "medium" else state["snapshots"][-1]
-            arrays = run_episodes(cfg.env, _policy_act(medium if level == "medium" else expert),
-                                  transitions=cfg.dataset_steps, seed=seed, num_envs=cfg.num_envs,
-                                  desc=desc)
-            meta.update(policy=f"SAC (stable-baselines3), stochastic actions, step {snap['step']}",
-                        policy_steps=snap["step"], policy_snapshot_return=snap["return_mean"])
-        elif level == "medium-replay":
-            with np.load(out / "sac" / "stream.npz") as s:
-                stop = state["medium_snapshot"]["step"]
-                arrays = {k: s[k][:stop] for k in s.files}
-            arrays["timeouts"][-1] |= not arrays["terminals"][-1]  # cut at the snapshot
-            arrays["terminals"] = arrays["terminals"].astype(bool)
-            arrays["timeouts"] = arrays["timeouts"].astype(bool)
-            meta.update(policy=f"SAC replay buffer, steps 0..{stop} (incl. {cfg.learning_starts} random)",
-                        policy_steps=stop)
-        else:  # medium-expert
-            parts = [load_d4rl(out / f"{family}-{x}.hdf5") for x in ("medium", "expert")]
-            arrays = _concat_files([out / f"{family}-{x}.hdf5" for x in ("medium", "expert")])
-            meta.update(policy="medium followed by expert", policy_steps=[p.metadata.get("policy_steps")
-                                                                       for p in parts])
-        meta["transitions"] = len(arrays["rewards"])
+        arrays, policy_meta = _level_arrays(level, cfg, out, family, state, seed, expert, medium)
+        meta = {**base_meta, "level": level, **policy_meta, "transitions": len(arrays["rewards"])}
         write_d4rl_hdf5(path, arrays, meta)
         ds = load_d4rl(path)  # read back: the file must load and be finite
         state["done"][level] = ds.summary()

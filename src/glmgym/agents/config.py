@@ -116,8 +116,9 @@ class DTConfig:
 # Schedules: "paper" is the paper's (100k steps, 10k warmup); "cpu" trains the same network for
 # 4k steps, so that the default `glmgym agent train` finishes in under 15 minutes on 2 CPU cores
 # without AVX-512, install included, even when the machine runs at 2/3 of its usual speed. The
-# learning curve of the 10k-step schedule (README) shows the return is above the data's from 1k
-# steps on (the learning rate is constant after warmup, so a 4k run is the start of a 10k run).
+# learning curve of the 10k-step schedule (docs/agents/training.md) shows the return is above the
+# data's from 1k steps on (the learning rate is constant after warmup, so a 4k run is the start of
+# a 10k run).
 PRESETS = {
     "paper": {"steps": 100_000, "warmup_steps": 10_000, "eval_every": 10_000, "save_every": 10_000},
     "cpu": {"steps": 4_000, "warmup_steps": 1_000, "eval_every": 2_000, "save_every": 2_000},

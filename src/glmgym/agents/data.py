@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from glmgym.errors import GlmgymError
+from glmgym.errors import GlmgymError, import_extra
 
 __all__ = [
     "OfflineDataset",
@@ -216,7 +216,7 @@ def load_d4rl(path: str | Path, name: str | None = None) -> OfflineDataset:
     next_observations, infos/* and metadata/* are accepted (metadata attributes/datasets are kept
     in `OfflineDataset.metadata`).
     """
-    import h5py
+    h5py = import_extra("h5py", "agents")
 
     path = Path(path)
     if not path.is_file():
@@ -358,7 +358,7 @@ def load_dataset(spec: str, download: bool = False) -> OfflineDataset:
     if scheme == "embedded":
         return _embedded(rest)
     if scheme == "random":
-        from glmgym.agents.collect import collect_random
+        from glmgym.agents.rollouts import collect_random
 
         env_id, _, n = rest.partition(":")
         try:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from glmgym.errors import GlmgymError
+from glmgym.errors import GlmgymError, import_extra
 
 __all__ = [
     "D4RL_REF_SCORES",
@@ -99,7 +99,7 @@ def make_vector_env(env_id: str, num_envs: int, **env_kwargs):
     Raises:
         GlmgymError: unknown env id or missing simulator.
     """
-    import gymnasium as gym
+    gym = import_extra("gymnasium", "agents")
 
     try:
         return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **env_kwargs)

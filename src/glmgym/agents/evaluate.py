@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,23 @@ class Policy:
     def device(self) -> torch.device:
         """Device of the model's parameters."""
         return next(self.model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Policy:
+        """A checkpoint as a ready policy: the model with the state normalization, reward scale and
+        context length it was trained with (`DecisionTransformer.from_pretrained` gives the bare
+        network, which expects normalized states).
+
+        Args:
+            path: a checkpoint directory, or a run directory (its newest checkpoint).
+            device: where the model runs.
+
+        Raises:
+            GlmgymError: no checkpoint there, or a malformed one.
+        """
+        from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint
+
+        return load_checkpoint(latest_checkpoint(path), device=device).policy()
 
 
 def rollout(

@@ -273,7 +273,11 @@ class DecisionTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> DecisionTransformer:
-        """Load a checkpoint directory (glmgym's or transformers'); see `agents.checkpoint`."""
+        """Load the network of a checkpoint directory (glmgym's or transformers').
+
+        The network expects normalized states; `Policy.from_pretrained` loads it together with the
+        checkpoint's state mean/std, reward scale and context length, ready for `evaluate`.
+        """
         from glmgym.agents.checkpoint import load_checkpoint
 
         return load_checkpoint(path, device=device).model

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from glmgym._io import fix_mode
-from glmgym.errors import GlmgymError
+from glmgym._io import atomic_path
+from glmgym.errors import GlmgymError, import_extra
 
-__all__ = ["PRETRAINED_DIR", "PlayConfig", "play"]
+__all__ = ["PRETRAINED_DIR", "PlayConfig", "camera_options", "play"]
 
 PRETRAINED_DIR = Path(__file__).parent / "embedded" / "pretrained" / "hopper-medium-dt"
 
@@ -43,14 +42,26 @@ class PlayConfig:
             raise GlmgymError("--episodes and --fps must be positive and --size at least 16")
 
 
+def camera_options(env_id: str) -> dict:
+    """Env options for a camera that follows the agent.
+
+    The v5 MuJoCo locomotion models each have a camera named "track" that moves with the torso's
+    center of mass; Gymnasium renders from a free camera by default, which stays where the episode
+    started, so a hopper that hops forward leaves the picture after a few seconds.
+    """
+    from glmgym.agents.envs import env_family
+
+    tracked = ("hopper", "halfcheetah", "walker2d", "ant")
+    return {"camera_name": "track"} if env_family(env_id) in tracked else {}
+
+
 def play(cfg: PlayConfig) -> dict:
     """Render `cfg.episodes` episodes into `cfg.video` (written atomically); return the rollout."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    import imageio.v2 as imageio
+    imageio = import_extra("imageio.v2", "agents")
 
-    from glmgym.agents.checkpoint import load_checkpoint
+    from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint
     from glmgym.agents.evaluate import rollout
-    from glmgym.agents.train import latest_checkpoint
 
     ckpt_dir = latest_checkpoint(cfg.checkpoint) if cfg.checkpoint else PRETRAINED_DIR
     if not (ckpt_dir / "config.json").is_file():
@@ -79,16 +90,10 @@ def play(cfg: PlayConfig) -> dict:
         counter["t"] += 1
 
     result = rollout(policy, env_id, float(target), cfg.episodes, seed=cfg.seed, num_envs=1,
-                     on_step=grab, render_mode="rgb_array", width=cfg.size, height=cfg.size)
-    fd, tmp = tempfile.mkstemp(prefix=f".{video.stem}.", suffix=video.suffix, dir=video.parent)
-    os.close(fd)
-    try:
+                     on_step=grab, render_mode="rgb_array", width=cfg.size, height=cfg.size,
+                     **camera_options(env_id))
+    with atomic_path(video, suffix=video.suffix) as tmp:
         imageio.mimwrite(tmp, frames, fps=cfg.fps)
-        fix_mode(tmp)
-        os.replace(tmp, video)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     result["frames"] = len(frames)
     result["target_return"] = float(target)
     result["checkpoint"] = str(ckpt_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from glmgym._io import atomic_write_text
+from glmgym.errors import import_extra
 
 __all__ = ["write_report"]
 
@@ -32,8 +33,7 @@ def write_report(run_dir: Path, sweep: dict[str, Any] | None = None,
         sweep: an `evaluate()` report over several target returns (achieved vs target plot).
         dataset: the dataset's `summary()` (its mean return is drawn for comparison).
     """
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "agents")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

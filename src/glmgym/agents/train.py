@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,12 @@ import torch
 import torch.distributed as dist
 
 from glmgym._io import atomic_write_json, atomic_write_text
-from glmgym.agents.checkpoint import load_checkpoint, save_checkpoint
+from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glmgym.agents.config import DTConfig, TrainConfig
 from glmgym.agents.data import OfflineDataset, WindowBatch, WindowSampler, load_dataset
 from glmgym.agents.envs import (
     PAPER_TARGET_RETURNS,
+    RefScores,
     env_family,
     env_id_for_dataset,
     make_vector_env,
@@ -43,28 +45,13 @@ from glmgym.agents.model import DecisionTransformer
 from glmgym.devices import native_bf16, resolve_device
 from glmgym.errors import GlmgymError
 
-__all__ = ["latest_checkpoint", "make_optimizer", "train", "train_step"]
+__all__ = ["make_optimizer", "train", "train_step"]
 
 TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_PT = "trainer_state.pt"
 # Options that may change when resuming; any other difference would silently change the run.
 _RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_episodes", "save_every", "log_every",
                         "progress", "device", "target_returns")
-
-
-def latest_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or the newest checkpoint of a run directory."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    ckpts = sorted((path / "checkpoints").glob("step_*")) if path.is_dir() else []
-    ckpts = [c for c in ckpts if (c / "config.json").is_file()]
-    if not ckpts:
-        if not path.exists():
-            raise GlmgymError(f"checkpoint directory {path} does not exist")
-        raise GlmgymError(f"{path} is not a checkpoint directory: it has no config.json "
-                          "(nor is it a run directory with checkpoints/)")
-    return ckpts[-1]
 
 
 class _Dist:
@@ -130,21 +117,27 @@ def _merge_resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     return TrainConfig(**merged)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train a Decision Transformer; return the run directory.
+@dataclasses.dataclass
+class _Inputs:
+    """What `train` checks before it writes anything."""
 
-    Raises:
-        GlmgymError: bad dataset, env, options or run directory (before anything is written).
-    """
-    device = resolve_device(cfg.device)
+    cfg: TrainConfig
+    resume_ckpt: Path | None
+    dataset: OfflineDataset
+    env_id: str
+    run_dir: Path
+    targets: tuple[float, ...]
+    ref: RefScores | None
+
+
+def _check_inputs(cfg: TrainConfig) -> _Inputs:
+    """Resolve the resume point, the dataset, the env and the run directory (user errors here)."""
     resume_ckpt: Path | None = None
     if cfg.resume:
         resume_ckpt = latest_checkpoint(cfg.resume)
         if not (resume_ckpt / TRAINER_STATE_JSON).is_file():
             raise GlmgymError(f"{resume_ckpt} has no trainer state: it cannot be resumed")
         cfg = _merge_resume_config(cfg, resume_ckpt.parent.parent)
-
-    # --- everything that can fail on user input happens before the first write -------------
     dataset = load_dataset(cfg.dataset, download=cfg.download)
     env_id = cfg.env or env_id_for_dataset(dataset.name, dataset.env_id)
     if cfg.eval_episodes > 0 or cfg.env:
@@ -160,26 +153,14 @@ def train(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"dt-{dataset.name.replace('/', '-')}-{stamp}"
     if resume_ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
         raise GlmgymError(f"{run_dir} already holds files; pick another --out or pass --resume {run_dir}")
-    ddp = _Dist(device)
-    if cfg.batch_size % ddp.world:
-        raise GlmgymError(f"--batch-size {cfg.batch_size} is not divisible by {ddp.world} processes")
     targets = cfg.target_returns or _default_targets(env_id, dataset)
-    ref = reference_scores(env_id, dataset.metadata)
+    return _Inputs(cfg, resume_ckpt, dataset, env_id, run_dir, tuple(targets),
+                   reference_scores(env_id, dataset.metadata))
 
-    state_mean, state_std = dataset.state_stats()
-    extras = {
-        "env_id": env_id,
-        "dataset": dataset.name,
-        "dataset_source": dataset.source,
-        "state_mean": state_mean,
-        "state_std": state_std,
-        "reward_scale": cfg.reward_scale,
-        "target_returns": list(targets),
-        "context_len": cfg.context_len,
-        "max_ep_len": cfg.max_ep_len,
-        "ref_scores": None if ref is None else dataclasses.asdict(ref),
-    }
-    # --- model, optimizer, schedule --------------------------------------------------------
+
+def _build_model(cfg: TrainConfig, dataset: OfflineDataset,
+                 device: torch.device) -> tuple[DecisionTransformer, list[torch.Tensor]]:
+    """The paper's network for the dataset's shapes, and the parameters it trains."""
     torch.manual_seed(cfg.seed)
     model_cfg = DTConfig(
         state_dim=dataset.state_dim, act_dim=dataset.act_dim, hidden_size=cfg.hidden_size,
@@ -192,15 +173,123 @@ def train(cfg: TrainConfig) -> Path:
     # does not wait for their gradients (the optimizer would skip them anyway: no grad).
     for unused in (model.predict_state, model.predict_return, model.encoder.wte):
         unused.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+class _RunLog:
+    """Rank 0's log: `train_config.json`, `log.jsonl` and TensorBoard (other ranks: no-ops)."""
+
+    def __init__(self, run: _Inputs, main: bool, resumed_step: int | None) -> None:
+        self.path = run.run_dir / "log.jsonl"
+        self.main, self.writer = main, None
+        if not main:
+            return
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.run_dir / "train_config.json", dataclasses.asdict(run.cfg) | {"resume": None})
+        if resumed_step is not None and self.path.exists():  # drop records past the resumed step
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resumed_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        self.writer = _tensorboard(run.run_dir / "tb")
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _evaluate(policy: Policy, run: _Inputs, step: int, log: _RunLog) -> dict[str, Any]:
+    """Evaluate at the run's targets; write `eval.json` and a log record."""
+    cfg = run.cfg
+    report = evaluate(policy, run.env_id, run.targets, episodes=cfg.eval_episodes, seed=cfg.seed, ref=run.ref)
+    policy.model.train()
+    atomic_write_json(run.run_dir / "eval.json", report)
+    best = max(report["results"], key=lambda e: e["return_mean"])
+    record = {"step": step, "event": "eval", "return_mean": best["return_mean"],
+              "target_return": best["target_return"]}
+    if "normalized_mean" in best:
+        record["normalized_mean"] = best["normalized_mean"]
+    record["results"] = [{k: v for k, v in e.items() if k not in ("returns", "lengths", "seeds")}
+                         for e in report["results"]]
+    log(record)
+    return report
+
+
+def _save(path: Path, step: int, model, optimizer, scheduler, rng, ddp: _Dist, device: torch.device,
+          extras: dict[str, Any]) -> Path:
+    """A checkpoint with the trainer state of every process (rank 0 writes it, atomically)."""
+    states = ddp.gather({"numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+    if ddp.main:
+        pt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+              "torch_rng": [s["torch_rng"] for s in states], "cuda_rng": [s["cuda_rng"] for s in states]}
+        save_checkpoint(model, path, extras=extras, extra_files={
+            TRAINER_STATE_JSON: {"step": step, "world_size": ddp.world,
+                                 "numpy_rng": [s["numpy_rng"] for s in states]},
+            TRAINER_STATE_PT: lambda p: torch.save(pt, p),
+        })
+    ddp.barrier()
+    return path
+
+
+def _final_sweep(policy: Policy, run: _Inputs, last_report: dict | None) -> dict[str, Any]:
+    """Achieved against target return for the report: the run's targets plus a sweep over the
+    dataset's range of returns, written to `eval_sweep.json`."""
+    cfg = run.cfg
+    best = float(run.dataset.episode_returns().max())
+    targets = sorted({*map(float, run.targets), *np.round(np.linspace(0.25, 1.25, 5) * best)})
+    # the final evaluation already ran the run's own targets on the same episode seeds (and
+    # evaluation is deterministic): only the other targets are rolled out again
+    done = {e["target_return"]: e for e in (last_report or {"results": []})["results"]}
+    sweep = evaluate(policy, run.env_id, [t for t in targets if t not in done], episodes=cfg.eval_episodes,
+                     seed=cfg.seed, ref=run.ref)
+    sweep["results"] = sorted([*sweep["results"], *(done[t] for t in targets if t in done)],
+                              key=lambda e: e["target_return"])
+    atomic_write_json(run.run_dir / "eval_sweep.json", sweep)
+    return sweep
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train a Decision Transformer; return the run directory.
+
+    Raises:
+        GlmgymError: bad dataset, env, options or run directory (before anything is written).
+    """
+    from tqdm.auto import tqdm
+
+    from glmgym.agents.report import write_report
+
+    device = resolve_device(cfg.device)
+    run = _check_inputs(cfg)
+    cfg, dataset = run.cfg, run.dataset
+    ddp = _Dist(device)
+    if cfg.batch_size % ddp.world:
+        raise GlmgymError(f"--batch-size {cfg.batch_size} is not divisible by {ddp.world} processes")
+    state_mean, state_std = dataset.state_stats()
+    extras = {
+        "env_id": run.env_id, "dataset": dataset.name, "dataset_source": dataset.source,
+        "state_mean": state_mean, "state_std": state_std, "reward_scale": cfg.reward_scale,
+        "target_returns": list(run.targets), "context_len": cfg.context_len, "max_ep_len": cfg.max_ep_len,
+        "ref_scores": None if run.ref is None else dataclasses.asdict(run.ref),
+    }
+    model, params = _build_model(cfg, dataset, device)
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
     rng = np.random.default_rng([cfg.seed, ddp.rank])
     torch.manual_seed(cfg.seed * 7919 + 1 + ddp.rank)  # dropout stream, distinct per process
     step = 0
-    if resume_ckpt is not None:
-        step = _load_trainer_state(resume_ckpt, model, optimizer, scheduler, rng, ddp, device)
+    if run.resume_ckpt is not None:
+        step = _load_trainer_state(run.resume_ckpt, model, optimizer, scheduler, rng, ddp, device)
     if step >= cfg.steps:
         raise GlmgymError(f"the run is already at step {step}; pass a larger --steps to continue it")
     sampler = WindowSampler(dataset, cfg.context_len, state_mean, state_std, cfg.reward_scale,
@@ -210,126 +299,50 @@ def train(cfg: TrainConfig) -> Path:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
-    local_batch = cfg.batch_size // ddp.world
-
-    # --- run directory (rank 0 writes) -----------------------------------------------------
-    log_path = run_dir / "log.jsonl"
-    writer = None
-    if ddp.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_dump = dataclasses.asdict(cfg) | {"resume": None}
-        atomic_write_json(run_dir / "train_config.json", config_dump)
-        if resume_ckpt is not None and log_path.exists():  # drop records past the resumed step
-            kept = [ln for ln in log_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
-        writer = _tensorboard(run_dir / "tb")
+    log = _RunLog(run, ddp.main, step if run.resume_ckpt is not None else None)
     policy = Policy(model, state_mean, state_std, cfg.reward_scale, cfg.context_len)
-
-    def log(record: dict[str, Any]) -> None:
-        if not ddp.main:
-            return
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    writer.add_scalar(key, value, record["step"])
-
-    def run_eval() -> dict[str, Any]:
-        report = evaluate(policy, env_id, targets, episodes=cfg.eval_episodes, seed=cfg.seed, ref=ref)
-        model.train()
-        atomic_write_json(run_dir / "eval.json", report)
-        best = max(report["results"], key=lambda e: e["return_mean"])
-        record = {"step": step, "event": "eval", "return_mean": best["return_mean"],
-                  "target_return": best["target_return"]}
-        if "normalized_mean" in best:
-            record["normalized_mean"] = best["normalized_mean"]
-        record["results"] = [{k: v for k, v in e.items() if k not in ("returns", "lengths", "seeds")}
-                             for e in report["results"]]
-        log(record)
-        return report
-
-    def save() -> Path:
-        path = run_dir / "checkpoints" / f"step_{step:07d}"
-        states = ddp.gather({"numpy_rng": rng.bit_generator.state,
-                             "torch_rng": torch.get_rng_state(),
-                             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
-        if ddp.main:
-            pt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                  "torch_rng": [s["torch_rng"] for s in states],
-                  "cuda_rng": [s["cuda_rng"] for s in states]}
-            save_checkpoint(model, path, extras=extras, extra_files={
-                TRAINER_STATE_JSON: {"step": step, "world_size": ddp.world,
-                                     "numpy_rng": [s["numpy_rng"] for s in states]},
-                TRAINER_STATE_PT: lambda p: torch.save(pt, p),
-            })
-        ddp.barrier()
-        return path
-
-    # --- the loop ---------------------------------------------------------------------------
-    from tqdm.auto import tqdm
 
     model.train()
     if ddp.main:
         print(f"training on {dataset.name} ({dataset.num_episodes} episodes, "
-              f"{dataset.num_transitions} transitions), env {env_id}, device {device}, "
-              f"{'bf16 autocast' if use_bf16 else 'fp32'}, {ddp.world} process(es) -> {run_dir}")
-    import sys
-
+              f"{dataset.num_transitions} transitions), env {run.env_id}, device {device}, "
+              f"{'bf16 autocast' if use_bf16 else 'fp32'}, {ddp.world} process(es) -> {run.run_dir}")
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and ddp.main),
                desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 15.0)
-    t_log, steps_since = time.perf_counter(), 0
-    last_report = None
+    t_log, steps_since, last_report = time.perf_counter(), 0, None
     try:
         while step < cfg.steps:
             loss = train_step(train_model, params, optimizer, scheduler,
-                              sampler.sample(local_batch), device, use_bf16, cfg.grad_clip)
+                              sampler.sample(cfg.batch_size // ddp.world), device, use_bf16, cfg.grad_clip)
             step += 1
             steps_since += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            final = step == cfg.steps
+            if step % cfg.log_every == 0 or final:
                 now = time.perf_counter()
                 loss_value = loss.item()  # the only host sync of the loop
                 log({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                      "steps_per_s": steps_since / (now - t_log)})
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 t_log, steps_since = now, 0
-            final = step == cfg.steps
-            if cfg.eval_episodes > 0 and ddp.main and (
-                final or (cfg.eval_every and step % cfg.eval_every == 0)
-            ):
-                last_report = run_eval()
+            due = final or (cfg.eval_every and step % cfg.eval_every == 0)
+            if cfg.eval_episodes > 0 and ddp.main and due:
+                last_report = _evaluate(policy, run, step, log)
                 bar.write(f"step {step}: " + format_report(last_report).replace("\n", "\n  "))
             if final or step % cfg.save_every == 0:
-                ckpt = save()
+                ckpt = _save(run.run_dir / "checkpoints" / f"step_{step:07d}", step, model, optimizer,
+                             scheduler, rng, ddp, device, extras)
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
+        log.close()
         ddp.close()
     if ddp.main:
-        sweep = None
-        if cfg.eval_episodes > 0:
-            # Achieved vs target return for the report: the run's targets plus a sweep over
-            # the dataset's range of returns.
-            best = float(dataset.episode_returns().max())
-            sweep_targets = sorted({*map(float, targets), *np.round(np.linspace(0.25, 1.25, 5) * best)})
-            # the final evaluation already ran the run's own targets on the same episode seeds
-            # (and evaluation is deterministic): only the other targets are rolled out again
-            done = {e["target_return"]: e for e in (last_report or {"results": []})["results"]}
-            todo = [t for t in sweep_targets if t not in done]
-            sweep = evaluate(policy, env_id, todo, episodes=cfg.eval_episodes, seed=cfg.seed, ref=ref)
-            sweep["results"] = sorted([*sweep["results"], *(done[t] for t in sweep_targets if t in done)],
-                                      key=lambda e: e["target_return"])
-            atomic_write_json(run_dir / "eval_sweep.json", sweep)
-        from glmgym.agents.report import write_report
-
-        print(f"report: {write_report(run_dir, sweep, dataset.summary())}")
+        sweep = _final_sweep(policy, run, last_report) if cfg.eval_episodes > 0 else None
+        print(f"report: {write_report(run.run_dir, sweep, dataset.summary())}")
         print(f"checkpoint: {ckpt}")
         print(f"evaluate it: glmgym agent evaluate --checkpoint {ckpt}")
-    return run_dir
+    return run.run_dir
 
 
 def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -16,11 +16,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from glmgym._io import atomic_path
 
 __all__ = ["TILE_ROWS", "bf16_matmul", "load", "q4_matmul", "q8_matmul", "tile_q4", "unavailable_reason"]
 
@@ -39,20 +40,21 @@ def _cache_dir() -> Path:
 def _build(compiler: str, flags: list[str], out: Path) -> str | None:
     """Compile into a temp file beside `out`, then rename (concurrent builders never see half a
     file). Returns the compiler's complaint, or None on success."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
-    os.close(fd)
     try:
-        try:
-            proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
-        except OSError as exc:  # $CC names no runnable program
-            return exc.strerror or str(exc)
-        if proc.returncode:
-            return (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        os.replace(tmp, out)
-        return None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        with atomic_path(out, suffix=".so.tmp") as tmp:
+            proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(tmp)], capture_output=True,
+                                  text=True)
+            if proc.returncode:
+                raise _BuildFailed((proc.stderr.strip().splitlines() or ["failed"])[-1])
+    except OSError as exc:  # $CC names no runnable program
+        return exc.strerror or str(exc)
+    except _BuildFailed as exc:
+        return str(exc)
+    return None
+
+
+class _BuildFailed(Exception):
+    pass
 
 
 @cache

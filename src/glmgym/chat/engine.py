@@ -20,19 +20,37 @@ from typing import Any
 from glmgym.chat.session import ChatGLM, History, Reply
 from glmgym.errors import GlmgymError
 
-__all__ = ["Engine", "Job", "QueueFull", "cut_at_stop"]
+__all__ = ["Done", "Engine", "Failed", "Job", "QueueFull", "cut_at_stop"]
 
 
 class QueueFull(Exception):
     """Every slot of the queue is taken."""
 
 
+@dataclass(frozen=True)
+class Done:
+    """The last event of a request that ended normally."""
+
+    finish_reason: str
+    """"stop" (the model ended its answer or a stop string was hit), "length" (out of tokens) or
+    "cancelled" (the client left)."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The last event of a request that failed."""
+
+    message: str
+    """What went wrong, for the client."""
+    user_error: bool
+    """True: the request was at fault (a 400); False: the server was (a 500)."""
+
+
 @dataclass
 class Job:
     """One chat request; its events arrive on `events` (an asyncio queue of the submitting loop).
 
-    Events: `Reply` (each step), then exactly one of `("done", finish_reason)` or
-    `("error", message, is_user_error)`.
+    Events: a `Reply` per generated token, then exactly one `Done` or `Failed`.
     """
 
     query: str
@@ -44,7 +62,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def emit(self, item: Any) -> None:
+    def emit(self, item: Reply | Done | Failed) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
     def cancel(self) -> None:
@@ -126,19 +144,19 @@ class Engine:
                 batch.append(self._queue.popleft())
             return batch
 
-    def _finish(self, job: Job, event: tuple) -> None:
+    def _finish(self, job: Job, event: Done | Failed) -> None:
         job.emit(event)
         with self._lock:
             self._pending -= 1
             self.served += 1
-            self.cancelled += event == ("done", "cancelled")
+            self.cancelled += event == Done("cancelled")
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
             live = []
             for job in batch:
                 if job.cancelled.is_set():
-                    self._finish(job, ("done", "cancelled"))
+                    self._finish(job, Done("cancelled"))
                 else:
                     live.append(job)
             if not live:
@@ -149,10 +167,10 @@ class Engine:
                 self._serve(live, open_jobs)
             except GlmgymError as exc:
                 for job in open_jobs.values():
-                    self._finish(job, ("error", str(exc), True))
+                    self._finish(job, Failed(str(exc), True))
             except Exception as exc:  # the worker must outlive any one request
                 for job in open_jobs.values():
-                    self._finish(job, ("error", f"{type(exc).__name__}: {exc}", False))
+                    self._finish(job, Failed(f"{type(exc).__name__}: {exc}", False))
 
     def _serve(self, live: list[Job], open_jobs: dict[int, Job]) -> None:
         """Stream the batch; `open_jobs` loses each row as it finishes (what is left gets errors)."""
@@ -169,9 +187,9 @@ class Engine:
                 answered = reply.ended or stopped
                 if answered or job.cancelled.is_set():
                     del open_jobs[i]
-                    self._finish(job, ("done", "stop" if answered else "cancelled"))
+                    self._finish(job, Done("stop" if answered else "cancelled"))
             if not open_jobs:
                 return
         for i, job in list(open_jobs.items()):
             del open_jobs[i]
-            self._finish(job, ("done", "length"))
+            self._finish(job, Done("length"))

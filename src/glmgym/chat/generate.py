@@ -12,43 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from glmgym.chat.config import GenerationConfig
 from glmgym.chat.model import GLMModel, KVCache
 from glmgym.errors import GlmgymError
 
 __all__ = ["GenerationConfig", "PromptBatch", "decode_one_token", "generate", "prefill", "sample"]
-
-
-@dataclass
-class GenerationConfig:
-    """Decoding options; the defaults are the reference's chat defaults."""
-
-    max_length: int = 2048
-    """Longest prompt + answer, in tokens."""
-    max_new_tokens: int | None = None
-    """Longest answer, in tokens (None: up to max_length)."""
-    do_sample: bool = True
-    """Sample; False: greedy."""
-    top_p: float = 0.7
-    """Nucleus sampling: keep the most likely tokens whose mass reaches top_p."""
-    top_k: int = 0
-    """Keep the k most likely tokens (0: off)."""
-    temperature: float = 0.95
-    """Softmax temperature."""
-    repetition_penalty: float = 1.0
-    """> 1 discourages tokens already in the sequence (HF semantics)."""
-    seed: int | None = None
-    """Seed of the sampler (None: nondeterministic)."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.top_p <= 1.0:
-            raise GlmgymError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature <= 0:
-            raise GlmgymError(f"temperature must be positive, got {self.temperature}")
-        bad_new = self.max_new_tokens is not None and self.max_new_tokens <= 0
-        if self.top_k < 0 or self.max_length <= 0 or bad_new:
-            raise GlmgymError("top_k must be >= 0, max_length and max_new_tokens positive")
-        if self.repetition_penalty <= 0:
-            raise GlmgymError("repetition_penalty must be positive")
 
 
 @dataclass

@@ -72,11 +72,6 @@ class KVCache:
         k = torch.zeros(shape, dtype=dtype, device=device)
         return cls(k, torch.zeros_like(k))
 
-    @property
-    def max_len(self) -> int:
-        """Positions the cache can hold."""
-        return self.k.shape[3]
-
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: GLMConfig) -> None:

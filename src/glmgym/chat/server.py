@@ -28,9 +28,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from glmgym.chat.engine import Engine, Job, QueueFull
+from glmgym.chat.config import GenerationConfig
+from glmgym.chat.engine import Done, Engine, Job, QueueFull
 from glmgym.chat.session import ChatGLM, Reply
-from glmgym.errors import GlmgymError
+from glmgym.errors import GlmgymError, import_extra
 
 __all__ = ["ServeConfig", "build_app", "serve", "to_chatglm"]
 
@@ -82,6 +83,7 @@ def _error_body(message: str, kind: str, param: str | None = None) -> dict[str, 
 
 def _models():
     """Request/response models (pydantic is imported only when serving)."""
+    import_extra("fastapi", "serve")
     from pydantic import BaseModel, ConfigDict, Field
 
     class Message(BaseModel):
@@ -167,6 +169,7 @@ def _check_auth(api_key: str | None):
 def build_app(bot: ChatGLM, max_queue: int = 8, api_key: str | None = None, ui: bool = True,
               max_batch: int = 4):
     """The FastAPI app serving `bot` (see the module docstring); `app.state.engine` is its queue."""
+    import_extra("fastapi", "serve")
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
@@ -226,11 +229,11 @@ def build_app(bot: ChatGLM, max_queue: int = 8, api_key: str | None = None, ui: 
                     continue
                 if isinstance(event, Reply):
                     last = event
-                elif event[0] == "done":
-                    return last, event[1]
+                elif isinstance(event, Done):
+                    return last, event.finish_reason
                 else:
-                    raise ApiError(400 if event[2] else 500, event[1],
-                                   "invalid_request_error" if event[2] else "server_error")
+                    raise ApiError(400 if event.user_error else 500, event.message,
+                                   "invalid_request_error" if event.user_error else "server_error")
         finally:
             job.cancel()
 
@@ -332,18 +335,18 @@ async def _sse(job: Job, meta: dict[str, Any], stop: tuple[str, ...],
                 if len(safe) > len(sent) and safe.startswith(sent):
                     yield chunk({"content": safe[len(sent):]})
                     sent = safe
-            elif event[0] == "done":
+            elif isinstance(event, Done):
                 if len(last) > len(sent) and last.startswith(sent):
                     yield chunk({"content": last[len(sent):]})
-                yield chunk({}, "stop" if event[1] == "stop" else "length")
+                yield chunk({}, "stop" if event.finish_reason == "stop" else "length")
                 if usage:
                     body = {**meta, "object": "chat.completion.chunk", "choices": [],
                             "usage": _usage(reply)}
                     yield f"data: {json.dumps(body)}\n\n"
                 break
             else:
-                kind = "invalid_request_error" if event[2] else "server_error"
-                yield f"data: {json.dumps(_error_body(event[1], kind))}\n\n"
+                kind = "invalid_request_error" if event.user_error else "server_error"
+                yield f"data: {json.dumps(_error_body(event.message, kind))}\n\n"
                 break
         yield "data: [DONE]\n\n"
     finally:
@@ -388,24 +391,25 @@ def _mount_ui(app, engine: Engine, api_key: str | None):
                 event = await job.events.get()
                 if isinstance(event, Reply):
                     yield event.response
-                elif event[0] == "done":
+                elif isinstance(event, Done):
                     return
                 else:
-                    raise gr.Error(event[1])
+                    raise gr.Error(event.message)
         finally:
             job.cancel()
 
-    context = engine.bot.model.config.max_sequence_length
+    context, defaults = engine.bot.model.config.max_sequence_length, GenerationConfig()
     with gr.Blocks(title="ChatGLM-6B (glmgym)") as demo:
         gr.ChatInterface(
             respond,
             title="ChatGLM-6B",
             description=f"glmgym serving {engine.bot.name}. Replies stream as they are generated.",
             additional_inputs=[
-                gr.Slider(16, context, value=min(2048, context), step=1, label="Maximum length",
+                gr.Slider(16, context, value=min(defaults.max_length, context), step=1,
+                          label="Maximum length", render=False),
+                gr.Slider(0.01, 1.0, value=defaults.top_p, step=0.01, label="Top P", render=False),
+                gr.Slider(0.01, 1.5, value=defaults.temperature, step=0.01, label="Temperature",
                           render=False),
-                gr.Slider(0.01, 1.0, value=0.7, step=0.01, label="Top P", render=False),
-                gr.Slider(0.01, 1.5, value=0.95, step=0.01, label="Temperature", render=False),
             ],
             additional_inputs_accordion=gr.Accordion("Generation", open=True, render=False),
             concurrency_limit=engine.max_queue,

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,7 +111,7 @@ class ChatGLM:
         return ids, history
 
     def stream_batch(self, items: list[tuple[str, History]], trim_history: bool = True,
-                     **gen) -> Iterator[list[Reply]]:
+                     **gen: Any) -> Iterator[list[Reply]]:
         """Answer several conversations in one left-padded batch; yield one `Reply` per row per step.
 
         A row that has ended keeps its last reply while the others go on.
@@ -148,8 +149,7 @@ class ChatGLM:
     def stream_chat(self, query: str, history: History | None = None, **gen) -> Iterator[tuple[str, History]]:
         """Yield `(response_so_far, history + [(query, response_so_far)])` while generating.
 
-        Generation options (`GenerationConfig`): max_length=2048, top_p=0.7, temperature=0.95,
-        do_sample=True, top_k, repetition_penalty, max_new_tokens, seed.
+        Generation options: the fields of `GenerationConfig` (its defaults are the reference's).
         """
         for reply in self.stream_reply(query, history, **gen):
             yield reply.response, reply.history
@@ -160,13 +160,6 @@ class ChatGLM:
         for response, new_history in self.stream_chat(query, history, **gen):  # noqa: B007
             pass
         return response, new_history
-
-    def batch_chat(self, queries: list[str], **gen) -> list[str]:
-        """Answer several single-turn queries in one left-padded batch."""
-        replies: list[Reply] = []
-        for replies in self.stream_batch([(q, []) for q in queries], **gen):  # noqa: B007 (the last step)
-            pass
-        return [r.response for r in replies]
 
 
 def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None = None,

@@ -6,6 +6,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
+from glmgym.chat.config import GenerationConfig
 from glmgym.errors import GlmgymError
 
 __all__ = ["ChatCLIConfig", "QuantizeConfig", "run_chat", "set_threads"]
@@ -33,11 +34,11 @@ class ChatCLIConfig:
     """CPU threads for PyTorch; default: all physical cores."""
     prompt: str | None = field(default=None, metadata={"metavar": "TEXT"})
     """Answer this one message on stdout and exit."""
-    max_length: int = 2048
+    max_length: int = GenerationConfig.max_length
     """Longest prompt + answer in tokens; older turns are dropped to fit."""
-    top_p: float = 0.7
+    top_p: float = GenerationConfig.top_p
     """Nucleus sampling mass."""
-    temperature: float = 0.95
+    temperature: float = GenerationConfig.temperature
     """Sampling temperature."""
     seed: int | None = None
     """Sampling seed, for reproducible answers."""
@@ -86,8 +87,18 @@ def run_chat(cfg: ChatCLIConfig) -> int:
     def notice(message, category, *args, **kwargs):
         if issubclass(category, HistoryTrimmedWarning):
             print(f"\n[{message}]", file=sys.stderr)
+        else:
+            previous(message, category, *args, **kwargs)
 
-    warnings.showwarning = notice
+    previous, warnings.showwarning = warnings.showwarning, notice
+    try:
+        return _converse(bot, cfg, gen)
+    finally:
+        warnings.showwarning = previous  # the caller's handler again (run_chat is also a library call)
+
+
+def _converse(bot, cfg: ChatCLIConfig, gen: dict) -> int:
+    """The one-shot answer or the interactive loop."""
     if cfg.prompt is not None:
         response, _ = bot.chat(cfg.prompt, **gen)
         print(response)

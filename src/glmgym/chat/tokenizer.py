@@ -6,6 +6,15 @@
   model (ids 130000..130007 in v1.1); v1.0 checkpoints put 20000 image tokens in front of the text
   vocabulary, so every id is shifted by `num_image_tokens`;
 - batches are padded on the left.
+
+Two deliberate deviations from the reference (THUDM's Hugging Face tokenizer):
+
+- special-token strings in the text (a user typing `<eop>` or `[gMASK]`) are encoded as plain
+  text, never as the control tokens: the reference turns them into control tokens, so a user can
+  end the answer or move the mask from inside a message;
+- `decode` returns the text as the model wrote it: the reference applies Hugging Face's
+  `clean_up_tokenization_spaces`, which deletes the space before `,` `.` `!` `?` and before
+  `n't`-style contractions (`"a , b"` -> `"a, b"`, `"x != y"` -> `"x!= y"`) and so mangles code.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from glmgym.errors import GlmgymError
+from glmgym.errors import GlmgymError, import_extra
 
 __all__ = ["SPECIAL_TOKENS", "ChatGLMTokenizer", "train_sentencepiece"]
 
@@ -33,7 +42,7 @@ class ChatGLMTokenizer:
     """
 
     def __init__(self, model_file: str | Path, num_image_tokens: int = 0) -> None:
-        import sentencepiece as spm
+        spm = import_extra("sentencepiece", "chat")
 
         path = Path(model_file)
         if not path.is_file():
@@ -51,6 +60,9 @@ class ChatGLMTokenizer:
                 raise GlmgymError(f"{path} lacks ChatGLM's piece {piece!r}: not a ChatGLM tokenizer")
             ids[piece] = pid + self.offset
         self.special_ids = {ids[p] for p in SPECIAL_TOKENS}
+        # the plain-text encoding of each special token's string, one piece per character (bytes
+        # when a character has no piece), for special-token strings found in user text
+        self._as_text = {ids[p]: self._char_pieces(p) for p in SPECIAL_TOKENS}
         self.mask_id, self.gmask_id, self.bos_id, self.eos_id = (
             ids["[MASK]"], ids["[gMASK]"], ids["<sop>"], ids["<eop>"])
         self.pad_id = self.sp.pad_id() + self.offset if self.sp.pad_id() >= 0 else 3 + self.offset
@@ -67,9 +79,23 @@ class ChatGLMTokenizer:
         # runs longer than 80 split into 80s and a remainder, as the reference's loop from 80 down
         return _BLANKS.sub(lambda m: f"<|blank_{len(m.group())}|>", text)
 
+    def _char_pieces(self, text: str) -> list[int]:
+        unk, out = self.sp.unk_id(), []
+        for ch in text:
+            pid = self.sp.piece_to_id(ch)
+            if pid == unk:
+                pid = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in ch.encode()]
+                if unk in pid:
+                    raise GlmgymError(f"the tokenizer cannot write {ch!r} as plain text")
+            out += pid if isinstance(pid, list) else [pid]
+        return [i + self.offset for i in out]
+
     def tokenize(self, text: str) -> list[int]:
-        """Ids of `text` alone (no [gMASK] <sop>)."""
-        return [i + self.offset for i in self.sp.encode(self.preprocess(text))]
+        """Ids of `text` alone (no [gMASK] <sop>); special-token strings in it stay plain text."""
+        ids = [i + self.offset for i in self.sp.encode(self.preprocess(text))]
+        if self.special_ids.isdisjoint(ids):
+            return ids
+        return [j for i in ids for j in self._as_text.get(i, (i,))]
 
     def encode(self, text: str) -> list[int]:
         """Ids of a prompt: the text, then [gMASK] and <sop>."""
@@ -96,7 +122,7 @@ def train_sentencepiece(lines: list[str], prefix: str | Path, vocab_size: int = 
 
     Returns the path of the `.model` file.
     """
-    import sentencepiece as spm
+    spm = import_extra("sentencepiece", "chat")
 
     text_lines = [ChatGLMTokenizer.preprocess(line) for line in lines]
     spm.SentencePieceTrainer.train(
