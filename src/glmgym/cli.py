@@ -8,6 +8,7 @@
     glmgym chat ...             chat with ChatGLM-6B (see ChatCLIConfig)
     glmgym chat quantize ...    write an INT8/INT4 checkpoint (see QuantizeConfig)
     glmgym chat serve ...       OpenAI-compatible API + web chat (see ServeConfig)
+    glmgym chat finetune ...    P-Tuning v2 / LoRA / full fine-tuning (see FinetuneConfig)
 
 User errors print one line and exit with code 2; heavy imports happen inside the commands.
 """
@@ -113,6 +114,13 @@ def _chat_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_finetune(args: argparse.Namespace) -> int:
+    from glmgym.chat.finetune import FinetuneConfig, finetune
+
+    finetune(dataclass_from_namespace(FinetuneConfig, args))
+    return 0
+
+
 def _chat_serve(args: argparse.Namespace) -> int:
     from glmgym.chat.server import ServeConfig, serve
 
@@ -133,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     from glmgym.agents.collect import CollectConfig
     from glmgym.agents.config import EvalConfig, TrainConfig
     from glmgym.agents.play import PlayConfig
+    from glmgym.chat.finetune import FinetuneConfig
     from glmgym.chat.server import ServeConfig
     from glmgym.chat.terminal import ChatCLIConfig, QuantizeConfig
 
@@ -170,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = _command(pillars, "chat", _chat, ChatCLIConfig, help="chat with ChatGLM-6B in the terminal",
                     description="Streaming terminal chat with ChatGLM-6B (history kept; 'clear' resets, "
                     "'stop' leaves, Ctrl-C interrupts a reply), or a one-shot answer with --prompt.")
-    chat_cmds = chat.add_subparsers(dest="chat_command", required=False, metavar="{quantize,serve}",
+    chat_cmds = chat.add_subparsers(dest="chat_command", required=False, metavar="{quantize,serve,finetune}",
                                     title="other commands (without one: the terminal chat)")
     _command(chat_cmds, "quantize", _chat_quantize, QuantizeConfig,
              help="write an INT8/INT4 copy of a float checkpoint",
@@ -182,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
              description="Serve ChatGLM-6B over HTTP: POST /v1/chat/completions (OpenAI-compatible, "
              "streaming), GET /v1/models, POST / (the reference api.py), GET /health, and a web chat "
              "at /ui. Binds 127.0.0.1 unless --host says otherwise.")
+    _command(chat_cmds, "finetune", _chat_finetune, FinetuneConfig,
+             help="fine-tune with P-Tuning v2, LoRA or all weights",
+             description="Fine-tune ChatGLM-6B on JSON-lines data (THUDM's ptuning recipe): P-Tuning v2 "
+             "(THUDM's checkpoint format), LoRA (PEFT's adapter format) or full fine-tuning, with "
+             "exact --resume. Needs the finetune extra for LoRA: pip install 'glmgym[finetune]'.")
     return parser
 
 

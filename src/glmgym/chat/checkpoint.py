@@ -124,7 +124,7 @@ def _quantized_modules(config: GLMConfig, spec) -> set[str]:
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               quantize: int | None = None, group_size: int | None = None) -> GLMModel:
+               quantize: int | None = None, group_size: int | None = None, kernels: bool = True) -> GLMModel:
     """Build a `GLMModel` from a checkpoint directory.
 
     Args:
@@ -133,6 +133,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
         device: torch device.
         quantize: 4 or 8 to quantize float weights while loading, tensor by tensor.
         group_size: INT4 group size for `quantize` (default 128; 0 is THUDM's one scale per row).
+        kernels: run quantized layers on the fastest kernel of the device; False dequantizes per
+            call, which autograd differentiates (fine-tuning on a frozen quantized base).
 
     Raises:
         GlmgymError: missing or malformed config/weights, or weights that do not fit the config.
@@ -171,7 +173,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
             check_quantized(module, parts, V, H, spec.bits, 0)
             model.transformer.word_embeddings = QuantizedEmbedding(
                 {k: v.to(device) for k, v in parts.items()}, spec.bits, dtype)
-            model.lm_head = QuantizedLinear.from_tensors(parts, H, None, spec.bits, 0, dtype, device)
+            model.lm_head = QuantizedLinear.from_tensors(parts, H, None, spec.bits, 0, dtype, device, kernels)
         else:
             needed = {"weight", "bias"} | ({"weight_scale"} if stored else set())
             if stored and stored.group_size:
@@ -188,7 +190,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
                                       f"config.json implies {(N, K)}")
                 parts = quantize_weight(parts["weight"], spec.bits, spec.group_size)
             check_quantized(module, parts, N, K, spec.bits, spec.group_size)
-            layer = QuantizedLinear.from_tensors(parts, K, bias, spec.bits, spec.group_size, dtype, device)
+            layer = QuantizedLinear.from_tensors(parts, K, bias, spec.bits, spec.group_size, dtype, device,
+                                                 kernels)
             parent_name, _, attr = module.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, layer)
         seen.update(k for k in expected if k.rpartition(".")[0] == module)
@@ -225,7 +228,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     if not (spec and spec.embeddings):
         model.lm_head.weight = model.transformer.word_embeddings.weight
-        use_decode_kernels(model)
+        if kernels:
+            use_decode_kernels(model)
     rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
     model.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1).to(device)
     if spec:

@@ -8,7 +8,9 @@ Faithful to THUDM's `modeling_chatglm.py` (v1.1), with these choices of ours:
   and the scores back up after the fill); with no fully masked row that is the same softmax;
 - a preallocated KV cache (`KVCache`) written in place, gpt-fast style, instead of concatenating
   a growing tuple per step;
-- a P-Tuning v2 prefix lives in the first `pre_seq_len` cache slots.
+- a P-Tuning v2 prefix lives in the first `pre_seq_len` cache slots when generating; without a
+  cache (training) its keys and values are concatenated in front of each layer's, so that
+  gradients reach the prefix encoder.
 
 Masks follow the reference's convention at the API: `attention_mask` is True where attention
 is *not* allowed.
@@ -87,6 +89,7 @@ class SelfAttention(nn.Module):
         allowed: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
         start: int,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         H, d = self.num_heads, self.head_dim
@@ -105,6 +108,8 @@ class SelfAttention(nn.Module):
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
             k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+        elif prefix is not None:  # training: [B, H, P, d] prefix keys/values in front, no rotary
+            k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
         if T == 1 and x.device.type == "cpu" and q.dtype == torch.bfloat16 and not _CPU_NATIVE_BF16:
             # One query on a CPU without native bf16 (AVX2): bf16 matmuls run generic code there,
             # so attend in fp32, where SDPA's kernel is the fastest way measured (one layer, 32
@@ -150,9 +155,9 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.alpha = math.sqrt(2 * cfg.num_residual_layers)
 
-    def forward(self, h, rope, allowed, cache, start):
+    def forward(self, h, rope, allowed, cache, start, prefix=None):
         x = self.input_layernorm(h)
-        h = x * self.alpha + self.attention(x, rope, allowed, cache, start)
+        h = x * self.alpha + self.attention(x, rope, allowed, cache, start, prefix)
         m = self.post_attention_layernorm(h)
         return m * self.alpha + self.mlp(m)
 
@@ -228,6 +233,7 @@ class GLMModel(nn.Module):
         kv = enc(tokens).half()  # the reference rounds the prefix to fp16 (get_prompt)
         # [P, layers * 2 * H * d] -> [layers * 2, H, P, d] -> keys, values of [layers, H, P, d]
         kv = kv.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, cfg.head_dim)
+        kv = F.dropout(kv, 0.1, self.training)  # the reference's prefix dropout (training only)
         kv = kv.permute(1, 2, 0, 3).to(dtype)
         k, v = kv[0::2], kv[1::2]
         return k.unsqueeze(1).expand(-1, batch, -1, -1, -1), v.unsqueeze(1).expand(-1, batch, -1, -1, -1)
@@ -254,18 +260,22 @@ class GLMModel(nn.Module):
             input_ids: [B, T] token ids.
             position_ids: [B, 2, T] positions and block positions.
             attention_mask: [B or 1, 1, T, S] bool, True where attention is NOT allowed; S is
-                start + T (cache slots 0..start+T-1, prefix included). None: full attention.
+                start + T (cache slots 0..start+T-1, prefix included), or P + T without a cache
+                for a P-Tuning v2 model (the prefix first). None: full attention.
             kv_cache: cache to read slots [0, start) from and write [start, start+T) to.
             start: cache slot of the first input token.
         """
         h = self.transformer.word_embeddings(input_ids)
         rope = self._rope(position_ids, h.dtype)
         allowed = None if attention_mask is None else ~attention_mask
+        prefix_k = prefix_v = None
         if kv_cache is None and self.prefix_len:
-            raise ValueError("a P-Tuning v2 model needs a KVCache holding its prefix")
+            # training: the prefix from the encoder, concatenated in every layer (no cache)
+            prefix_k, prefix_v = self.prefix_kv(input_ids.shape[0], h.dtype)
         for i, layer in enumerate(self.transformer.layers):
             cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
-            h = layer(h, rope, allowed, cache, start)
+            prefix = None if prefix_k is None else (prefix_k[i], prefix_v[i])
+            h = layer(h, rope, allowed, cache, start, prefix)
         return self.transformer.final_layernorm(h)
 
     def forward(

@@ -164,7 +164,7 @@ class ChatGLM:
 
 def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantize: int | None = None,
-         group_size: int | None = None) -> ChatGLM:
+         group_size: int | None = None, kernels: bool = True) -> ChatGLM:
     """Load ChatGLM-6B from a directory, a hub id (cache first) or `random:tiny`.
 
     Args:
@@ -176,6 +176,8 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
         quantize: 4 or 8 to quantize the block weights while loading (a checkpoint that is
             already quantized loads as it is, whatever this says).
         group_size: INT4 group size with `quantize` (default 128; 0: one scale per row).
+        kernels: False runs quantized layers by dequantizing per call, which autograd
+            differentiates (fine-tuning on a quantized base); True picks the fastest kernel.
     """
     from glmgym.chat.checkpoint import DTYPES, load_model, resolve_model_dir
 
@@ -192,10 +194,10 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
         if quantize:
             from glmgym.chat.quantize import QuantSpec, quantize_model
 
-            quantize_model(model, QuantSpec.default(quantize, group_size))
+            quantize_model(model, QuantSpec.default(quantize, group_size), kernels)
         return ChatGLM(model, tokenizer, "random:tiny")
     model_dir = resolve_model_dir(path_or_id)
-    model = load_model(model_dir, dtype, device, quantize=quantize, group_size=group_size)
+    model = load_model(model_dir, dtype, device, quantize=quantize, group_size=group_size, kernels=kernels)
     return ChatGLM(model, load_tokenizer(model_dir), str(model_dir))
 
 

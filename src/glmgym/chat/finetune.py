@@ -1,0 +1,425 @@
+"""Fine-tuning ChatGLM-6B: P-Tuning v2, LoRA (through PEFT) and full fine-tuning.
+
+`finetune(FinetuneConfig) -> run directory`, as THUDM's `ptuning/main.py` trains (sequences and
+labels in `finetune_data`, AdamW with a linear decay to 0, gradient accumulation), with glmgym's
+run layout::
+
+    OUT/finetune_config.json
+    OUT/log.jsonl                     loss, learning rate, tokens/s
+    OUT/loss.png
+    OUT/checkpoint-N/                 written atomically, every --save-every steps and at the end
+
+What a checkpoint holds, in the format users already have:
+
+- P-Tuning v2: `pytorch_model.bin` with only `transformer.prefix_encoder.*` (THUDM's key names,
+  loadable by THUDM's code) and `config.json` with `pre_seq_len` / `prefix_projection`;
+- LoRA: PEFT's `adapter_config.json` + `adapter_model.safetensors` (keys
+  `base_model.model.transformer.layers.N.attention.query_key_value.lora_A.weight`), loadable with
+  `peft.PeftModel.from_pretrained` on the official model;
+- full: a plain checkpoint (`glmgym chat --model OUT/checkpoint-N`);
+- and `trainer_state.json` + `trainer_state.pt` (optimizer, schedule, RNG): `--resume OUT`
+  continues exactly (N steps + resume + N steps give the weights of 2N steps).
+
+The base model is frozen for P-Tuning and LoRA, and may be quantized (`--quantize 4|8`, P-Tuning
+only for now): gradients flow through the quantized layers to their inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glmgym.errors import GlmgymError, import_extra
+
+__all__ = ["FinetuneConfig", "finetune"]
+
+TRAINER_STATE_JSON = "trainer_state.json"
+TRAINER_STATE_PT = "trainer_state.pt"
+METHODS = ("ptuning", "lora", "full")
+# options that may change when resuming (anything else would change the run's math)
+_RESUMABLE = ("steps", "save_every", "progress", "device", "out", "resume")
+
+
+@dataclass
+class FinetuneConfig:
+    """Options of `glmgym chat finetune` (defaults: THUDM's `ptuning/train.sh`)."""
+
+    model: str = field(default="", metadata={"required": True, "metavar": "DIR|ID"})
+    """Base checkpoint directory, hub id (from the local cache) or random:tiny."""
+    train_file: str = field(default="", metadata={"required": True, "metavar": "FILE"})
+    """JSON lines with the prompt and response columns."""
+    prompt_column: str = "content"
+    """Column of the prompt (ADGEN: content; chat data: prompt)."""
+    response_column: str = "summary"
+    """Column of the answer (ADGEN: summary; chat data: response)."""
+    history_column: str | None = None
+    """Optional column of earlier [question, answer] turns (chat data: history)."""
+    method: str = field(default="ptuning", metadata={"choices": METHODS})
+    """ptuning (P-Tuning v2 prefix), lora (adapters on --lora-targets) or full (every weight)."""
+    pre_seq_len: int = 128
+    """P-Tuning v2: prefix length."""
+    prefix_projection: bool = False
+    """P-Tuning v2: an MLP between the prefix embedding and the keys/values."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float = 32.0
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.1
+    """Dropout on the LoRA branch's input."""
+    lora_targets: str = "query_key_value"
+    """Comma-separated module names that get adapters."""
+    quantize: int | None = field(default=None, metadata={"choices": (4, 8)})
+    """Quantize the frozen base to INT4 or INT8 while loading (P-Tuning)."""
+    max_source_length: int = 64
+    """Prompt tokens kept (the prompt is cut to max_source_length - 1)."""
+    max_target_length: int = 64
+    """Answer tokens kept (the answer is cut to max_target_length - 2)."""
+    batch_size: int = 1
+    """Examples per forward pass."""
+    grad_accum: int = 16
+    """Forward passes per optimizer step."""
+    learning_rate: float = 2e-2
+    """AdamW learning rate, decayed linearly to 0 (THUDM: 2e-2 for P-Tuning, 1e-4 full)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    steps: int = 3000
+    """Optimizer steps."""
+    save_every: int = 1000
+    """Write a checkpoint every N steps and at the end."""
+    log_every: int = 10
+    """Write a log line every N steps."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~30% slower)."""
+    precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16")})
+    """Compute dtype of the base: auto = bf16 where native, else fp32. Trained weights stay fp32."""
+    device: str = "auto"
+    """Torch device: auto, cpu, cuda, ..."""
+    seed: int = 42
+    """Seed of the data order, the new weights and dropout."""
+    out: str | None = None
+    """Run directory; default: runs/finetune-<method>-<time>."""
+    resume: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Continue the run in DIR exactly where its newest checkpoint stopped."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise GlmgymError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("pre_seq_len", "lora_rank", "batch_size", "grad_accum", "steps", "save_every",
+                     "log_every"):
+            if getattr(self, name) <= 0:
+                raise GlmgymError(f"--{name.replace('_', '-')} must be positive")
+        if self.max_source_length < 2 or self.max_target_length < 3:
+            raise GlmgymError("--max-source-length must be at least 2 and --max-target-length at least 3")
+        if self.learning_rate <= 0 or not 0 <= self.lora_dropout < 1:
+            raise GlmgymError("--learning-rate must be positive and --lora-dropout in [0, 1)")
+        if self.quantize and self.method != "ptuning":
+            raise GlmgymError(f"--quantize works with --method ptuning; {self.method} needs a float base")
+
+
+def _state_for(model, method: str) -> dict[str, Any]:
+    """The tensors a checkpoint of `method` keeps, under their checkpoint names."""
+    if method == "ptuning":
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()
+                if k.startswith("transformer.prefix_encoder.")}
+    if method == "lora":
+        from peft import get_peft_model_state_dict
+
+        return {f"base_model.model.{k}": v.detach().cpu().contiguous()
+                for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    return {}
+
+
+def _save(path: Path, cfg: FinetuneConfig, bot, optimizer, scheduler, step: int, losses: list) -> Path:
+    """One checkpoint, atomically (see the module docstring for what it holds)."""
+    import torch
+
+    from glmgym._io import atomic_dir
+    from glmgym.chat.checkpoint import save_model
+
+    model = bot.model
+    with atomic_dir(path) as tmp:
+        if cfg.method == "ptuning":
+            torch.save(_state_for(model, "ptuning"), tmp / "pytorch_model.bin")
+            (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        elif cfg.method == "lora":
+            from safetensors.torch import save_file
+
+            save_file(_state_for(model, "lora"), str(tmp / "adapter_model.safetensors"))
+            _lora_config(cfg, bot).save_pretrained(str(tmp))
+        else:
+            save_model(model, tmp)
+            (tmp / "ice_text.model").write_bytes(bot.tokenizer.sp.serialized_model_proto())
+            if bot.tokenizer.offset:
+                (tmp / "tokenizer_config.json").write_text(
+                    json.dumps({"num_image_tokens": bot.tokenizer.offset}) + "\n")
+        (tmp / TRAINER_STATE_JSON).write_text(json.dumps({"step": step, "method": cfg.method,
+                                                          "losses": losses}) + "\n")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / TRAINER_STATE_PT)
+    return path
+
+
+def _lora_config(cfg: FinetuneConfig, bot):
+    peft = import_extra("peft", "finetune")
+    return peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
+                           bias="none", task_type="CAUSAL_LM", base_model_name_or_path=bot.name)
+
+
+def _prepare(bot, cfg: FinetuneConfig) -> list:
+    """Freeze what the method does not train, add its new weights; return the trained parameters."""
+    import torch
+
+    from glmgym.chat.model import PrefixEncoder
+
+    model = bot.model
+    if cfg.method == "full":
+        params = [p for p in model.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+    model.requires_grad_(False)
+    if cfg.method == "ptuning":
+        if model.config.pre_seq_len:
+            raise GlmgymError(f"{bot.name} already has a P-Tuning prefix; fine-tune its base model")
+        model.config.pre_seq_len, model.config.prefix_projection = cfg.pre_seq_len, cfg.prefix_projection
+        torch.manual_seed(cfg.seed)
+        device = model.transformer.final_layernorm.weight.device
+        model.transformer.prefix_encoder = PrefixEncoder(model.config).to(device)  # fp32, as the reference
+        return list(model.transformer.prefix_encoder.parameters())
+    peft = import_extra("peft", "finetune")
+    lora = _lora_config(cfg, bot)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        raise GlmgymError(f"--lora-targets {', '.join(missing)}: no such Linear layer in the model "
+                          f"(it has {', '.join(sorted(names))})")
+    torch.manual_seed(cfg.seed)
+    peft.inject_adapter_in_model(lora, model)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def _batches(examples: list, cfg: FinetuneConfig, step: int, rng_seed: int) -> list[list]:
+    """The micro-batches of optimizer step `step` (0-based): epochs of a seeded permutation, so
+    the order is a function of the step and a resumed run sees the same data."""
+    import numpy as np
+
+    per_step = cfg.batch_size * cfg.grad_accum
+    first = step * per_step
+    out: list = []
+    for j in range(first, first + per_step):
+        epoch, k = divmod(j, len(examples))
+        order = np.random.default_rng([rng_seed, epoch]).permutation(len(examples))
+        out.append(examples[order[k]])
+    return [out[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
+
+
+def _loss(model, batch, device) -> tuple[Any, int]:
+    """Mean cross-entropy of the next token over the labelled positions, and their count."""
+    import torch.nn.functional as F
+
+    logits = model(batch.input_ids.to(device), batch.position_ids.to(device),
+                   batch.attention_mask.to(device))
+    labels = batch.labels.to(device)
+    shift = logits[:, :-1].float()  # position t predicts token t + 1
+    target = labels[:, 1:]
+    n = int((target != -100).sum())
+    return F.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100), n
+
+
+def _plot(run_dir: Path, losses: list[tuple[int, float]]) -> None:
+    if not losses:
+        return
+    matplotlib = import_extra("matplotlib", "finetune")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from glmgym._io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s for s, _ in losses], [v for _, v in losses])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    fig.tight_layout()
+    with atomic_path(run_dir / "loss.png", suffix=".png") as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def _resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
+    run_dir = Path(cfg.resume)
+    saved_file = run_dir / "finetune_config.json"
+    ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    ckpts = [c for c in ckpts if (c / TRAINER_STATE_JSON).is_file()]
+    if not saved_file.is_file() or not ckpts:
+        raise GlmgymError(f"cannot resume {run_dir}: it has no finetune_config.json or no checkpoint")
+    saved = json.loads(saved_file.read_text())
+    merged = dict(saved)
+    for name, f in FinetuneConfig.__dataclass_fields__.items():
+        given = getattr(cfg, name)
+        if given == f.default:
+            continue  # not given: the run's value stays
+        if name in _RESUMABLE:
+            merged[name] = given
+        elif given != saved.get(name):
+            raise GlmgymError(f"cannot change --{name.replace('_', '-')} when resuming "
+                              f"(the run used {saved.get(name)!r})")
+    merged.update(out=str(run_dir), resume=cfg.resume)
+    return FinetuneConfig(**merged), ckpts[-1]
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Fine-tune; return the run directory.
+
+    Raises:
+        GlmgymError: bad data, options or run directory (before anything is written).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from glmgym._io import atomic_write_json
+    from glmgym.chat.finetune_data import encode_example, make_batch, read_examples
+    from glmgym.chat.session import load
+    from glmgym.devices import native_bf16, resolve_device
+
+    resume_ckpt = None
+    if cfg.resume:
+        cfg, resume_ckpt = _resume_config(cfg)
+    device = resolve_device(cfg.device)
+    pairs = read_examples(cfg.train_file, cfg.prompt_column, cfg.response_column, cfg.history_column)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"finetune-{cfg.method}-{stamp}"
+    if resume_ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
+        raise GlmgymError(f"{run_dir} already holds files; pick another --out or pass --resume {run_dir}")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    # a quantized base dequantizes per call (kernels=False): autograd then reaches the inputs
+    bot = load(cfg.model, dtype=dtype, device=device, quantize=cfg.quantize, kernels=False)
+    examples = [encode_example(bot.tokenizer, p, a, cfg.max_source_length, cfg.max_target_length)
+                for p, a in pairs]
+    truncated = sum(e.truncated for e in examples)
+    params = _prepare(bot, cfg)
+    model = bot.model
+    if cfg.gradient_checkpointing:
+        _checkpoint_blocks(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / cfg.steps))
+    torch.manual_seed(cfg.seed + 1)  # dropout stream
+    step, losses = 0, []
+    if resume_ckpt is not None:
+        step, losses = _load_state(resume_ckpt, cfg, model, optimizer, scheduler)
+        if step >= cfg.steps:
+            raise GlmgymError(f"the run is already at step {step}; pass a larger --steps to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "finetune_config.json", dataclasses.asdict(cfg) | {"resume": None})
+    log_path = run_dir / "log.jsonl"
+    if resume_ckpt is not None and log_path.exists():  # drop records past the resumed step
+        kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    trained = sum(p.numel() for p in params)
+    print(f"{cfg.method} on {bot.name}: {len(examples)} examples ({truncated} truncated), "
+          f"{trained:,} trained parameters, {'bf16' if bf16 else 'fp32'} base, device {device} -> {run_dir}")
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="finetune", unit="step",
+               mininterval=0.5 if sys.stderr.isatty() else 15.0)
+    t0, tokens = time.perf_counter(), 0
+    P = model.prefix_len
+    length = cfg.max_source_length + cfg.max_target_length  # the reference pads to this
+    ckpt = None
+    while step < cfg.steps:
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in _batches(examples, cfg, step, cfg.seed):
+            batch = make_batch(micro, bot.tokenizer.pad_id, length, P)
+            loss, n = _loss(model, batch, device)
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            tokens += n
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if not math.isfinite(total):
+            raise GlmgymError(f"the loss became {total} at step {step}; lower --learning-rate")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            record = {"step": step, "loss": total, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": tokens / (now - t0)}
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            losses.append((step, total))
+            bar.set_postfix(loss=f"{total:.4f}")
+            t0, tokens = now, 0
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            ckpt = _save(run_dir / f"checkpoint-{step}", cfg, bot, optimizer, scheduler, step, losses)
+    bar.close()
+    _plot(run_dir, losses)
+    print(f"checkpoint: {ckpt}")
+    return run_dir
+
+
+def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler) -> tuple[int, list]:
+    """Trained weights, optimizer, schedule and RNG of a checkpoint; returns (step, losses)."""
+    import torch
+
+    state = json.loads((ckpt / TRAINER_STATE_JSON).read_text())
+    if cfg.method == "ptuning":
+        weights = torch.load(ckpt / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    elif cfg.method == "lora":
+        from safetensors.torch import load_file
+
+        weights = load_file(str(ckpt / "adapter_model.safetensors"))
+    else:
+        from glmgym.chat.checkpoint import load_model
+
+        weights = load_model(ckpt, torch.float32).state_dict()
+    _load_trained(model, cfg.method, weights)
+    pt = torch.load(ckpt / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(pt["optimizer"])
+    scheduler.load_state_dict(pt["scheduler"])
+    torch.set_rng_state(pt["torch_rng"])
+    return int(state["step"]), [tuple(x) for x in state.get("losses", [])]
+
+
+def _load_trained(model, method: str, weights: dict) -> None:
+    """Copy a checkpoint's trained tensors into `model` (in place, keeping the optimizer's params)."""
+    import torch
+
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in weights.items():
+            if method == "lora":
+                key = key.removeprefix("base_model.model.")
+                for part in ("lora_A", "lora_B"):  # PEFT's saved names drop the adapter's name
+                    key = key.replace(f".{part}.weight", f".{part}.default.weight")
+            if key not in own:
+                if method == "full" and key == "lm_head.weight":
+                    continue  # tied to the embeddings
+                raise GlmgymError(f"the checkpoint's {key} does not fit the model")
+            own[key].copy_(value)
+
+
+def _checkpoint_blocks(model) -> None:
+    """Recompute each GLM block in the backward pass instead of keeping its activations."""
+    import torch.utils.checkpoint as cp
+
+    for block in model.transformer.layers:
+        forward = block.forward
+
+        def checkpointed(*args, _f=forward, **kwargs):
+            return cp.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed

@@ -1,0 +1,179 @@
+"""Fine-tuning: the reference's sequences and labels, checkpoints in THUDM's and PEFT's formats,
+exact resume, learning, a quantized frozen base, and clear errors for bad data."""
+
+import json
+
+import pytest
+import torch
+
+from glmgym.chat.finetune import FinetuneConfig, _prepare, finetune
+from glmgym.chat.finetune_data import encode_example, make_batch, read_examples
+from glmgym.chat.session import load
+from glmgym.cli import main
+from glmgym.errors import GlmgymError
+
+COLORS = ["红色", "蓝色", "白色", "黑色", "绿色", "黄色"]
+
+
+@pytest.fixture()
+def train_file(tmp_path):
+    rows = [{"content": f"类型#裙*颜色#{c}", "summary": f"这是一条{c}的裙子"} for c in COLORS]
+    path = tmp_path / "train.json"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def _cfg(train_file, out, **kw):
+    base = dict(model="random:tiny", train_file=str(train_file), out=str(out), pre_seq_len=4,
+                steps=6, batch_size=2, grad_accum=2, save_every=3, log_every=1, progress=False)
+    return FinetuneConfig(**(base | kw))
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_sequences_and_labels_follow_the_reference():
+    tok = load("random:tiny").tokenizer
+    e = encode_example(tok, "类型#裙" * 20, "这是裙子" * 20, max_source_length=8, max_target_length=6)
+    assert e.truncated and len(e.input_ids) == 7 + 2 + 4 + 1  # a[:S-1] + [gMASK, sop] + b[:T-2] + [eop]
+    assert e.input_ids[7:9] == [tok.gmask_id, tok.bos_id] and e.input_ids[-1] == tok.eos_id
+    assert e.context_len == 8
+    short = encode_example(tok, "裙", "红", 64, 64)
+    b = make_batch([e, short], tok.pad_id, length=20, prefix_len=3)
+    assert b.input_ids.shape == (2, 20) and b.attention_mask.shape == (2, 1, 20, 23)
+    # labels: -100 up to <sop>, then the ids (<sop> itself included), padding -100
+    assert (b.labels[0, :8] == -100).all() and b.labels[0, 8].item() == tok.bos_id
+    assert b.labels[0, 8:14].tolist() == e.input_ids[8:] and (b.labels[0, 14:] == -100).all()
+    # 2D positions: count to [gMASK], then stay; block positions 1, 2, ... from <sop>
+    assert b.position_ids[0, 0, :10].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 7, 7]
+    assert b.position_ids[0, 1, :10].tolist() == [0] * 8 + [1, 2]
+    mask = b.attention_mask[0, 0]
+    assert not mask[:, :3].any()  # the prefix is visible to every token
+    assert not mask[0, 3:11].any() and mask[0, 11]  # the context sees itself both ways, not the answer
+    assert not mask[9, 3:13].any() and mask[9, 13]  # causal from <sop> on
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "holds no examples"),
+    ('{"content": "a"}\n', "no column 'summary'"),
+    ("not json\n", "not JSON"),
+    ('["a", "b"]\n', "must be a JSON object"),
+    ('{"content": "a", "summary": 3}\n', "must be strings"),
+])
+def test_bad_data_gets_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(GlmgymError, match=message):
+        read_examples(path, "content", "summary")
+
+
+def test_chat_rows_render_their_history(tmp_path):
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps({"prompt": "q2", "response": "a2", "history": [["q1", "a1"]]}) + "\n")
+    [(prompt, answer)] = read_examples(path, "prompt", "response", "history")
+    assert prompt == "[Round 0]\n问：q1\n答：a1\n[Round 1]\n问：q2\n答：" and answer == "a2"
+
+
+def test_ptuning_saves_only_the_prefix_in_thudms_layout_and_it_reloads(train_file, tmp_path):
+    run = finetune(_cfg(train_file, tmp_path / "pt", learning_rate=5e-2, prefix_projection=True))
+    ckpt = run / "checkpoint-6"
+    state = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
+    assert state and all(k.startswith("transformer.prefix_encoder.") for k in state)
+    names = {"transformer.prefix_encoder.embedding.weight", "transformer.prefix_encoder.trans.0.weight"}
+    assert names <= set(state)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["pre_seq_len"] == 4 and config["prefix_projection"] is True
+    assert (run / "loss.png").is_file() and len(_log(run)) == 6
+    # the base did not change: only the prefix trained
+    bot = load("random:tiny")
+    fresh = _cfg(train_file, tmp_path / "unused", prefix_projection=True)
+    _prepare(bot, fresh)
+    before = bot.model.transformer.prefix_encoder.embedding.weight.clone()
+    bot.model.load_state_dict(state, strict=False)
+    assert not torch.equal(before, bot.model.transformer.prefix_encoder.embedding.weight)
+
+
+def test_lora_adapter_is_peft_format_and_loads_with_peft(train_file, tmp_path):
+    peft = pytest.importorskip("peft")
+    run = finetune(_cfg(train_file, tmp_path / "lora", method="lora", learning_rate=1e-2))
+    ckpt = run / "checkpoint-6"
+    adapter = json.loads((ckpt / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["lora_alpha"] == 32
+    assert adapter["target_modules"] == ["query_key_value"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert "base_model.model.transformer.layers.0.attention.query_key_value.lora_A.weight" in weights
+    # PEFT's own loader puts the adapter into a fresh model: same outputs as the trained one
+    bot = load("random:tiny")
+    peft.inject_adapter_in_model(peft.LoraConfig(r=8, lora_alpha=32, target_modules=["query_key_value"]),
+                                 bot.model)
+    plain = {k.removeprefix("base_model.model."): v for k, v in weights.items()}
+    result = peft.set_peft_model_state_dict(bot.model, plain)
+    assert not [k for k in result.unexpected_keys if "lora" in k]
+    loaded = {n: p for n, p in bot.model.named_parameters() if "lora_B" in n}
+    assert loaded and all(p.abs().sum() > 0 for p in loaded.values())  # trained B is not the zero init
+    losses = [r["loss"] for r in _log(run)]
+    assert losses[-1] < losses[0]
+
+
+def test_an_interrupted_run_resumes_exactly(train_file, tmp_path, monkeypatch):
+    import glmgym.chat.finetune as ft
+
+    whole = finetune(_cfg(train_file, tmp_path / "whole", method="lora", learning_rate=1e-2))
+    save = ft._save
+
+    def save_then_stop(path, *args):
+        save(path, *args)
+        raise KeyboardInterrupt  # killed right after the first checkpoint
+
+    monkeypatch.setattr(ft, "_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_cfg(train_file, tmp_path / "part", method="lora", learning_rate=1e-2))
+    monkeypatch.setattr(ft, "_save", save)
+    resumed = finetune(FinetuneConfig(model="random:tiny", train_file=str(train_file),
+                                      resume=str(tmp_path / "part"), progress=False))
+    from safetensors.torch import load_file
+
+    a = load_file(str(whole / "checkpoint-6" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "checkpoint-6" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _log(whole)] == [r["loss"] for r in _log(resumed)]
+    with pytest.raises(GlmgymError, match="cannot change --learning-rate"):
+        finetune(FinetuneConfig(model="random:tiny", train_file=str(train_file), steps=9,
+                                learning_rate=1.0, resume=str(tmp_path / "part")))
+
+
+def test_full_finetuning_learns_and_writes_a_loadable_checkpoint(train_file, tmp_path):
+    run = finetune(_cfg(train_file, tmp_path / "full", method="full", learning_rate=1e-3, steps=10,
+                        save_every=10))
+    losses = [r["loss"] for r in _log(run)]
+    assert losses[-1] < losses[0] - 0.5
+    bot = load(str(run / "checkpoint-10"))  # a plain checkpoint: weights, config, tokenizer
+    assert bot.tokenizer.encode("裙") == load("random:tiny").tokenizer.encode("裙")
+
+
+def test_ptuning_trains_through_a_frozen_int4_base(train_file, tmp_path):
+    run = finetune(_cfg(train_file, tmp_path / "q4", quantize=4, learning_rate=5e-2, steps=3, save_every=3))
+    state = torch.load(run / "checkpoint-3" / "pytorch_model.bin", weights_only=True)
+    assert set(state) == {"transformer.prefix_encoder.embedding.weight"}
+
+
+def test_finetune_cli_and_its_errors(train_file, tmp_path, capsys):
+    assert main(["chat", "finetune", "--model", "random:tiny", "--train-file", str(train_file),
+                 "--method", "lora", "--steps", "2", "--grad-accum", "1", "--save-every", "2",
+                 "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert (tmp_path / "cli" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert main(["chat", "finetune", "--model", "random:tiny", "--train-file", str(train_file),
+                 "--out", str(tmp_path / "cli")]) == 2  # an earlier run's directory
+    assert main(["chat", "finetune", "--model", "random:tiny", "--train-file", str(tmp_path / "none.json"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert main(["chat", "finetune", "--model", "random:tiny", "--train-file", str(train_file),
+                 "--method", "lora", "--lora-targets", "nope", "--out", str(tmp_path / "y")]) == 2
+    assert main(["chat", "finetune", "--model", "random:tiny", "--train-file", str(train_file),
+                 "--method", "lora", "--quantize", "4", "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds files" in err and "does not exist" in err and "no such Linear layer" in err
+    assert "--quantize works with --method ptuning" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
