@@ -9,6 +9,7 @@
     glmgym chat quantize ...    write an INT8/INT4 checkpoint (see QuantizeConfig)
     glmgym chat serve ...       OpenAI-compatible API + web chat (see ServeConfig)
     glmgym chat finetune ...    P-Tuning v2 / LoRA / full fine-tuning (see FinetuneConfig)
+    glmgym chat merge-lora ...  fold a LoRA adapter into a plain checkpoint (see MergeLoraConfig)
 
 User errors print one line and exit with code 2; heavy imports happen inside the commands.
 """
@@ -121,6 +122,15 @@ def _chat_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_merge_lora(args: argparse.Namespace) -> int:
+    from glmgym.chat.checkpoint import merge_lora_checkpoint
+    from glmgym.chat.terminal import MergeLoraConfig
+
+    cfg = dataclass_from_namespace(MergeLoraConfig, args)
+    print(f"wrote {merge_lora_checkpoint(cfg.model, cfg.lora, cfg.out)}")
+    return 0
+
+
 def _chat_serve(args: argparse.Namespace) -> int:
     from glmgym.chat.server import ServeConfig, serve
 
@@ -143,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     from glmgym.agents.play import PlayConfig
     from glmgym.chat.finetune import FinetuneConfig
     from glmgym.chat.server import ServeConfig
-    from glmgym.chat.terminal import ChatCLIConfig, QuantizeConfig
+    from glmgym.chat.terminal import ChatCLIConfig, MergeLoraConfig, QuantizeConfig
 
     parser = argparse.ArgumentParser(
         prog="glmgym",
@@ -179,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = _command(pillars, "chat", _chat, ChatCLIConfig, help="chat with ChatGLM-6B in the terminal",
                     description="Streaming terminal chat with ChatGLM-6B (history kept; 'clear' resets, "
                     "'stop' leaves, Ctrl-C interrupts a reply), or a one-shot answer with --prompt.")
-    chat_cmds = chat.add_subparsers(dest="chat_command", required=False, metavar="{quantize,serve,finetune}",
+    chat_cmds = chat.add_subparsers(dest="chat_command", required=False,
+                                    metavar="{quantize,serve,finetune,merge-lora}",
                                     title="other commands (without one: the terminal chat)")
     _command(chat_cmds, "quantize", _chat_quantize, QuantizeConfig,
              help="write an INT8/INT4 copy of a float checkpoint",
@@ -196,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
              description="Fine-tune ChatGLM-6B on JSON-lines data (THUDM's ptuning recipe): P-Tuning v2 "
              "(THUDM's checkpoint format), LoRA (PEFT's adapter format) or full fine-tuning, with "
              "exact --resume. Needs the finetune extra for LoRA: pip install 'glmgym[finetune]'.")
+    _command(chat_cmds, "merge-lora", _chat_merge_lora, MergeLoraConfig,
+             help="merge a LoRA adapter into a plain checkpoint",
+             description="Fold a PEFT LoRA adapter into the float weights of a checkpoint and write a "
+             "plain fp16 checkpoint (with the tokenizer) that glmgym chat and glmgym chat quantize take.")
     return parser
 
 

@@ -177,3 +177,84 @@ def test_finetune_cli_and_its_errors(train_file, tmp_path, capsys):
     assert "already holds files" in err and "does not exist" in err and "no such Linear layer" in err
     assert "--quantize works with --method ptuning" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _logits(bot, text="类型#裙*颜色#红色"):
+    """Last-position logits of a prompt through the generation path (KV cache, prefix in it)."""
+    from glmgym.chat.generate import PromptBatch, prefill
+    from glmgym.chat.model import KVCache
+
+    ids = bot.tokenizer.encode(text)
+    model = bot.model.eval()
+    cfg = model.config
+    with torch.no_grad():
+        cache = KVCache.empty(cfg, 1, model.prefix_len + len(ids) + 1, torch.float32, "cpu")
+        if model.prefix_len:
+            k, v = model.prefix_kv(1, torch.float32)
+            cache.k[:, :, :, : model.prefix_len], cache.v[:, :, :, : model.prefix_len] = k, v
+        return prefill(model, PromptBatch.build([ids], bot.tokenizer.pad_id), cache)[0]
+
+
+@pytest.fixture()
+def lora_run(train_file, tmp_path):
+    return finetune(_cfg(train_file, tmp_path / "lora", method="lora", learning_rate=5e-2))
+
+
+def test_merged_and_unmerged_lora_give_the_same_logits(lora_run, tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    ckpt = lora_run / "checkpoint-6"
+    unmerged = load("random:tiny")
+    peft.inject_adapter_in_model(peft.LoraConfig(r=8, lora_alpha=32, target_modules=["query_key_value"]),
+                                 unmerged.model)
+    weights = load_file(str(ckpt / "adapter_model.safetensors"))
+    peft.set_peft_model_state_dict(unmerged.model, {k.removeprefix("base_model.model."): v
+                                                    for k, v in weights.items()})
+    merged = load("random:tiny", lora=str(ckpt))
+    base = _logits(load("random:tiny"))
+    a, b = _logits(unmerged), _logits(merged)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, base, atol=1e-3)
+    # merge-lora writes a plain checkpoint with the same model (fp16 on disk)
+    out = tmp_path / "merged"
+    assert main(["chat", "merge-lora", "--model", "random:tiny", "--lora", str(ckpt), "--out", str(out)]) == 0
+    reloaded = load(str(out), dtype="float32")
+    assert torch.allclose(_logits(reloaded), b, atol=2e-2)
+    assert main(["chat", "quantize", "--model", str(out), "--bits", "4", "--out", str(tmp_path / "q4")]) == 0
+
+
+def test_a_ptuning_checkpoint_loads_for_chat_and_matches_training(train_file, tmp_path):
+    from glmgym.chat.finetune_data import make_batch
+
+    run = finetune(_cfg(train_file, tmp_path / "pt", learning_rate=5e-2))
+    bot = load("random:tiny", ptuning_checkpoint=str(run / "checkpoint-6"))
+    assert bot.model.prefix_len == 4
+    # the generation path (prefix in the cache) equals the training path (prefix concatenated)
+    text = "类型#裙*颜色#红色"
+    ids = bot.tokenizer.encode(text)
+    e = type("E", (), {"input_ids": ids, "context_len": len(ids) - 1})()
+    batch = make_batch([e], bot.tokenizer.pad_id, prefix_len=4)
+    with torch.no_grad():
+        trained = bot.model.eval()(batch.input_ids, batch.position_ids, batch.attention_mask)[0, -1]
+    assert torch.allclose(_logits(bot, text), trained, atol=1e-5)
+    response, _ = bot.chat("你好", max_length=40, do_sample=False)
+    assert isinstance(response, str)
+
+
+def test_adapters_given_the_wrong_way_get_clear_errors(lora_run, train_file, tmp_path):
+    pt = finetune(_cfg(train_file, tmp_path / "pt", steps=1, save_every=1)) / "checkpoint-1"
+    lora = lora_run / "checkpoint-6"
+    with pytest.raises(GlmgymError, match="a LoRA adapter"):
+        load("random:tiny", ptuning_checkpoint=str(lora))
+    with pytest.raises(GlmgymError, match="a P-Tuning checkpoint"):
+        load("random:tiny", lora=str(pt))
+    bad = tmp_path / "bad-lora"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((lora / "adapter_config.json").read_text())
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(lora / "adapter_model.safetensors"))
+    save_file({k: v[:, :-1].contiguous() if "lora_A" in k else v for k, v in weights.items()},
+              str(bad / "adapter_model.safetensors"))
+    with pytest.raises(GlmgymError, match="do not fit"):
+        load("random:tiny", lora=str(bad))

@@ -251,8 +251,9 @@ def _release_freed_memory() -> None:
 
 
 def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
-               max_shard_bytes: int = 2 * 2**30) -> Path:
-    """Write `model` in THUDM's layout (config.json, shards and an index), atomically."""
+               max_shard_bytes: int = 2 * 2**30, tokenizer=None) -> Path:
+    """Write `model` in THUDM's layout (config.json, shards and an index), atomically; with a
+    `ChatGLMTokenizer`, also its `ice_text.model` (and `tokenizer_config.json` for v1.0's offset)."""
     from glmgym._io import atomic_dir, atomic_write_json
 
     if model.config.quantization_bit:
@@ -267,6 +268,10 @@ def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
         for name, t in state.items():
             writer.add(name, t)
         writer.close()
+        if tokenizer is not None:
+            (tmp / "ice_text.model").write_bytes(tokenizer.sp.serialized_model_proto())
+            if tokenizer.offset:
+                atomic_write_json(tmp / "tokenizer_config.json", {"num_image_tokens": tokenizer.offset})
     return Path(out_dir)
 
 
@@ -365,3 +370,17 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_s
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
     return Path(out_dir)
+
+
+def merge_lora_checkpoint(model: str | Path, lora: str | Path, out_dir: str | Path,
+                          dtype: torch.dtype = torch.float16) -> Path:
+    """Write a plain float checkpoint of `model` with the LoRA adapter `lora` merged in (what
+    `glmgym chat quantize` then takes). Merges in fp32, writes `dtype` (THUDM's files are fp16).
+
+    Raises:
+        GlmgymError: a quantized base, or an adapter that does not fit the model.
+    """
+    from glmgym.chat.session import load
+
+    bot = load(str(model), dtype=torch.float32, device="cpu", lora=lora)
+    return save_model(bot.model.to(dtype), out_dir, tokenizer=bot.tokenizer)

@@ -155,11 +155,7 @@ def _save(path: Path, cfg: FinetuneConfig, bot, optimizer, scheduler, step: int,
             save_file(_state_for(model, "lora"), str(tmp / "adapter_model.safetensors"))
             _lora_config(cfg, bot).save_pretrained(str(tmp))
         else:
-            save_model(model, tmp)
-            (tmp / "ice_text.model").write_bytes(bot.tokenizer.sp.serialized_model_proto())
-            if bot.tokenizer.offset:
-                (tmp / "tokenizer_config.json").write_text(
-                    json.dumps({"num_image_tokens": bot.tokenizer.offset}) + "\n")
+            save_model(model, tmp, tokenizer=bot.tokenizer)
         (tmp / TRAINER_STATE_JSON).write_text(json.dumps({"step": step, "method": cfg.method,
                                                           "losses": losses}) + "\n")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -65,6 +65,10 @@ class ServeConfig:
     """CPU threads for PyTorch; default: all physical cores."""
     ui: bool = True
     """Mount the Gradio web chat at /ui."""
+    ptuning_checkpoint: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """A P-Tuning v2 checkpoint to serve with (its prefix is added to the model)."""
+    lora: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """A PEFT LoRA adapter, merged into the float weights at load (before --quantize)."""
 
 
 class ApiError(Exception):
@@ -438,7 +442,8 @@ def serve(cfg: ServeConfig) -> int:
                           f"{cfg.max_batch}")
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
     set_threads(cfg.threads)
-    bot = load(cfg.model, dtype=cfg.dtype, device=cfg.device, quantize=cfg.quantize)
+    bot = load(cfg.model, dtype=cfg.dtype, device=cfg.device, quantize=cfg.quantize,
+               ptuning_checkpoint=cfg.ptuning_checkpoint, lora=cfg.lora)
     app = build_app(bot, cfg.max_queue, api_key, cfg.ui, cfg.max_batch)
     where = f"http://{cfg.host}:{cfg.port}"
     print(f"serving {bot.name} on {where} (API: {where}/v1, web chat: {where}/ui"

@@ -164,7 +164,8 @@ class ChatGLM:
 
 def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantize: int | None = None,
-         group_size: int | None = None, kernels: bool = True) -> ChatGLM:
+         group_size: int | None = None, kernels: bool = True, ptuning_checkpoint: str | Path | None = None,
+         lora: str | Path | None = None) -> ChatGLM:
     """Load ChatGLM-6B from a directory, a hub id (cache first) or `random:tiny`.
 
     Args:
@@ -178,8 +179,15 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
         group_size: INT4 group size with `quantize` (default 128; 0: one scale per row).
         kernels: False runs quantized layers by dequantizing per call, which autograd
             differentiates (fine-tuning on a quantized base); True picks the fastest kernel.
+        ptuning_checkpoint: a P-Tuning v2 checkpoint directory whose prefix to add.
+        lora: a PEFT LoRA adapter directory to merge into the float weights (before `quantize`).
+
+    Raises:
+        GlmgymError: missing or malformed files, or an adapter that does not fit the model.
     """
+    from glmgym.chat.adapters import load_ptuning, merge_lora
     from glmgym.chat.checkpoint import DTYPES, load_model, resolve_model_dir
+    from glmgym.chat.quantize import QuantSpec, quantize_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
@@ -191,14 +199,23 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
 
         model, tokenizer = build_tiny()
         model = model.to(device=device, dtype=dtype or torch.float32)
-        if quantize:
-            from glmgym.chat.quantize import QuantSpec, quantize_model
-
-            quantize_model(model, QuantSpec.default(quantize, group_size), kernels)
-        return ChatGLM(model, tokenizer, "random:tiny")
-    model_dir = resolve_model_dir(path_or_id)
-    model = load_model(model_dir, dtype, device, quantize=quantize, group_size=group_size, kernels=kernels)
-    return ChatGLM(model, load_tokenizer(model_dir), str(model_dir))
+        name = "random:tiny"
+    else:
+        model_dir = resolve_model_dir(path_or_id)
+        # a LoRA merge needs float weights: load them, merge, then quantize
+        model = load_model(model_dir, dtype, device, quantize=None if lora else quantize,
+                           group_size=group_size, kernels=kernels)
+        tokenizer, name = load_tokenizer(model_dir), str(model_dir)
+    if lora:
+        if QuantSpec.from_config(model.config):
+            raise GlmgymError(f"{name} is quantized; a LoRA adapter merges into a float checkpoint "
+                              "(add --quantize to quantize after the merge)")
+        merge_lora(model, lora)
+    if quantize and (lora or name == "random:tiny"):
+        quantize_model(model, QuantSpec.default(quantize, group_size), kernels)
+    if ptuning_checkpoint:
+        load_ptuning(model, ptuning_checkpoint)
+    return ChatGLM(model, tokenizer, name)
 
 
 def load_tokenizer(model_dir: str | Path) -> ChatGLMTokenizer:

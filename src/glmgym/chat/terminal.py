@@ -42,6 +42,10 @@ class ChatCLIConfig:
     """Sampling temperature."""
     seed: int | None = None
     """Sampling seed, for reproducible answers."""
+    ptuning_checkpoint: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """A P-Tuning v2 checkpoint (checkpoint-N/ of `glmgym chat finetune` or THUDM's ptuning)."""
+    lora: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """A PEFT LoRA adapter, merged into the float weights at load (before --quantize)."""
 
 
 @dataclass
@@ -77,7 +81,8 @@ def run_chat(cfg: ChatCLIConfig) -> int:
     from glmgym.chat.session import HistoryTrimmedWarning, load
 
     set_threads(cfg.threads)
-    bot = load(cfg.model, dtype=cfg.dtype, device=cfg.device, quantize=cfg.quantize)
+    bot = load(cfg.model, dtype=cfg.dtype, device=cfg.device, quantize=cfg.quantize,
+               ptuning_checkpoint=cfg.ptuning_checkpoint, lora=cfg.lora)
     gen = {"max_length": cfg.max_length, "top_p": cfg.top_p, "temperature": cfg.temperature,
            "seed": cfg.seed}
     if bot.name == "random:tiny":
@@ -138,3 +143,15 @@ def _converse(bot, cfg: ChatCLIConfig, gen: dict) -> int:
         except GlmgymError as exc:
             print(f"\n[{exc}]", file=sys.stderr)
         print(flush=True)
+
+
+@dataclass
+class MergeLoraConfig:
+    """Options of `glmgym chat merge-lora`."""
+
+    model: str = field(default="", metadata={"required": True, "metavar": "SRC"})
+    """Float base checkpoint directory or hub id (from the local cache)."""
+    lora: str = field(default="", metadata={"required": True, "metavar": "DIR"})
+    """PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    out: str = field(default="", metadata={"required": True, "metavar": "DIR"})
+    """Output directory (written atomically): a plain fp16 checkpoint with the tokenizer."""
