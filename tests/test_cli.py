@@ -16,6 +16,7 @@ TINY = ["--hidden-size", "32", "--n-layer", "1", "--context-len", "5", "--batch-
 @pytest.mark.parametrize("argv", [
     [], ["agent"], ["agent", "train"], ["agent", "evaluate"], ["agent", "collect"], ["agent", "datasets"],
     ["agent", "play"], ["chat"], ["chat", "quantize"], ["chat", "serve"], ["chat", "finetune"],
+    ["chat", "evaluate"], ["chat", "merge-lora"],
 ])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -30,6 +31,7 @@ def test_every_command_has_help(argv, capsys):
     expected = {  # one option of each command, with its help text from the config dataclass
         "collect": "--levels", "datasets": "--json", "play": "--video", "chat": "--quantize {4,8}",
         "quantize": "--group-size G", "serve": "--max-queue", "finetune": "--method {ptuning,lora,full}",
+        "evaluate": "--ptuning-checkpoint DIR", "merge-lora": "--lora DIR",
     }
     if argv and argv[-1] in expected:
         assert expected[argv[-1]] in out

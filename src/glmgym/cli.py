@@ -9,6 +9,7 @@
     glmgym chat quantize ...    write an INT8/INT4 checkpoint (see QuantizeConfig)
     glmgym chat serve ...       OpenAI-compatible API + web chat (see ServeConfig)
     glmgym chat finetune ...    P-Tuning v2 / LoRA / full fine-tuning (see FinetuneConfig)
+    glmgym chat evaluate ...    BLEU-4 / Rouge of generated answers (see ChatEvalConfig)
     glmgym chat merge-lora ...  fold a LoRA adapter into a plain checkpoint (see MergeLoraConfig)
 
 User errors print one line and exit with code 2; heavy imports happen inside the commands.
@@ -122,6 +123,14 @@ def _chat_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_evaluate(args: argparse.Namespace) -> int:
+    from glmgym.chat.predict import ChatEvalConfig, evaluate_generation, format_results
+
+    cfg = dataclass_from_namespace(ChatEvalConfig, args)
+    print(format_results(evaluate_generation(cfg), cfg.out))
+    return 0
+
+
 def _chat_merge_lora(args: argparse.Namespace) -> int:
     from glmgym.chat.checkpoint import merge_lora_checkpoint
     from glmgym.chat.terminal import MergeLoraConfig
@@ -152,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     from glmgym.agents.config import EvalConfig, TrainConfig
     from glmgym.agents.play import PlayConfig
     from glmgym.chat.finetune import FinetuneConfig
+    from glmgym.chat.predict import ChatEvalConfig
     from glmgym.chat.server import ServeConfig
     from glmgym.chat.terminal import ChatCLIConfig, MergeLoraConfig, QuantizeConfig
 
@@ -190,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Streaming terminal chat with ChatGLM-6B (history kept; 'clear' resets, "
                     "'stop' leaves, Ctrl-C interrupts a reply), or a one-shot answer with --prompt.")
     chat_cmds = chat.add_subparsers(dest="chat_command", required=False,
-                                    metavar="{quantize,serve,finetune,merge-lora}",
+                                    metavar="{quantize,serve,finetune,evaluate,merge-lora}",
                                     title="other commands (without one: the terminal chat)")
     _command(chat_cmds, "quantize", _chat_quantize, QuantizeConfig,
              help="write an INT8/INT4 copy of a float checkpoint",
@@ -207,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
              description="Fine-tune ChatGLM-6B on JSON-lines data (THUDM's ptuning recipe): P-Tuning v2 "
              "(THUDM's checkpoint format), LoRA (PEFT's adapter format) or full fine-tuning, with "
              "exact --resume. Needs the finetune extra for LoRA: pip install 'glmgym[finetune]'.")
+    _command(chat_cmds, "evaluate", _chat_evaluate, ChatEvalConfig,
+             help="generate answers for a data file and score them (BLEU-4, Rouge)",
+             description="Generate an answer for every row of a JSON-lines file (optionally with a "
+             "P-Tuning checkpoint or a LoRA adapter) and score it against the reference answer as "
+             "THUDM's ptuning does: BLEU-4 on characters, Rouge-1/2/L on jieba words. Writes "
+             "generated_predictions.txt and predict_results.json.")
     _command(chat_cmds, "merge-lora", _chat_merge_lora, MergeLoraConfig,
              help="merge a LoRA adapter into a plain checkpoint",
              description="Fold a PEFT LoRA adapter into the float weights of a checkpoint and write a "

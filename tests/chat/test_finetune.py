@@ -258,3 +258,33 @@ def test_adapters_given_the_wrong_way_get_clear_errors(lora_run, train_file, tmp
               str(bad / "adapter_model.safetensors"))
     with pytest.raises(GlmgymError, match="do not fit"):
         load("random:tiny", lora=str(bad))
+
+
+def test_generation_scores_match_hand_computed_values():
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    from glmgym.chat.metrics import generation_scores
+
+    same = generation_scores(["这是一条红色的裙子"], ["这是一条红色的裙子"])
+    assert same["rouge-1"] == pytest.approx(100) and same["bleu-4"] == pytest.approx(100)
+    pred, label = "这是一条蓝色的裙子", "这是一条红色的裙子"
+    s = generation_scores([pred, ""], [label, label])
+    bleu = sentence_bleu([list(label)], list(pred), smoothing_function=SmoothingFunction().method3) * 100
+    assert s["bleu-4"] == pytest.approx(bleu / 2)  # the empty prediction scores 0
+    assert 0 < s["rouge-l"] < 50
+
+
+def test_evaluate_writes_thudms_prediction_files(lora_run, train_file, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["chat", "evaluate", "--model", "random:tiny", "--lora", str(lora_run / "checkpoint-6"),
+                 "--file", str(train_file), "--out", str(out), "--max-target-length", "8",
+                 "--batch-size", "4", "--no-do-sample"]) == 0
+    rows = [json.loads(line) for line in (out / "generated_predictions.txt").read_text().splitlines()]
+    assert len(rows) == len(COLORS) and rows[0]["labels"] == "这是一条红色的裙子" and "predict" in rows[0]
+    results = json.loads((out / "predict_results.json").read_text())
+    assert results["predict_samples"] == len(COLORS)
+    assert {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l"} <= set(results)
+    assert "bleu-4:" in capsys.readouterr().out
+    assert main(["chat", "evaluate", "--model", "random:tiny", "--file", str(train_file), "--out",
+                 str(tmp_path / "e2"), "--response-column", "nope"]) == 2
+    assert not (tmp_path / "e2").exists()
