@@ -288,3 +288,32 @@ def test_evaluate_writes_thudms_prediction_files(lora_run, train_file, tmp_path,
     assert main(["chat", "evaluate", "--model", "random:tiny", "--file", str(train_file), "--out",
                  str(tmp_path / "e2"), "--response-column", "nope"]) == 2
     assert not (tmp_path / "e2").exists()
+
+
+def test_two_processes_agree_with_one(train_file, tmp_path):
+    """torchrun with 2 CPU processes (gloo, DDP): each takes half of every micro-batch, and the
+    adapter after 3 steps equals the single-process one (no dropout, so both runs are the same math)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["--model", "random:tiny", "--train-file", str(train_file), "--method", "lora", "--lora-dropout",
+            "0", "--steps", "3", "--batch-size", "2", "--grad-accum", "2", "--save-every", "3",
+            "--learning-rate", "1e-2", "--no-progress"]
+    assert main(["chat", "finetune", *args, "--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "glmgym.cli", "chat", "finetune", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    one = load_file(str(tmp_path / "one" / "checkpoint-3" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "checkpoint-3" / "adapter_model.safetensors"))
+    assert one.keys() == two.keys()
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    state = json.loads((tmp_path / "two" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    l1, l2 = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert [r["loss"] for r in l1] == pytest.approx([r["loss"] for r in l2], rel=1e-5)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from glmgym._io import atomic_write_json, atomic_write_text
 from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -43,6 +41,7 @@ from glmgym.agents.envs import (
 from glmgym.agents.evaluate import Policy, evaluate, format_report
 from glmgym.agents.model import DecisionTransformer
 from glmgym.devices import native_bf16, resolve_device
+from glmgym.distributed import ProcessGroup
 from glmgym.errors import GlmgymError
 
 __all__ = ["make_optimizer", "train", "train_step"]
@@ -52,35 +51,6 @@ TRAINER_STATE_PT = "trainer_state.pt"
 # Options that may change when resuming; any other difference would silently change the run.
 _RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_episodes", "save_every", "log_every",
                         "progress", "device", "target_returns")
-
-
-class _Dist:
-    """Process-group facts; a single process when not launched by torchrun."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _default_targets(env_id: str, dataset: OfflineDataset) -> tuple[float, ...]:
@@ -224,7 +194,7 @@ def _evaluate(policy: Policy, run: _Inputs, step: int, log: _RunLog) -> dict[str
     return report
 
 
-def _save(path: Path, step: int, model, optimizer, scheduler, rng, ddp: _Dist, device: torch.device,
+def _save(path: Path, step: int, model, optimizer, scheduler, rng, ddp: ProcessGroup, device: torch.device,
           extras: dict[str, Any]) -> Path:
     """A checkpoint with the trainer state of every process (rank 0 writes it, atomically)."""
     states = ddp.gather({"numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
@@ -271,7 +241,7 @@ def train(cfg: TrainConfig) -> Path:
     device = resolve_device(cfg.device)
     run = _check_inputs(cfg)
     cfg, dataset = run.cfg, run.dataset
-    ddp = _Dist(device)
+    ddp = ProcessGroup(device)
     if cfg.batch_size % ddp.world:
         raise GlmgymError(f"--batch-size {cfg.batch_size} is not divisible by {ddp.world} processes")
     state_mean, state_std = dataset.state_stats()
@@ -376,7 +346,7 @@ def train_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer, sc
     return loss.detach()
 
 
-def _load_trainer_state(ckpt: Path, model, optimizer, scheduler, rng, ddp: _Dist, device) -> int:
+def _load_trainer_state(ckpt: Path, model, optimizer, scheduler, rng, ddp: ProcessGroup, device) -> int:
     state_json = json.loads((ckpt / TRAINER_STATE_JSON).read_text())
     if state_json.get("world_size", 1) != ddp.world:
         raise GlmgymError(f"{ckpt} was written by {state_json.get('world_size')} processes; "

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmgym.distributed import ProcessGroup
 from glmgym.errors import GlmgymError, import_extra
 
 __all__ = ["FinetuneConfig", "finetune"]
@@ -137,8 +138,10 @@ def _state_for(model, method: str) -> dict[str, Any]:
     return {}
 
 
-def _save(path: Path, cfg: FinetuneConfig, bot, optimizer, scheduler, step: int, losses: list) -> Path:
-    """One checkpoint, atomically (see the module docstring for what it holds)."""
+def _save(path: Path, cfg: FinetuneConfig, bot, optimizer, scheduler, step: int, losses: list,
+          rng_states: list) -> Path:
+    """One checkpoint, atomically (see the module docstring for what it holds); rank 0 calls it
+    with every process's torch RNG state."""
     import torch
 
     from glmgym._io import atomic_dir
@@ -157,9 +160,10 @@ def _save(path: Path, cfg: FinetuneConfig, bot, optimizer, scheduler, step: int,
         else:
             save_model(model, tmp, tokenizer=bot.tokenizer)
         (tmp / TRAINER_STATE_JSON).write_text(json.dumps({"step": step, "method": cfg.method,
+                                                          "world_size": len(rng_states),
                                                           "losses": losses}) + "\n")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / TRAINER_STATE_PT)
+                    "torch_rng": rng_states}, tmp / TRAINER_STATE_PT)
     return path
 
 
@@ -222,17 +226,22 @@ def _batches(examples: list, cfg: FinetuneConfig, step: int, rng_seed: int) -> l
     return [out[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
 
 
-def _loss(model, batch, device) -> tuple[Any, int]:
-    """Mean cross-entropy of the next token over the labelled positions, and their count."""
+def _loss_sum(model, batch, device) -> tuple[Any, int]:
+    """Summed cross-entropy of the next token over the labelled positions, and their count."""
     import torch.nn.functional as F
 
     logits = model(batch.input_ids.to(device), batch.position_ids.to(device),
                    batch.attention_mask.to(device))
-    labels = batch.labels.to(device)
     shift = logits[:, :-1].float()  # position t predicts token t + 1
-    target = labels[:, 1:]
-    n = int((target != -100).sum())
-    return F.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100), n
+    target = batch.labels[:, 1:].to(device)
+    loss = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, int((target != -100).sum())
+
+
+def _labelled(examples: list) -> int:
+    """Labelled positions of a micro-batch after the shift (every token from `<sop>` on)."""
+    return sum(len(e.input_ids) - e.context_len for e in examples)
 
 
 def _plot(run_dir: Path, losses: list[tuple[int, float]]) -> None:
@@ -276,8 +285,35 @@ def _resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
     return FinetuneConfig(**merged), ckpts[-1]
 
 
+def _optimizer_step(train_model, params, optimizer, scheduler, micro_batches: list, pad_id: int,
+                    length: int, prefix_len: int, device, group: ProcessGroup) -> tuple[float, int]:
+    """One optimizer step over `micro_batches`; returns (mean loss per labelled token, tokens).
+
+    Under torchrun each process takes its share of every micro-batch; the loss is the summed
+    cross-entropy over the global count of labelled tokens (known to every process), times the
+    world size because DDP averages gradients, so the step equals the single-process one.
+    """
+    import torch
+
+    from glmgym.chat.finetune_data import make_batch
+
+    optimizer.zero_grad(set_to_none=True)
+    total, tokens = 0.0, 0
+    for micro in micro_batches:
+        n_all = _labelled(micro) * len(micro_batches)  # the step's mean is over every micro-batch
+        shard = micro[group.rank :: group.world]
+        loss_sum, n = _loss_sum(train_model, make_batch(shard, pad_id, length, prefix_len), device)
+        (loss_sum * group.world / n_all).backward()
+        total += loss_sum.item() / n_all
+        tokens += n
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    return group.sum(total), tokens
+
+
 def finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune; return the run directory.
+    """Fine-tune; return the run directory (see the module docstring).
 
     Raises:
         GlmgymError: bad data, options or run directory (before anything is written).
@@ -286,7 +322,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     from tqdm.auto import tqdm
 
     from glmgym._io import atomic_write_json
-    from glmgym.chat.finetune_data import encode_example, make_batch, read_examples
+    from glmgym.chat.finetune_data import encode_example, read_examples
     from glmgym.chat.session import load
     from glmgym.devices import native_bf16, resolve_device
 
@@ -299,79 +335,89 @@ def finetune(cfg: FinetuneConfig) -> Path:
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"finetune-{cfg.method}-{stamp}"
     if resume_ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
         raise GlmgymError(f"{run_dir} already holds files; pick another --out or pass --resume {run_dir}")
+    group = ProcessGroup(device)
+    if cfg.batch_size % group.world:
+        raise GlmgymError(f"--batch-size {cfg.batch_size} is not divisible by {group.world} processes")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
-    dtype = torch.bfloat16 if bf16 else torch.float32
     # a quantized base dequantizes per call (kernels=False): autograd then reaches the inputs
-    bot = load(cfg.model, dtype=dtype, device=device, quantize=cfg.quantize, kernels=False)
+    bot = load(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device,
+               quantize=cfg.quantize, kernels=False)
     examples = [encode_example(bot.tokenizer, p, a, cfg.max_source_length, cfg.max_target_length)
                 for p, a in pairs]
-    truncated = sum(e.truncated for e in examples)
     params = _prepare(bot, cfg)
     model = bot.model
     if cfg.gradient_checkpointing:
         _checkpoint_blocks(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / cfg.steps))
-    torch.manual_seed(cfg.seed + 1)  # dropout stream
+    torch.manual_seed(cfg.seed + 1 + 7919 * group.rank)  # dropout stream, one per process
     step, losses = 0, []
     if resume_ckpt is not None:
-        step, losses = _load_state(resume_ckpt, cfg, model, optimizer, scheduler)
+        step, losses = _load_state(resume_ckpt, cfg, model, optimizer, scheduler, group)
         if step >= cfg.steps:
             raise GlmgymError(f"the run is already at step {step}; pass a larger --steps to continue it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "finetune_config.json", dataclasses.asdict(cfg) | {"resume": None})
+    train_model = model
+    if group.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     log_path = run_dir / "log.jsonl"
-    if resume_ckpt is not None and log_path.exists():  # drop records past the resumed step
-        kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-    trained = sum(p.numel() for p in params)
-    print(f"{cfg.method} on {bot.name}: {len(examples)} examples ({truncated} truncated), "
-          f"{trained:,} trained parameters, {'bf16' if bf16 else 'fp32'} base, device {device} -> {run_dir}")
+    if group.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "finetune_config.json", dataclasses.asdict(cfg) | {"resume": None})
+        if resume_ckpt is not None and log_path.exists():  # drop records past the resumed step
+            kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+        print(f"{cfg.method} on {bot.name}: {len(examples)} examples ({sum(e.truncated for e in examples)} "
+              f"truncated), {sum(p.numel() for p in params):,} trained parameters, "
+              f"{'bf16' if bf16 else 'fp32'} base, device {device}, {group.world} process(es) -> {run_dir}")
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="finetune", unit="step",
-               mininterval=0.5 if sys.stderr.isatty() else 15.0)
-    t0, tokens = time.perf_counter(), 0
-    P = model.prefix_len
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and group.main), desc="finetune",
+               unit="step", mininterval=0.5 if sys.stderr.isatty() else 15.0)
+    t0, tokens, ckpt = time.perf_counter(), 0, None
     length = cfg.max_source_length + cfg.max_target_length  # the reference pads to this
-    ckpt = None
-    while step < cfg.steps:
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in _batches(examples, cfg, step, cfg.seed):
-            batch = make_batch(micro, bot.tokenizer.pad_id, length, P)
-            loss, n = _loss(model, batch, device)
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-            tokens += n
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        if not math.isfinite(total):
-            raise GlmgymError(f"the loss became {total} at step {step}; lower --learning-rate")
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.perf_counter()
-            record = {"step": step, "loss": total, "lr": scheduler.get_last_lr()[0],
-                      "tokens_per_s": tokens / (now - t0)}
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            losses.append((step, total))
-            bar.set_postfix(loss=f"{total:.4f}")
-            t0, tokens = now, 0
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            ckpt = _save(run_dir / f"checkpoint-{step}", cfg, bot, optimizer, scheduler, step, losses)
-    bar.close()
-    _plot(run_dir, losses)
-    print(f"checkpoint: {ckpt}")
+    try:
+        while step < cfg.steps:
+            loss, n = _optimizer_step(train_model, params, optimizer, scheduler,
+                                      _batches(examples, cfg, step, cfg.seed), bot.tokenizer.pad_id,
+                                      length, model.prefix_len, device, group)
+            step, tokens = step + 1, tokens + n
+            bar.update(1)
+            if not math.isfinite(loss):
+                raise GlmgymError(f"the loss became {loss} at step {step}; lower --learning-rate")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                          "tokens_per_s": group.sum(tokens) / (now - t0)}
+                if group.main:
+                    with open(log_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                losses.append((step, loss))
+                bar.set_postfix(loss=f"{loss:.4f}")
+                t0, tokens = now, 0
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                rng_states = group.gather(torch.get_rng_state())
+                if group.main:
+                    ckpt = _save(run_dir / f"checkpoint-{step}", cfg, bot, optimizer, scheduler, step, losses,
+                                 rng_states)
+                group.barrier()
+    finally:
+        bar.close()
+        group.close()
+    if group.main:
+        _plot(run_dir, losses)
+        print(f"checkpoint: {ckpt}")
     return run_dir
 
 
-def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler) -> tuple[int, list]:
-    """Trained weights, optimizer, schedule and RNG of a checkpoint; returns (step, losses)."""
+def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler, group) -> tuple[int, list]:
+    """Trained weights, optimizer, schedule and this process's RNG of a checkpoint; returns
+    (step, losses)."""
     import torch
 
     state = json.loads((ckpt / TRAINER_STATE_JSON).read_text())
+    if state.get("world_size", 1) != group.world:
+        raise GlmgymError(f"{ckpt} was written by {state.get('world_size', 1)} processes; resume it "
+                          f"with the same number (now {group.world})")
     if cfg.method == "ptuning":
         weights = torch.load(ckpt / "pytorch_model.bin", map_location="cpu", weights_only=True)
     elif cfg.method == "lora":
@@ -386,7 +432,7 @@ def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler) ->
     pt = torch.load(ckpt / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(pt["optimizer"])
     scheduler.load_state_dict(pt["scheduler"])
-    torch.set_rng_state(pt["torch_rng"])
+    torch.set_rng_state(pt["torch_rng"][group.rank])
     return int(state["step"]), [tuple(x) for x in state.get("losses", [])]
 
 
