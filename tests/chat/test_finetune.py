@@ -154,10 +154,19 @@ def test_full_finetuning_learns_and_writes_a_loadable_checkpoint(train_file, tmp
     assert bot.tokenizer.encode("裙") == load("random:tiny").tokenizer.encode("裙")
 
 
-def test_ptuning_trains_through_a_frozen_int4_base(train_file, tmp_path):
+def test_ptuning_and_lora_train_on_a_frozen_int4_base(train_file, tmp_path):
     run = finetune(_cfg(train_file, tmp_path / "q4", quantize=4, learning_rate=5e-2, steps=3, save_every=3))
     state = torch.load(run / "checkpoint-3" / "pytorch_model.bin", weights_only=True)
     assert set(state) == {"transformer.prefix_encoder.embedding.weight"}
+    run = finetune(_cfg(train_file, tmp_path / "q4-lora", method="lora", quantize=4, learning_rate=5e-2))
+    losses = [r["loss"] for r in _log(run)]
+    assert losses[-1] < losses[0]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run / "checkpoint-6" / "adapter_model.safetensors"))
+    assert "base_model.model.transformer.layers.1.attention.query_key_value.lora_B.weight" in weights
+    # the adapter merges into the float base like any other
+    assert load("random:tiny", lora=str(run / "checkpoint-6"), quantize=4).model.config.quantization_bit == 4
 
 
 def test_finetune_cli_and_its_errors(train_file, tmp_path, capsys):
@@ -172,10 +181,10 @@ def test_finetune_cli_and_its_errors(train_file, tmp_path, capsys):
     assert main(["chat", "finetune", "--model", "random:tiny", "--train-file", str(train_file),
                  "--method", "lora", "--lora-targets", "nope", "--out", str(tmp_path / "y")]) == 2
     assert main(["chat", "finetune", "--model", "random:tiny", "--train-file", str(train_file),
-                 "--method", "lora", "--quantize", "4", "--out", str(tmp_path / "z")]) == 2
+                 "--method", "full", "--quantize", "4", "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
     assert "already holds files" in err and "does not exist" in err and "no such Linear layer" in err
-    assert "--quantize works with --method ptuning" in err
+    assert "--quantize works with --method ptuning or lora" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

@@ -20,8 +20,9 @@ What a checkpoint holds, in the format users already have:
 - and `trainer_state.json` + `trainer_state.pt` (optimizer, schedule, RNG): `--resume OUT`
   continues exactly (N steps + resume + N steps give the weights of 2N steps).
 
-The base model is frozen for P-Tuning and LoRA, and may be quantized (`--quantize 4|8`, P-Tuning
-only for now): gradients flow through the quantized layers to their inputs.
+The base model is frozen for P-Tuning and LoRA, and may be quantized (`--quantize 4|8`): the
+quantized layers then dequantize per call, so gradients flow through them to their inputs (and to
+LoRA's A and B, which PEFT's own LoRA layer wraps around glmgym's `QuantizedLinear`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,7 @@ class FinetuneConfig:
     lora_targets: str = "query_key_value"
     """Comma-separated module names that get adapters."""
     quantize: int | None = field(default=None, metadata={"choices": (4, 8)})
-    """Quantize the frozen base to INT4 or INT8 while loading (P-Tuning)."""
+    """Quantize the frozen base to INT4 or INT8 while loading (P-Tuning and LoRA)."""
     max_source_length: int = 64
     """Prompt tokens kept (the prompt is cut to max_source_length - 1)."""
     max_target_length: int = 64
@@ -121,8 +123,9 @@ class FinetuneConfig:
             raise GlmgymError("--max-source-length must be at least 2 and --max-target-length at least 3")
         if self.learning_rate <= 0 or not 0 <= self.lora_dropout < 1:
             raise GlmgymError("--learning-rate must be positive and --lora-dropout in [0, 1)")
-        if self.quantize and self.method != "ptuning":
-            raise GlmgymError(f"--quantize works with --method ptuning; {self.method} needs a float base")
+        if self.quantize and self.method == "full":
+            raise GlmgymError("--quantize works with --method ptuning or lora; "
+                              "full fine-tuning needs a float base")
 
 
 def _state_for(model, method: str) -> dict[str, Any]:
@@ -196,14 +199,22 @@ def _prepare(bot, cfg: FinetuneConfig) -> list:
         model.transformer.prefix_encoder = PrefixEncoder(model.config).to(device)  # fp32, as the reference
         return list(model.transformer.prefix_encoder.parameters())
     peft = import_extra("peft", "finetune")
+    from glmgym.chat.quantize import QuantizedLinear
+
     lora = _lora_config(cfg, bot)
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear = (torch.nn.Linear, QuantizedLinear)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear)}
     missing = [t for t in lora.target_modules if t not in names]
     if missing:
         raise GlmgymError(f"--lora-targets {', '.join(missing)}: no such Linear layer in the model "
                           f"(it has {', '.join(sorted(names))})")
+    # a quantized base: PEFT's own LoRA layer around glmgym's QuantizedLinear (its forward is
+    # base(x) + B(A(dropout(x))) * scale, which needs nothing from the base but a forward)
+    lora._register_custom_module({QuantizedLinear: peft.tuners.lora.Linear})
     torch.manual_seed(cfg.seed)
-    peft.inject_adapter_in_model(lora, model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type")  # QuantizedLinear, as above
+        peft.inject_adapter_in_model(lora, model)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.data = p.data.float()
