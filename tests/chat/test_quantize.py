@@ -260,3 +260,26 @@ def test_quantizing_in_row_chunks_changes_nothing(monkeypatch, bits, group_size)
         assert torch.equal(value, stored[key])
     for name, buf in whole.named_buffers():
         assert torch.equal(buf, dict(chunked.named_buffers())[name]), name
+
+
+def test_gradients_flow_through_a_frozen_quantized_layer_to_its_input():
+    """Fine-tuning on a quantized base: the input gets the gradient of the dequantized product, the
+    weight none (it is codes), and the dequantized weight is recomputed, not kept."""
+    from glmgym.chat.quantize import QuantizedLinear, dequantize_weight, quantize_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * 0.02
+    t = quantize_weight(w, 4, 32)
+    layer = QuantizedLinear.from_tensors(t, 64, torch.zeros(48), 4, 32, torch.float32, kernels=False)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y = layer(x)
+    def graph(fn):  # the autograd node types below `fn`
+        return [type(fn).__name__] + [n for f, _ in fn.next_functions if f is not None for n in graph(f)]
+
+    assert any("DequantizedMatmul" in name for name in graph(y.grad_fn))
+    (y ** 2).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ((x_ref @ dequantize_weight(t, 4, 32).t()) ** 2).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    with torch.no_grad():  # inference keeps the plain path
+        assert layer(x).grad_fn is None

@@ -268,17 +268,41 @@ class QuantizedLinear(nn.Module):
                                           self.kernel_group_size, self.scales_and_zeros).to(x.dtype)
         elif self.backend == "cuda_int8pack":
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
+        elif x2.requires_grad:
+            y = _DequantizedMatmul.apply(x2, self)  # fine-tuning through a frozen quantized layer
         else:
-            names = ("weight", "weight_scale", "weight_zero")
-            stored = {k: getattr(self, k) for k in names if hasattr(self, k)}
-            y = x2 @ dequantize_weight(stored, self.bits, self.group_size, x.dtype).t()
+            y = x2 @ self.dequantized(x.dtype).t()
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight [out, in] (backend "dequant" only: the kernels keep other layouts)."""
+        names = ("weight", "weight_scale", "weight_zero")
+        stored = {k: getattr(self, k) for k in names if hasattr(self, k)}
+        return dequantize_weight(stored, self.bits, self.group_size, dtype)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, backend={self.backend}")
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """`x @ W.t()` with W dequantized in the forward and again in the backward.
+
+    Plain autograd would keep every layer's dequantized float weight for the backward (the whole
+    model in fp32: 24 GB for ChatGLM-6B); recomputing it holds one layer's at a time. The weight
+    is frozen, so only the input gets a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return x @ layer.dequantized(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dequantized(grad.dtype), None
 
 
 _warned: set[str] = set()
