@@ -40,3 +40,16 @@ def machine_facts() -> dict:
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "simulated_by": simulated or None, "torch": torch.__version__,
             "python": platform.python_version()}
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM) in GiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS, so that the next `peak_rss_gb` covers one phase (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")

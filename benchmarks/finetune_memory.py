@@ -22,16 +22,10 @@ import time
 from pathlib import Path
 
 
-def _peak_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def child(model_dir: str, method: str, bits: int, source: int, target: int) -> dict:
     import torch
 
+    from _machine import peak_rss_gb, reset_peak_rss  # beside this script (sys.path[0])
     from glmgym.chat.finetune import FinetuneConfig, _optimizer_step, _prepare
     from glmgym.chat.finetune_data import EncodedExample
     from glmgym.chat.session import load
@@ -44,13 +38,13 @@ def child(model_dir: str, method: str, bits: int, source: int, target: int) -> d
     t0 = time.perf_counter()
     bot = load(model_dir, dtype=dtype, device="cpu", quantize=bits, kernels=False)
     params = _prepare(bot, cfg)
-    load_s, load_peak = time.perf_counter() - t0, _peak_gb()
+    load_s, load_peak = time.perf_counter() - t0, peak_rss_gb()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     tok = bot.tokenizer
     ids = [*range(100, 100 + source - 1), tok.gmask_id, tok.bos_id, *range(200, 200 + target - 2), tok.eos_id]
     example = EncodedExample(ids, source, False)
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak_rss()
     bot.model.train()
     t0 = time.perf_counter()
     loss, _ = _optimizer_step(bot.model, params, optimizer, scheduler, [[example]], tok.pad_id,
@@ -58,7 +52,7 @@ def child(model_dir: str, method: str, bits: int, source: int, target: int) -> d
                               ProcessGroup(torch.device("cpu")))
     return {"method": method, "bits": bits, "compute_dtype": str(dtype), "load_seconds": load_s,
             "load_peak_rss_gb": load_peak, "step_seconds": time.perf_counter() - t0,
-            "step_peak_rss_gb": _peak_gb(), "trained_parameters": sum(p.numel() for p in params),
+            "step_peak_rss_gb": peak_rss_gb(), "trained_parameters": sum(p.numel() for p in params),
             "loss": loss, "sequence": source + target, "threads": torch.get_num_threads()}
 
 

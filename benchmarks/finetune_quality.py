@@ -64,15 +64,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _peak_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def main() -> None:
@@ -93,7 +84,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from _machine import machine_facts
+    from _machine import machine_facts, peak_rss_gb, reset_peak_rss
     from glmgym._io import atomic_write_json
     from glmgym.chat.checkpoint import save_model
     from glmgym.chat.config import PRESETS
@@ -135,12 +126,12 @@ def main() -> None:
                                 "date": time.strftime("%Y-%m-%d"), **machine_facts()}}
 
     def run(name: str, **kw) -> Path:
-        _reset_peak()
+        reset_peak_rss()
         t0 = time.perf_counter()
         out = finetune(FinetuneConfig(out=str(work / name), progress=False, log_every=10, seed=0, **kw))
         seconds = time.perf_counter() - t0
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        results[name] = {"train_seconds": seconds, "peak_rss_gb": _peak_gb(),
+        results[name] = {"train_seconds": seconds, "peak_rss_gb": peak_rss_gb(),
                          "tokens_per_s": sum(r["tokens_per_s"] for r in log) / len(log),
                          "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"], "steps": kw["steps"]}
         print(f"{name}: {seconds:.0f} s, loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}", flush=True)
