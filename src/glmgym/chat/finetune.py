@@ -141,16 +141,22 @@ def _state_for(model, method: str) -> dict[str, Any]:
     return {}
 
 
-def _save(path: Path, cfg: FinetuneConfig, bot, optimizer, scheduler, step: int, losses: list,
-          rng_states: list) -> Path:
+def _save(path: Path, cfg: FinetuneConfig, bot, optimizer_state: dict, scheduler, step: int, losses: list,
+          rng_states: list, model_state: dict | None = None) -> Path:
     """One checkpoint, atomically (see the module docstring for what it holds); rank 0 calls it
-    with every process's torch RNG state."""
+    with every process's torch RNG state (and, under FSDP, the gathered model state)."""
     import torch
 
     from glmgym._io import atomic_dir
     from glmgym.chat.checkpoint import save_model
+    from glmgym.chat.model import GLMModel
 
     model = bot.model
+    if model_state is not None:  # FSDP: a plain model around the gathered full tensors
+        with torch.device("meta"):
+            model = GLMModel(bot.model.config)
+        model.load_state_dict(model_state, assign=True)
+        model.lm_head.weight = model.transformer.word_embeddings.weight
     with atomic_dir(path) as tmp:
         if cfg.method == "ptuning":
             torch.save(_state_for(model, "ptuning"), tmp / "pytorch_model.bin")
@@ -165,7 +171,7 @@ def _save(path: Path, cfg: FinetuneConfig, bot, optimizer, scheduler, step: int,
         (tmp / TRAINER_STATE_JSON).write_text(json.dumps({"step": step, "method": cfg.method,
                                                           "world_size": len(rng_states),
                                                           "losses": losses}) + "\n")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "torch_rng": rng_states}, tmp / TRAINER_STATE_PT)
     return path
 
@@ -296,6 +302,20 @@ def _resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
     return FinetuneConfig(**merged), ckpts[-1]
 
 
+def _full_states(model, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
+    """(full model state or None, full optimizer state); under FSDP every process must call it."""
+    if not fsdp:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optimizer, options=full)
+
+
 def _optimizer_step(train_model, params, optimizer, scheduler, micro_batches: list, pad_id: int,
                     length: int, prefix_len: int, device, group: ProcessGroup) -> tuple[float, int]:
     """One optimizer step over `micro_batches`; returns (mean loss per labelled token, tokens).
@@ -359,16 +379,24 @@ def finetune(cfg: FinetuneConfig) -> Path:
     model = bot.model
     if cfg.gradient_checkpointing:
         _checkpoint_blocks(model)
+    fsdp = group.world > 1 and cfg.method == "full"
+    if fsdp:  # full fine-tuning under torchrun: each process keeps a shard of every block (FSDP2)
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.layers:
+            fully_shard(block)
+        fully_shard(model)
+        params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / cfg.steps))
     torch.manual_seed(cfg.seed + 1 + 7919 * group.rank)  # dropout stream, one per process
     step, losses = 0, []
     if resume_ckpt is not None:
-        step, losses = _load_state(resume_ckpt, cfg, model, optimizer, scheduler, group)
+        step, losses = _load_state(resume_ckpt, cfg, model, optimizer, scheduler, group, fsdp)
         if step >= cfg.steps:
             raise GlmgymError(f"the run is already at step {step}; pass a larger --steps to continue it")
     train_model = model
-    if group.world > 1:
+    if group.world > 1 and not fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     log_path = run_dir / "log.jsonl"
@@ -407,9 +435,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
                 t0, tokens = now, 0
             if step % cfg.save_every == 0 or step == cfg.steps:
                 rng_states = group.gather(torch.get_rng_state())
+                model_state, optimizer_state = _full_states(model, optimizer, fsdp)
                 if group.main:
-                    ckpt = _save(run_dir / f"checkpoint-{step}", cfg, bot, optimizer, scheduler, step, losses,
-                                 rng_states)
+                    ckpt = _save(run_dir / f"checkpoint-{step}", cfg, bot, optimizer_state, scheduler, step,
+                                 losses, rng_states, model_state)
                 group.barrier()
     finally:
         bar.close()
@@ -420,7 +449,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     return run_dir
 
 
-def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler, group) -> tuple[int, list]:
+def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler, group,
+                fsdp: bool = False) -> tuple[int, list]:
     """Trained weights, optimizer, schedule and this process's RNG of a checkpoint; returns
     (step, losses)."""
     import torch
@@ -439,9 +469,20 @@ def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler, gr
         from glmgym.chat.checkpoint import load_model
 
         weights = load_model(ckpt, torch.float32).state_dict()
-    _load_trained(model, cfg.method, weights)
     pt = torch.load(ckpt / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(pt["optimizer"])
+    if fsdp:  # every process takes its shards of the full tensors
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, weights, options=full)
+        set_optimizer_state_dict(model, optimizer, pt["optimizer"], options=full)
+    else:
+        _load_trained(model, cfg.method, weights)
+        optimizer.load_state_dict(pt["optimizer"])
     scheduler.load_state_dict(pt["scheduler"])
     torch.set_rng_state(pt["torch_rng"][group.rank])
     return int(state["step"]), [tuple(x) for x in state.get("losses", [])]
