@@ -145,11 +145,13 @@ class Engine:
             return batch
 
     def _finish(self, job: Job, event: Done | Failed) -> None:
-        job.emit(event)
+        # the slot is free and counted before the client hears the end: one that submits again at
+        # once, or reads the counters, sees the engine as it is
         with self._lock:
             self._pending -= 1
             self.served += 1
             self.cancelled += event == Done("cancelled")
+        job.emit(event)
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
