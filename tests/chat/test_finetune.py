@@ -30,7 +30,8 @@ def _cfg(train_file, out, **kw):
 
 
 def _log(run):
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    """The training records of a run's log (validation records apart)."""
+    return [r for line in (run / "log.jsonl").read_text().splitlines() if "loss" in (r := json.loads(line))]
 
 
 def test_sequences_and_labels_follow_the_reference():
@@ -363,3 +364,14 @@ def test_full_finetuning_with_fsdp_on_two_processes_agrees_with_one(train_file, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = load_file(str(tmp_path / "two" / "checkpoint-3" / "model.safetensors"))
     assert all(torch.allclose(two[k], again[k], atol=1e-6) for k in two)
+
+
+def test_validation_loss_is_logged_and_falls(train_file, tmp_path):
+    run = finetune(_cfg(train_file, tmp_path / "val", method="full", learning_rate=1e-3, steps=8,
+                        save_every=8, validation_file=str(train_file), eval_every=4))
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    with pytest.raises(GlmgymError, match="does not exist"):
+        finetune(_cfg(train_file, tmp_path / "v2", validation_file=str(tmp_path / "missing.json")))
+    assert not (tmp_path / "v2").exists()

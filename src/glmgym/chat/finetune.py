@@ -46,7 +46,7 @@ TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_PT = "trainer_state.pt"
 METHODS = ("ptuning", "lora", "full")
 # options that may change when resuming (anything else would change the run's math)
-_RESUMABLE = ("steps", "save_every", "progress", "device", "out", "resume")
+_RESUMABLE = ("steps", "save_every", "progress", "device", "out", "resume", "eval_every", "validation_file")
 
 
 @dataclass
@@ -63,6 +63,10 @@ class FinetuneConfig:
     """Column of the answer (ADGEN: summary; chat data: response)."""
     history_column: str | None = None
     """Optional column of earlier [question, answer] turns (chat data: history)."""
+    validation_file: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """JSON lines like --train-file; its mean loss is logged every --eval-every steps and at the end."""
+    eval_every: int = 0
+    """Log the validation loss every N steps (0: only at the end)."""
     method: str = field(default="ptuning", metadata={"choices": METHODS})
     """ptuning (P-Tuning v2 prefix), lora (adapters on --lora-targets) or full (every weight)."""
     pre_seq_len: int = 128
@@ -119,6 +123,8 @@ class FinetuneConfig:
                      "log_every"):
             if getattr(self, name) <= 0:
                 raise GlmgymError(f"--{name.replace('_', '-')} must be positive")
+        if self.eval_every < 0:
+            raise GlmgymError("--eval-every must be >= 0")
         if self.max_source_length < 2 or self.max_target_length < 3:
             raise GlmgymError("--max-source-length must be at least 2 and --max-target-length at least 3")
         if self.learning_rate <= 0 or not 0 <= self.lora_dropout < 1:
@@ -302,6 +308,23 @@ def _resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
     return FinetuneConfig(**merged), ckpts[-1]
 
 
+def _validation_loss(model, examples: list, batch_size: int, pad_id: int, length: int, device) -> float:
+    """Mean next-token loss per labelled token over `examples` (no dropout, no gradient)."""
+    import torch
+
+    from glmgym.chat.finetune_data import make_batch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            loss_sum, n = _loss_sum(model, make_batch(examples[i : i + batch_size], pad_id, length,
+                                                      model.prefix_len), device)
+            total, count = total + loss_sum.item(), count + n
+    model.train()
+    return total / max(count, 1)
+
+
 def _full_states(model, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
     """(full model state or None, full optimizer state); under FSDP every process must call it."""
     if not fsdp:
@@ -362,6 +385,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
         cfg, resume_ckpt = _resume_config(cfg)
     device = resolve_device(cfg.device)
     pairs = read_examples(cfg.train_file, cfg.prompt_column, cfg.response_column, cfg.history_column)
+    val_pairs = read_examples(cfg.validation_file, cfg.prompt_column, cfg.response_column,
+                              cfg.history_column) if cfg.validation_file else []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"finetune-{cfg.method}-{stamp}"
     if resume_ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
@@ -373,8 +398,12 @@ def finetune(cfg: FinetuneConfig) -> Path:
     # a quantized base dequantizes per call (kernels=False): autograd then reaches the inputs
     bot = load(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device,
                quantize=cfg.quantize, kernels=False)
-    examples = [encode_example(bot.tokenizer, p, a, cfg.max_source_length, cfg.max_target_length)
-                for p, a in pairs]
+
+    def encode(ps: list) -> list:
+        return [encode_example(bot.tokenizer, p, a, cfg.max_source_length, cfg.max_target_length)
+                for p, a in ps]
+
+    examples, val_examples = encode(pairs), encode(val_pairs)
     params = _prepare(bot, cfg)
     model = bot.model
     if cfg.gradient_checkpointing:
@@ -433,6 +462,13 @@ def finetune(cfg: FinetuneConfig) -> Path:
                 losses.append((step, loss))
                 bar.set_postfix(loss=f"{loss:.4f}")
                 t0, tokens = now, 0
+            if val_examples and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                eval_loss = _validation_loss(model, val_examples, cfg.batch_size, bot.tokenizer.pad_id,
+                                             length, device)
+                if group.main:
+                    with open(log_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
+                bar.write(f"step {step}: validation loss {eval_loss:.4f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
                 rng_states = group.gather(torch.get_rng_state())
                 model_state, optimizer_state = _full_states(model, optimizer, fsdp)
