@@ -64,3 +64,15 @@ def test_overrides_win_over_parsed_values():
     add_dataclass_arguments(p, Options)
     ns = p.parse_args(["--name", "x", "--times", "5"])
     assert dataclass_from_namespace(Options, ns, times=1).times == 1
+
+
+def test_resumed_keeps_the_runs_options_and_refuses_changes():
+    from glmgym._dataclass_cli import resumed
+    from glmgym.errors import GlmgymError
+
+    saved = {"name": "run", "times": 5, "scale": None, "loud": True, "targets": [1.0, 2.0], "mode": "b"}
+    cfg = resumed(Options(name="run"), saved, ("times",))  # nothing else given: the run's values
+    assert cfg == Options("run", 5, None, True, (1.0, 2.0), "b")
+    assert resumed(Options(name="run", times=9), saved, ("times",)).times == 9
+    with pytest.raises(GlmgymError, match="cannot change --scale"):
+        resumed(Options(name="run", scale=0.5), saved, ("times",))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from glmgym._dataclass_cli import resumed
 from glmgym._io import atomic_write_json, atomic_write_text
 from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glmgym.agents.config import DTConfig, TrainConfig
@@ -65,26 +66,8 @@ def _merge_resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     saved_file = run_dir / "train_config.json"
     if not saved_file.is_file():
         raise GlmgymError(f"cannot resume: {saved_file} is missing")
-    saved = json.loads(saved_file.read_text())
-    defaults = TrainConfig()
-    merged = dict(saved)
-    for f in dataclasses.fields(TrainConfig):
-        given = getattr(cfg, f.name)
-        if f.name in ("resume", "out") or given == getattr(defaults, f.name):
-            continue  # not set on the command line: keep the run's value
-        if isinstance(given, tuple):
-            given = list(given)
-        if f.name in _RESUMABLE_OVERRIDES:
-            merged[f.name] = given
-        elif given != saved.get(f.name):
-            raise GlmgymError(
-                f"cannot change --{f.name.replace('_', '-')} when resuming "
-                f"(the run used {saved.get(f.name)!r})"
-            )
-    if merged.get("target_returns") is not None:
-        merged["target_returns"] = tuple(merged["target_returns"])
-    merged.update(out=str(run_dir), resume=cfg.resume)
-    return TrainConfig(**merged)
+    merged = resumed(cfg, json.loads(saved_file.read_text()), (*_RESUMABLE_OVERRIDES, "resume", "out"))
+    return dataclasses.replace(merged, out=str(run_dir), resume=cfg.resume)
 
 
 @dataclasses.dataclass

@@ -293,19 +293,10 @@ def _resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
     ckpts = [c for c in ckpts if (c / TRAINER_STATE_JSON).is_file()]
     if not saved_file.is_file() or not ckpts:
         raise GlmgymError(f"cannot resume {run_dir}: it has no finetune_config.json or no checkpoint")
-    saved = json.loads(saved_file.read_text())
-    merged = dict(saved)
-    for name, f in FinetuneConfig.__dataclass_fields__.items():
-        given = getattr(cfg, name)
-        if given == f.default:
-            continue  # not given: the run's value stays
-        if name in _RESUMABLE:
-            merged[name] = given
-        elif given != saved.get(name):
-            raise GlmgymError(f"cannot change --{name.replace('_', '-')} when resuming "
-                              f"(the run used {saved.get(name)!r})")
-    merged.update(out=str(run_dir), resume=cfg.resume)
-    return FinetuneConfig(**merged), ckpts[-1]
+    from glmgym._dataclass_cli import resumed
+
+    merged = resumed(cfg, json.loads(saved_file.read_text()), _RESUMABLE)
+    return dataclasses.replace(merged, out=str(run_dir), resume=cfg.resume), ckpts[-1]
 
 
 def _validation_loss(model, examples: list, batch_size: int, pad_id: int, length: int, device) -> float:
