@@ -42,12 +42,17 @@ def machine_facts() -> dict:
             "python": platform.python_version()}
 
 
-def peak_rss_gb() -> float:
-    """This process's peak resident memory (VmHWM) in GiB (Linux)."""
+def status_gb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in GiB (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 2**20
     return float("nan")
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM) in GiB."""
+    return status_gb("VmHWM")
 
 
 def reset_peak_rss() -> None:

@@ -42,6 +42,8 @@ import time
 import zlib
 from pathlib import Path
 
+from _machine import reset_peak_rss, status_gb  # beside this script (sys.path[0])
+
 GIB = 2**30
 FORMATS = {
     # name: (bits, group_size, embeddings); bf16 is the float baseline
@@ -52,17 +54,6 @@ FORMATS = {
     "int4_qe": (4, 128, True),  # embeddings / lm_head quantized too, as chatglm.cpp does
 }
 CPP_TYPES = {"chatglm_cpp_q4_0": "q4_0", "chatglm_cpp_q8_0": "q8_0"}
-
-
-def _status_gb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024 / GIB
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
 
 
 def _tensor(name: str, shape, torch):
@@ -110,7 +101,7 @@ def quantize_child(src: Path, out: Path, bits: int, group: int, embeddings: bool
 
     t0 = time.perf_counter()
     quantize_checkpoint(src, out, bits, group, embeddings)
-    return {"quantize_seconds": time.perf_counter() - t0, "quantize_peak_rss_gb": _status_gb("VmHWM")}
+    return {"quantize_seconds": time.perf_counter() - t0, "quantize_peak_rss_gb": status_gb("VmHWM")}
 
 
 def measure_child(model_dir: Path, prompt: int, new: int, logits_out: Path) -> dict:
@@ -124,7 +115,7 @@ def measure_child(model_dir: Path, prompt: int, new: int, logits_out: Path) -> d
     t0 = time.perf_counter()
     model = load_model(model_dir, torch.bfloat16)
     load_s = time.perf_counter() - t0
-    load_peak, resident = _status_gb("VmHWM"), _status_gb("VmRSS")
+    load_peak, resident = status_gb("VmHWM"), status_gb("VmRSS")
 
     def nbytes(module) -> int:
         return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
@@ -135,7 +126,7 @@ def measure_child(model_dir: Path, prompt: int, new: int, logits_out: Path) -> d
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, 130000, (prompt - 2,), generator=g).tolist()
     ids = [*text, cfg.gmask_token_id, cfg.bos_token_id]
-    _reset_peak()
+    reset_peak_rss()
     with torch.inference_mode():
         cache = KVCache.empty(cfg, 1, prompt + new + 1, torch.bfloat16, "cpu")
         prefill(model, PromptBatch.build([ids[:8]], cfg.pad_token_id), cache)  # warm-up
@@ -151,7 +142,7 @@ def measure_child(model_dir: Path, prompt: int, new: int, logits_out: Path) -> d
             token = decode_one_token(model, token, pos, None, cache, prompt + i).argmax(-1, keepdim=True)
         decode_s = (time.perf_counter() - t0) / new
     return {"load_seconds": load_s, "load_peak_rss_gb": load_peak, "resident_gb": resident,
-            "generate_peak_rss_gb": _status_gb("VmHWM"), "weights_gb": nbytes(model) / GIB,
+            "generate_peak_rss_gb": status_gb("VmHWM"), "weights_gb": nbytes(model) / GIB,
             "bytes_per_token_gb": bytes_per_token / GIB, "prefill_tokens_per_s": prompt / prefill_s,
             "decode_tokens_per_s": 1.0 / decode_s, "threads": torch.get_num_threads()}
 
@@ -200,11 +191,11 @@ def cpp_child(src: Path, ggml_path: Path, ggml_type: str, prompt: int, new: int)
             ChatGLMConverter.convert(f, model, tokenizer, GGMLType[ggml_type.upper()])
         tmp.rename(ggml_path)
         result["convert_seconds"] = time.perf_counter() - t0
-    _reset_peak()
+    reset_peak_rss()
     t0 = time.perf_counter()
     pipe = chatglm_cpp.Pipeline(str(ggml_path), max_length=prompt + new + 8)
-    result.update(load_seconds=time.perf_counter() - t0, load_peak_rss_gb=_status_gb("VmHWM"),
-                  resident_gb=_status_gb("VmRSS"), weights_gb=ggml_path.stat().st_size / GIB,
+    result.update(load_seconds=time.perf_counter() - t0, load_peak_rss_gb=status_gb("VmHWM"),
+                  resident_gb=status_gb("VmRSS"), weights_gb=ggml_path.stat().st_size / GIB,
                   bytes_per_token_gb=ggml_path.stat().st_size / GIB)
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, 130000, (prompt - 2,), generator=g).tolist()
@@ -213,7 +204,7 @@ def cpp_child(src: Path, ggml_path: Path, ggml_type: str, prompt: int, new: int)
     gen = chatglm_cpp._C.GenerationConfig()
     gen.max_length, gen.max_new_tokens, gen.do_sample = prompt + new + 8, new + 4, False
     model = pipe.model
-    _reset_peak()
+    reset_peak_rss()
     model.generate_next_token(ids[:8], None, gen, 0, 8)  # warm-up (a separate context: n_past 0)
     t0 = time.perf_counter()
     nxt = model.generate_next_token(ids, None, gen, 0, len(ids))
@@ -226,7 +217,7 @@ def cpp_child(src: Path, ggml_path: Path, ggml_type: str, prompt: int, new: int)
         seq.append(nxt)
     decode_s = (time.perf_counter() - t0) / new
     result.update(prefill_tokens_per_s=prompt / prefill_s, decode_tokens_per_s=1.0 / decode_s,
-                  generate_peak_rss_gb=_status_gb("VmHWM"))
+                  generate_peak_rss_gb=status_gb("VmHWM"))
     return result
 
 
