@@ -1,163 +1,342 @@
-"""The serving engine against a scripted fake model: batching, order, stop strings, cancellation,
-errors and the bounded queue. Deterministic: the fake model waits on events the test sets, and the
-test awaits each job's events (no sleeps, no polling)."""
+"""The engine's scheduling against a scripted fake batch, driven tick by tick (no thread, no
+sleeps): admission order, joining between steps, retirement, per-row options, stop strings,
+cancellation, timeouts, errors, the bounded queue, draining and shutdown."""
 
 import asyncio
-import threading
+from dataclasses import dataclass
 
 import pytest
 
-from glmgym.chat.engine import Done, Engine, Failed, QueueFull, cut_at_stop
-from glmgym.chat.session import Reply
+from glmgym.chat.batch import TokenOut
+from glmgym.chat.config import GenerationConfig
+from glmgym.chat.engine import Chunk, Done, Draining, Engine, EngineObserver, Failed, QueueFull, cut_at_stop
 from glmgym.errors import GlmgymError
+
+EOS, GMASK, SOP = 1, 2, 3
+
+
+class FakeTokenizer:
+    """One id per word (ids from 10 on), <eop> = 1."""
+
+    eos_id = EOS
+
+    def __init__(self) -> None:
+        self.words: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for w in text.split():
+            if w not in self.words:
+                self.words.append(w)
+            ids.append(10 + self.words.index(w))
+        return [*ids, GMASK, SOP]
+
+    def decode(self, ids) -> str:
+        return " ".join(self.words[i - 10] for i in ids if i >= 10)
+
+
+@dataclass
+class _Config:
+    max_sequence_length: int = 64
 
 
 class FakeBot:
-    """Answers each query with its words, one word per step; a query 'hold' blocks the worker
-    until `release` is set; 'fail' and 'crash' raise."""
-
     def __init__(self) -> None:
-        self.batches: list[list[str]] = []
-        self.release = threading.Event()
+        self.tokenizer = FakeTokenizer()
+        self.model = type("M", (), {"config": _Config()})()
 
-    def stream_batch(self, items, trim_history=True, **gen):
-        queries = [q for q, _ in items]
-        self.batches.append(queries)
-        if "hold" in queries:
-            self.release.wait(timeout=30)
-        if "fail" in queries:
+    def config(self, gen):
+        return GenerationConfig(**gen)
+
+    def fit_prompt(self, query, history, cfg, trim=True):
+        return self.tokenizer.encode(query), list(history)
+
+
+class FakeBatch:
+    """Each row answers its prompt's words, one per step, then <eop>; the first token comes on the
+    first step after `add` (its prefill). A prompt with 'fail' is refused by `add`; a step with a
+    'crash' row raises."""
+
+    def __init__(self, bot, max_rows, chunk) -> None:
+        self.bot, self.max_rows = bot, max_rows
+        self.rows_: dict[int, list[int]] = {}  # row id -> tokens still to give
+        self.added: list[tuple[str, list[GenerationConfig], int | None]] = []
+        self.steps: list[list[int]] = []
+        self.removed: list[int] = []
+        self.next_id = 0
+
+    @property
+    def rows(self):
+        return len(self.rows_)
+
+    @property
+    def free_rows(self):
+        return self.max_rows - self.rows
+
+    @property
+    def decoding(self):
+        return self.rows
+
+    def add(self, prompt, cfgs, logprobs=None):
+        text = self.bot.tokenizer.decode(prompt)
+        if "fail" in text.split():
             raise GlmgymError("prompt too long")
-        if "crash" in queries:
+        if len(cfgs) > self.free_rows:
+            raise AssertionError("the engine admitted more rows than are free")
+        self.added.append((text, list(cfgs), logprobs))
+        ids = []
+        for _ in cfgs:
+            self.rows_[self.next_id] = [t for t in prompt if t >= 10] + [EOS]
+            ids.append(self.next_id)
+            self.next_id += 1
+        return ids
+
+    def remove(self, row):
+        self.removed.append(row)
+        self.rows_.pop(row, None)
+
+    def step(self):
+        self.steps.append(sorted(self.rows_))
+        if any("crash" in self.bot.tokenizer.decode(t) for t in self.rows_.values()):
             raise RuntimeError("boom")
-        limit = gen.get("max_new_tokens", 100)
-        words = [q.split() for q in queries]
-        for step in range(1, max(map(len, words)) + 1):
-            n = min(step, limit)
-            yield [Reply(" ".join(w[:n]), [*h, (q, " ".join(w[:n]))], 3, n, n >= len(w))
-                   for w, (q, h) in zip(words, items)]
-            if step >= limit:
-                return
+        return [TokenOut(r, toks.pop(0), -0.5, ((toks[0] if toks else EOS, -0.5),))
+                for r, toks in self.rows_.items()]
 
 
-async def _events(job) -> list:
-    """Every event of a job, up to its Done or Failed."""
+class Recorder(EngineObserver):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def prompt(self, tokens):
+        self.calls.append(("prompt", tokens))
+
+    def first_token(self, seconds):
+        self.calls.append(("first", seconds >= 0))
+
+    def next_token(self, seconds):
+        self.calls.append(("next", seconds >= 0))
+
+    def finished(self, status):
+        self.calls.append(("finished", status))
+
+
+def _engine(**kw) -> Engine:
+    bot = FakeBot()
+    return Engine(bot, backend=FakeBatch, start=False, **kw)
+
+
+def _submit(engine, text, **gen_and_kw):
+    kw = {k: gen_and_kw.pop(k) for k in ("stop", "logprobs", "n", "trim_history") if k in gen_and_kw}
+    return engine.chat(text, [], gen_and_kw, **kw)
+
+
+async def _ticks(engine, n=1):
+    for _ in range(n):
+        engine.tick()
+    await asyncio.sleep(0)  # deliver the events the ticks sent
+
+
+def _drain(job) -> list:
     out = []
-    while not out or isinstance(out[-1], Reply):
-        out.append(await asyncio.wait_for(job.events.get(), timeout=30))
+    while not job.events.empty():
+        out.append(job.events.get_nowait())
     return out
 
 
-def _run(coro):
-    return asyncio.run(coro)
+def _texts(events, index=0):
+    return [e.reply.response for e in events if isinstance(e, Chunk) and e.index == index]
 
 
-def test_unseeded_requests_behind_the_head_share_a_batch_in_order():
+def test_requests_join_between_steps_and_leave_when_done():
     async def main():
-        bot = FakeBot()
-        engine = Engine(bot, max_queue=8, max_batch=3)
-        hold = engine.submit("hold", [], {"seed": 1})  # keeps the worker busy while the rest queue
-        jobs = [engine.submit(q, [], {"top_p": 0.7}) for q in ("a b", "c", "d e f", "g")]
-        other = engine.submit("h", [], {"top_p": 0.5})
-        seeded = engine.submit("i", [], {"seed": 2, "top_p": 0.7})
-        bot.release.set()
-        results = [await _events(j) for j in (hold, *jobs, other, seeded)]
-        engine.close()
-        return bot, engine, results
+        engine = _engine(max_batch=2)
+        a, b, c = (_submit(engine, t) for t in ("a1 a2 a3", "b1", "c1 c2"))
+        await _ticks(engine)  # a and b take both rows; c waits
+        assert engine.backend.steps == [[0, 1]] and engine.waiting == 1
+        await _ticks(engine)  # b ends (<eop>): its row frees at once ...
+        await _ticks(engine)  # ... and c joins the running batch on the next step
+        steps = list(engine.backend.steps)
+        events = [_drain(j) for j in (a, b, c)]
+        await _ticks(engine, 5)
+        events = [e + _drain(j) for e, j in zip(events, (a, b, c))]
+        return engine, steps, events
 
-    bot, engine, results = _run(main())
-    # the head runs alone (seeded); then up to max_batch compatible requests, in arrival order
-    assert bot.batches == [["hold"], ["a b", "c", "d e f"], ["g"], ["h"], ["i"]]
-    assert engine.largest_batch == 3 and engine.served == 7 and engine.pending == 0
-    a = results[1]
-    assert [e.response for e in a[:-1]] == ["a", "a b"]  # a row leaves the batch when it ends
-    assert a[-1] == Done("stop")
-    assert results[2][-1] == Done("stop") and results[2][0].response == "c"
+    engine, steps, (a, b, c) = asyncio.run(main())
+    assert steps == [[0, 1], [0, 1], [0, 2]]
+    assert _texts(a) == ["a1", "a1 a2", "a1 a2 a3", "a1 a2 a3"] and a[-1] == Done("stop")
+    assert _texts(b) == ["b1", "b1"] and b[-1] == Done("stop")
+    assert _texts(c) == ["c1", "c1 c2", "c1 c2"] and c[-1] == Done("stop")
+    assert engine.backend.removed == [1, 0, 2] and engine.pending == 0 and engine.served == 3
 
 
-def test_stop_strings_cut_the_answer_and_finish_it():
+def test_the_head_of_the_queue_is_never_overtaken():
     async def main():
-        bot = FakeBot()
-        engine = Engine(bot)
-        job = engine.submit("one two STOP three", [("q", "r")], {}, stop=("STOP",))
-        events = await _events(job)
-        engine.close()
-        return events
+        engine = _engine(max_batch=3)
+        first = _submit(engine, "x y z w")
+        wide = _submit(engine, "n", n=3)  # needs every row: waits for the first to finish
+        small = _submit(engine, "s")  # would fit now, but stays behind `wide`
+        await _ticks(engine, 2)
+        before = [t for t, *_ in engine.backend.added]
+        await _ticks(engine, 10)
+        return engine, before, [_drain(j) for j in (first, wide, small)]
 
-    events = _run(main())
-    last_reply = events[-2]
-    assert last_reply.response == "one two "
-    assert last_reply.history == [("q", "r"), ("one two STOP three", "one two ")]
-    assert events[-1] == Done("stop")
+    engine, before, (_, wide, small) = asyncio.run(main())
+    assert before == ["x y z w"]
+    assert [t for t, *_ in engine.backend.added] == ["x y z w", "n", "s"]
+    assert sorted(e.index for e in wide if isinstance(e, Done)) == [0, 1, 2]
+    assert small[-1] == Done("stop")
 
 
-def test_running_out_of_tokens_is_length():
+def test_options_are_per_row_and_n_answers_get_consecutive_seeds():
     async def main():
-        engine = Engine(FakeBot())
-        events = await _events(engine.submit("a b c d", [], {"max_new_tokens": 2}))
-        engine.close()
-        return events
+        engine = _engine(max_batch=4)
+        _submit(engine, "a", temperature=0.3, top_p=0.5)
+        _submit(engine, "b", do_sample=False, max_new_tokens=3)
+        _submit(engine, "c", seed=7, n=2, logprobs=2)
+        await _ticks(engine)
+        return engine.backend.added
 
-    events = _run(main())
-    assert events[-2].response == "a b" and events[-1] == Done("length")
+    added = asyncio.run(main())
+    (_, (a,), _), (_, (b,), _), (_, c, logprobs) = added
+    assert (a.temperature, a.top_p, a.seed) == (0.3, 0.5, None)
+    assert (b.do_sample, b.max_new_tokens) == (False, 3)
+    assert [g.seed for g in c] == [7, 8] and logprobs == 2
 
 
-def test_a_request_cancelled_while_queued_never_reaches_the_model():
+def test_stop_strings_token_limits_and_logprobs():
     async def main():
-        bot = FakeBot()
-        engine = Engine(bot)
-        hold = engine.submit("hold", [], {"seed": 0})
-        gone = engine.submit("gone", [], {"seed": 1})
-        gone.cancel()
-        bot.release.set()
-        results = await _events(hold), await _events(gone)
-        engine.close()
-        return bot, engine, results
+        engine = _engine()
+        stop = _submit(engine, "one two STOP three", stop=("STOP",))
+        short = _submit(engine, "a b c d", max_new_tokens=2, logprobs=1)
+        await _ticks(engine, 6)
+        return engine, _drain(stop), _drain(short)
 
-    bot, engine, (_, gone) = _run(main())
-    assert gone == [Done("cancelled")]
-    assert ["gone"] not in bot.batches and engine.cancelled == 1
+    engine, stop, short = asyncio.run(main())
+    assert _texts(stop)[-1] == "one two " and stop[-1] == Done("stop")
+    assert _texts(short) == ["a", "a b"] and short[-1] == Done("length")
+    assert [e.logprobs[0].logprob for e in short if isinstance(e, Chunk)] == [-0.5, -0.5]
+    assert not any(e.logprobs for e in stop if isinstance(e, Chunk))  # not asked for
+    assert engine.pending == 0
 
 
-def test_errors_end_each_row_of_the_batch_and_the_worker_keeps_serving():
+def test_cancelled_requests_leave_the_queue_or_the_batch_at_the_next_tick():
     async def main():
-        bot = FakeBot()
-        engine = Engine(bot)
-        hold = engine.submit("hold", [], {"seed": 0})
-        fail = [engine.submit(q, [], {}) for q in ("fail", "x")]
-        crash = engine.submit("crash", [], {"seed": 3})
-        after = engine.submit("still here", [], {"seed": 4})
-        bot.release.set()
-        results = [await _events(j) for j in (hold, *fail, crash, after)]
-        engine.close()
-        return results
+        engine = _engine(max_batch=1)
+        running = _submit(engine, "r1 r2 r3 r4")
+        queued = _submit(engine, "q1")
+        await _ticks(engine)
+        queued.cancel()
+        running.cancel()
+        await _ticks(engine)
+        return engine, _drain(running), _drain(queued)
 
-    _, fail, x, crash, after = _run(main())
-    assert fail == [Failed("prompt too long", True)] and x == [Failed("prompt too long", True)]
-    assert crash == [Failed("RuntimeError: boom", False)]
-    assert after[-1] == Done("stop") and after[-2].response == "still here"
+    engine, running, queued = asyncio.run(main())
+    assert queued == [Done("cancelled")]
+    assert _texts(running) == ["r1"] and running[-1] == Done("cancelled")
+    assert [t for t, *_ in engine.backend.added] == ["r1 r2 r3 r4"]  # the queued one never ran
+    assert engine.backend.removed == [0] and engine.cancelled == 2 and engine.pending == 0
 
 
-def test_a_full_queue_refuses_at_once_and_frees_slots_as_requests_end():
+def test_a_request_past_the_timeout_ends_with_504():
     async def main():
-        bot = FakeBot()
-        engine = Engine(bot, max_queue=2)
-        hold = engine.submit("hold", [], {"seed": 0})
-        second = engine.submit("b", [], {})
+        engine = _engine(request_timeout=30)
+        slow = _submit(engine, "s1 s2 s3")
+        fine = _submit(engine, "f1 f2 f3")
+        await _ticks(engine)
+        slow.submitted -= 31  # as if it had arrived 31 s ago
+        await _ticks(engine)
+        return engine, _drain(slow), _drain(fine)
+
+    engine, slow, fine = asyncio.run(main())
+    assert isinstance(slow[-1], Failed) and slow[-1].status == 504
+    assert "--request-timeout" in slow[-1].message
+    assert _texts(fine) == ["f1", "f1 f2"]  # the other row goes on
+    assert engine.backend.removed == [0]
+
+
+def test_errors_end_their_requests_and_the_engine_keeps_serving():
+    async def main():
+        engine = _engine()
+        fail = _submit(engine, "fail here")
+        crash = _submit(engine, "crash now")
+        other = _submit(engine, "other")
+        await _ticks(engine)
+        after = _submit(engine, "still here")
+        await _ticks(engine, 4)
+        return [_drain(j) for j in (fail, crash, other, after)]
+
+    fail, crash, other, after = asyncio.run(main())
+    assert fail == [Failed("prompt too long", 400)]  # refused alone
+    assert crash == [Failed("RuntimeError: boom", 500)] and other == [Failed("RuntimeError: boom", 500)]
+    assert _texts(after)[-1] == "still here" and after[-1] == Done("stop")  # a fresh batch
+
+
+def test_a_full_queue_refuses_and_frees_slots_as_requests_end():
+    async def main():
+        engine = _engine(max_queue=2, max_batch=1)
+        first, second = _submit(engine, "a"), _submit(engine, "b")
         with pytest.raises(QueueFull):
-            engine.submit("c", [], {})
-        bot.release.set()
-        await _events(hold)
-        await _events(second)
-        third = engine.submit("c", [], {})  # slots are free again
-        events = await _events(third)
+            _submit(engine, "c")
+        with pytest.raises(GlmgymError, match=r"n must be in 1\.\.1"):
+            _submit(engine, "d", n=2)
+        await _ticks(engine, 2)  # the first ends
+        third = _submit(engine, "c")
+        await _ticks(engine, 4)
+        return [_drain(j)[-1] for j in (first, second, third)]
+
+    assert asyncio.run(main()) == [Done("stop")] * 3
+
+
+def test_drain_refuses_new_requests_and_shutdown_ends_the_rest_with_503():
+    async def main():
+        engine = _engine(max_batch=1)
+        running, waiting = _submit(engine, "r1 r2 r3"), _submit(engine, "w")
+        await _ticks(engine)
+        engine.drain()
+        with pytest.raises(Draining):
+            _submit(engine, "late")
+        await _ticks(engine)  # the taken requests go on while draining
+        engine.shutdown()
+        await _ticks(engine)
+        return engine, _drain(running), _drain(waiting)
+
+    engine, running, waiting = asyncio.run(main())
+    assert _texts(running) == ["r1", "r1 r2"]
+    assert running[-1].status == 503 and waiting[-1].status == 503 and engine.pending == 0
+
+
+def test_the_observer_sees_prompts_tokens_and_ends():
+    async def main():
+        rec = Recorder()
+        engine = Engine(FakeBot(), backend=FakeBatch, start=False, observer=rec)
+        _submit(engine, "p q")
+        await _ticks(engine, 3)
+        job2 = _submit(engine, "z")
+        job2.cancel()
+        await _ticks(engine)
+        return rec.calls
+
+    assert asyncio.run(main()) == [("prompt", 4), ("first", True), ("next", True), ("next", True),
+                                   ("finished", "ok"), ("finished", "cancelled")]
+
+
+def test_the_worker_thread_serves_and_closes():
+    async def main():
+        engine = Engine(FakeBot(), backend=FakeBatch)
+        job = _submit(engine, "threaded answer")
+        events = []
+        while not events or not isinstance(events[-1], Done):
+            events.append(await asyncio.wait_for(job.events.get(), timeout=30))
         engine.close()
         return events
 
-    assert _run(main())[-1] == Done("stop")
+    assert _texts(asyncio.run(main()))[-1] == "threaded answer"
 
 
 def test_bad_engine_sizes_and_stop_cutting():
     with pytest.raises(GlmgymError, match="at least 1"):
-        Engine(FakeBot(), max_queue=0)
+        _engine(max_queue=0)
+    with pytest.raises(GlmgymError, match="positive"):
+        _engine(request_timeout=0)
     assert cut_at_stop("abc<x>def<y>", ("<y>", "<x>", "")) == ("abc", True)
     assert cut_at_stop("abc", ("z",)) == ("abc", False)

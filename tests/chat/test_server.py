@@ -122,6 +122,194 @@ def test_stop_strings_and_reference_api(bot):
         assert c.post("/v1/chat/completions", json={**long, "trim_history": True}).status_code == 200
 
 
+def test_logprobs_n_and_openai_aliases_through_the_official_client(bot):
+    import openai
+
+    app = build_app(bot, max_queue=4, ui=False)
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        kwargs = {"model": "m", "messages": [{"role": "user", "content": "hello there"}],
+                  "max_completion_tokens": 5, "user": "someone", "stop": ["\u0000never"]}
+        greedy = client.chat.completions.create(**kwargs, temperature=0, logprobs=True, top_logprobs=3)
+        (choice,) = greedy.choices
+        content = choice.logprobs.content
+        assert 0 < len(content) == greedy.usage.completion_tokens + (choice.finish_reason == "stop") <= 5
+        for entry in content:
+            # greedy: the chosen token is the most likely one; alternatives come most likely first
+            assert entry.top_logprobs[0].token == entry.token
+            assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+            assert entry.logprob <= 0 and [t.logprob for t in entry.top_logprobs] == sorted(
+                [t.logprob for t in entry.top_logprobs], reverse=True)
+            assert len(entry.top_logprobs) == 3 and entry.bytes == list(entry.token.encode())
+        # streamed: the same tokens and log-probabilities arrive with the deltas
+        streamed = [c for c in client.chat.completions.create(**kwargs, temperature=0, logprobs=True,
+                                                              stream=True) if c.choices]
+        tokens = [e for c in streamed if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        pairs = [(e.token, round(e.logprob, 4)) for e in content]
+        assert [(e.token, round(e.logprob, 4)) for e in tokens] == pairs
+        # n answers of one prompt, decoded as rows of one batch, with seeds 11 and 12
+        many = client.chat.completions.create(**kwargs, n=3, seed=11, temperature=1.5)
+        assert [c.index for c in many.choices] == [0, 1, 2]
+        assert many.usage.prompt_tokens == greedy.usage.prompt_tokens
+        second = client.chat.completions.create(**kwargs, n=2, seed=12, temperature=1.5)
+        assert second.choices[0].message.content == many.choices[1].message.content
+        streamed_n = list(client.chat.completions.create(**kwargs, n=2, seed=11, temperature=1.5,
+                                                         stream=True))
+        for i in range(2):
+            text = "".join(c.choices[0].delta.content or "" for c in streamed_n if c.choices[0].index == i)
+            assert text == many.choices[i].message.content
+            assert sum(1 for c in streamed_n if c.choices[0].index == i and c.choices[0].finish_reason) == 1
+
+
+def test_completions_take_a_raw_prompt(bot):
+    import openai
+
+    app = build_app(bot, max_queue=8, ui=False)
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        one = client.completions.create(model="m", prompt="Once upon a time", temperature=0, logprobs=2)
+        (choice,) = one.choices
+        assert one.object == "text_completion" and choice.finish_reason in ("stop", "length")
+        assert one.usage.prompt_tokens == len(bot.tokenizer.encode("Once upon a time"))
+        assert one.usage.completion_tokens <= 16  # OpenAI's default max_tokens
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+        assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+        # the raw text, without the chat template: the same as the model's own greedy continuation
+        from glmgym.chat.config import GenerationConfig
+        from glmgym.chat.generate import generate
+
+        tok = bot.tokenizer
+        cfg = GenerationConfig(do_sample=False, max_new_tokens=16)
+        *_, ids = generate(bot.model, [tok.encode("Once upon a time")], cfg, eos_id=tok.eos_id,
+                           pad_id=tok.pad_id, vocab_limit=tok.vocab_size)
+        assert choice.text == tok.decode(ids[0])
+        # several prompts, n answers each, numbered in a row
+        batch = client.completions.create(model="m", prompt=["a", "b"], n=2, max_tokens=3, seed=1)
+        assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+        streamed = list(client.completions.create(model="m", prompt="Once upon a time", temperature=0,
+                                                  stream=True))
+        assert "".join(c.choices[0].text for c in streamed) == choice.text
+        with pytest.raises(openai.BadRequestError, match="echo"):
+            client.completions.create(model="m", prompt="x", echo=True)
+
+
+def test_metrics_in_prometheus_format(bot):
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with TestClient(build_app(bot, max_queue=2, ui=False, api_key="k")) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/health").status_code == 200  # health needs no key
+        key = {"Authorization": "Bearer k"}
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+        usage = c.post("/v1/chat/completions", json=body, headers=key).json()["usage"]
+        r = c.get("/metrics", headers=key)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+    assert samples[("glmgym_requests_total", (("status", "ok"),))] == 1
+    assert samples[("glmgym_prompt_tokens_total", ())] == usage["prompt_tokens"]
+    generated = samples[("glmgym_generated_tokens_total", ())]
+    assert generated in (usage["completion_tokens"], usage["completion_tokens"] + 1)  # + <eop>
+    assert samples[("glmgym_time_to_first_token_seconds_count", ())] == 1
+    assert samples[("glmgym_time_per_output_token_seconds_count", ())] == generated - 1
+    assert samples[("glmgym_queue_length", ())] == 0 and samples[("glmgym_running_rows", ())] == 0
+
+
+def test_a_request_past_the_timeout_gets_504(bot, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    app = build_app(bot, ui=False, request_timeout=0.3)
+    _slow_steps(monkeypatch, app.state.engine, 0.05)
+    body = {"messages": [{"role": "user", "content": "a long answer"}], "max_tokens": 200}
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 504 and "--request-timeout" in r.json()["error"]["message"]
+        streamed = c.post("/v1/chat/completions", json={**body, "stream": True}).text
+        assert '"timeout_error"' in streamed and streamed.endswith("data: [DONE]\n\n")
+        ok = c.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_a_draining_server_answers_503_with_retry_after(bot):
+    from fastapi.testclient import TestClient
+
+    app = build_app(bot, ui=False)
+    with TestClient(app) as c:
+        app.state.engine.drain()
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"]["type"] == "service_unavailable"
+        health = c.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+
+
+def test_sigterm_drains_the_live_server_and_exits_0(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "glmgym.cli", "chat", "serve", "--model", "random:tiny", "--no-ui",
+         "--port", str(port), "--max-batch", "1", "--drain-seconds", "1", "--dtype", "float32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.time() < deadline, server.stdout.read()
+            time.sleep(0.1)
+
+        async def clients():
+            # greedy on the tiny model: 240 tokens without <eop>, about 0.3 s each
+            body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 240,
+                    "temperature": 0, "stream": True}
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                async def one():  # the stream's events, up to [DONE]
+                    events = []
+                    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: "):
+                                events.append(line[6:])
+                    return events
+
+                # 12 requests of up to 240 tokens, one row at a time: seconds of work
+                tasks = [asyncio.create_task(one()) for _ in range(12)]
+                while not (await client.get("/health")).json()["served"] and not all(t.done() for t in tasks):
+                    await asyncio.sleep(0.02)
+                server.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                late = await client.post("/v1/chat/completions", json={**body, "stream": False})
+                return late, await asyncio.gather(*tasks)
+
+        late, streams = asyncio.run(clients())
+        assert server.wait(30) == 0
+        output = server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert late.status_code == 503 and late.headers["retry-after"]
+    assert "draining" in output and "server stopped" in output
+    ends = [json.loads(s[-2]) for s in streams]
+    finished = [e for e in ends if "choices" in e and e["choices"][0]["finish_reason"]]
+    cut = [e for e in ends if "error" in e]
+    assert len(finished) + len(cut) == 12 and finished and cut  # some ended, the rest were cut at 1 s
+    assert all("shut down" in e["error"]["message"] for e in cut)
+    assert all(s[-1] == "[DONE]" for s in streams)
+
+
 @pytest.mark.parametrize(("body", "fragment"), [
     (b"{not json", "JSON"),
     ({"messages": "hi"}, "messages"),
@@ -130,7 +318,8 @@ def test_stop_strings_and_reference_api(bot):
     ({"messages": [{"role": "user", "content": 5}]}, "content"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "assistant"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 9}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
 ])
 def test_bad_requests_get_openai_shaped_4xx(bot, body, fragment):
     from fastapi.testclient import TestClient
@@ -202,23 +391,21 @@ def test_32_concurrent_clients_get_an_answer_or_429_and_the_server_stays_healthy
         assert r.status_code == 200
 
 
-def _slow_tokens(monkeypatch, bot):
-    """50 ms a token: a long answer is still running when its client leaves. Returns the original."""
-    real = bot.stream_batch
+def _slow_steps(monkeypatch, engine, seconds=0.05):
+    """`seconds` per batch step: a long answer is still running when its client leaves."""
+    real = engine.backend.step
 
-    def slow(*args, **kwargs):
-        for replies in real(*args, **kwargs):
-            time.sleep(0.05)
-            yield replies
+    def slow():
+        time.sleep(seconds)
+        return real()
 
-    monkeypatch.setattr(bot, "stream_batch", slow)
-    return real
+    monkeypatch.setattr(engine.backend, "step", slow)
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(bot, monkeypatch):
     app = build_app(bot, max_queue=1, ui=False)
     engine = app.state.engine
-    real = _slow_tokens(monkeypatch, bot)
+    _slow_steps(monkeypatch, engine)
     body = {"messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 200,
             "stream": True}
     with live_server(app) as url:
@@ -231,7 +418,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(bot, monkeypatch):
         # leaving the `with` closed the connection after one chunk
         assert _wait_idle(engine, timeout=10)
         assert engine.cancelled == 1
-        monkeypatch.setattr(bot, "stream_batch", real)
+        monkeypatch.undo()
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert r.status_code == 200
@@ -240,7 +427,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(bot, monkeypatch):
 def test_a_non_streaming_client_that_times_out_frees_its_slot(bot, monkeypatch):
     app = build_app(bot, max_queue=1, ui=False)
     engine = app.state.engine
-    _slow_tokens(monkeypatch, bot)
+    _slow_steps(monkeypatch, engine)
     body = {"messages": [{"role": "user", "content": "a long answer please"}], "max_tokens": 200}
     with live_server(app) as url:
         with pytest.raises(httpx.ReadTimeout):
@@ -249,35 +436,35 @@ def test_a_non_streaming_client_that_times_out_frees_its_slot(bot, monkeypatch):
         assert engine.cancelled == 1
 
 
-def test_unseeded_concurrent_requests_share_a_batch_and_answer_as_alone(bot, monkeypatch):
+def test_requests_join_the_running_batch_and_answer_as_alone(bot, monkeypatch):
     app = build_app(bot, max_queue=8, max_batch=4, ui=False)
     engine = app.state.engine
-    real = bot.stream_batch
+    real = engine.backend.step
     gate = threading.Event()
 
-    def gated(*args, **kwargs):  # the first request waits until the others are queued behind it
+    def gated():  # the first step waits until every request has arrived
         gate.wait(10)
-        yield from real(*args, **kwargs)
+        return real()
 
     def body(i):  # greedy: deterministic, so batched and lone answers must agree
+        options = [{"temperature": 0}, {"temperature": 0, "top_p": 0.3}, {"temperature": 0, "stop": "zz"},
+                   {"temperature": 0, "seed": 5}][i]
         return {"messages": [{"role": "user", "content": f"question number {i} " * (i + 1)}],
-                "max_tokens": 10, "temperature": 0}
+                "max_tokens": 10 + i, **options}
 
     async def burst(url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            first = asyncio.create_task(client.post("/v1/chat/completions", json=body(0)))
-            while engine.pending < 1:
-                await asyncio.sleep(0.01)
-            rest = [asyncio.create_task(client.post("/v1/chat/completions", json=body(i))) for i in (1, 2, 3)]
+            tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=body(i))) for i in range(4)]
             while engine.pending < 4:
                 await asyncio.sleep(0.01)
             gate.set()
-            return [r.json()["choices"][0]["message"]["content"] for r in await asyncio.gather(first, *rest)]
+            return [r.json()["choices"][0]["message"]["content"] for r in await asyncio.gather(*tasks)]
 
-    monkeypatch.setattr(bot, "stream_batch", gated)
+    monkeypatch.setattr(engine.backend, "step", gated)
     with live_server(app) as url:
         batched = asyncio.run(burst(url))
-        assert engine.largest_batch == 3  # request 0 ran alone; 1, 2 and 3 queued behind it
+        # every request was in the batch at once, whatever its options
+        assert engine.largest_batch == 4
         alone = [httpx.post(f"{url}/v1/chat/completions", json=body(i), timeout=60)
                  .json()["choices"][0]["message"]["content"] for i in range(4)]
     assert batched == alone
@@ -361,8 +548,8 @@ def test_serve_cli_builds_the_app_with_the_key_from_the_environment(monkeypatch,
     from glmgym.cli import main
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run",
-                        lambda app, host, port, **kw: seen.update(app=app, host=host, port=port))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.update(
+        app=self.config.app, host=self.config.host, port=self.config.port))
     monkeypatch.setenv("GLMGYM_API_KEY", "from-env")
     assert main(["chat", "serve", "--model", "random:tiny", "--no-ui", "--port", "9123"]) == 0
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9123)

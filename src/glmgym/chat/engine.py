@@ -1,80 +1,133 @@
-"""A bounded, in-order request queue in front of one model: the serving engine.
+"""The serving engine: a bounded queue in front of a continuously batched model.
 
-One worker thread runs the model. Requests are taken in arrival order; a request without a seed
-is batched with the unseeded requests right behind it that share its generation options (up to
-`max_batch`), so concurrent users share each decode step: on a CPU, decoding reads every weight
-once per step whatever the batch, so a batch of 4 costs far less than 4 steps. Seeded requests run
-alone, so a seed gives the same answer however busy the server is. Requests beyond `max_queue`
-waiting or running are refused at once (`QueueFull`): a server answers 429 instead of piling up
-work. A request whose client went away stops being served at the next token and frees its slot.
+One worker thread owns the model. On every tick it
+
+1. ends requests whose client left (`Job.cancel`) or that ran past `request_timeout`;
+2. admits waiting requests in arrival order while the running batch has free rows (a request
+   with `n` answers takes `n` rows; the head of the queue is never overtaken, so no request
+   starves);
+3. runs one step of the `RunningBatch`: a chunk of the newest prompts' prefill and one decoding
+   step for every running row, whatever each row's options;
+4. turns each row's new token into text (the reference's post-processing, stop strings, token
+   limits) and sends it to the request's event queue; finished rows leave the batch at once.
+
+Requests beyond `max_queue` waiting or running are refused at once (`QueueFull`), and after
+`drain()` new ones are refused with `Draining`: a server answers 429 or 503 instead of piling up
+work. `tick()` is public so that tests can drive the scheduling step by step without a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from glmgym.chat.session import ChatGLM, History, Reply
+from glmgym.chat.batch import RunningBatch, TokenOut
+from glmgym.chat.config import GenerationConfig
+from glmgym.chat.session import ChatGLM, History, Reply, process_response
 from glmgym.errors import GlmgymError
 
-__all__ = ["Done", "Engine", "Failed", "Job", "QueueFull", "cut_at_stop"]
+__all__ = ["Chunk", "Done", "Draining", "Engine", "EngineObserver", "Failed", "Job", "QueueFull",
+           "cut_at_stop"]
 
 
 class QueueFull(Exception):
     """Every slot of the queue is taken."""
 
 
+class Draining(Exception):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One new token of one answer."""
+
+    index: int
+    """Which of the request's `n` answers."""
+    reply: Reply
+    """The answer so far (post-processed and cut at a stop string)."""
+    logprobs: tuple[TokenOut, ...] = ()
+    """The new token with its log-probabilities, when the request asked for them."""
+
+
 @dataclass(frozen=True)
 class Done:
-    """The last event of a request that ended normally."""
+    """The end of one answer."""
 
     finish_reason: str
     """"stop" (the model ended its answer or a stop string was hit), "length" (out of tokens) or
     "cancelled" (the client left)."""
+    index: int = 0
+    """Which of the request's `n` answers."""
 
 
 @dataclass(frozen=True)
 class Failed:
-    """The last event of a request that failed."""
+    """The end of a whole request that failed."""
 
     message: str
     """What went wrong, for the client."""
-    user_error: bool
-    """True: the request was at fault (a 400); False: the server was (a 500)."""
+    status: int
+    """The HTTP status that fits: 400 (the request was at fault), 500 (the server was), 503 (the
+    server shut down), 504 (the request ran past the time limit)."""
+
+
+class EngineObserver:
+    """Hooks for metrics; every method is called on the worker thread and does nothing here."""
+
+    def prompt(self, tokens: int) -> None:
+        """A request was admitted with a prompt of `tokens` tokens."""
+
+    def first_token(self, seconds: float) -> None:
+        """An answer's first token came `seconds` after its request was submitted."""
+
+    def next_token(self, seconds: float) -> None:
+        """An answer's next token came `seconds` after its previous one."""
+
+    def finished(self, status: str) -> None:
+        """A request ended: "ok", "cancelled", "timeout", "error" or "shutdown"."""
+
+
+@dataclass
+class _Answer:
+    row: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    last_at: float = 0.0
+    done: bool = False
 
 
 @dataclass
 class Job:
-    """One chat request; its events arrive on `events` (an asyncio queue of the submitting loop).
+    """One request; its events arrive on `events` (an asyncio queue of the submitting loop).
 
-    Events: a `Reply` per generated token, then exactly one `Done` or `Failed`.
+    Events: `Chunk`s, then a `Done` for each of the `n` answers, or a single `Failed`.
     """
 
-    query: str
-    history: History
-    gen: dict[str, Any]
+    prompt: list[int]
+    gens: list[GenerationConfig]
     stop: tuple[str, ...]
-    trim_history: bool
     loop: asyncio.AbstractEventLoop
+    query: str = ""
+    history: History = field(default_factory=list)
+    raw: bool = False
+    logprobs: int | None = None
+    first_index: int = 0
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+    answers: list[_Answer] = field(default_factory=list)
 
-    def emit(self, item: Reply | Done | Failed) -> None:
+    def emit(self, item: Chunk | Done | Failed) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
     def cancel(self) -> None:
-        """Stop generating for this request at the next token (the client left)."""
+        """Stop generating for this request at the next step (the client left)."""
         self.cancelled.set()
-
-    @property
-    def batch_key(self) -> tuple | None:
-        """Requests with equal keys can share a batch; None (a seeded request) runs alone."""
-        if self.gen.get("seed") is not None:
-            return None
-        return (tuple(sorted(self.gen.items())), self.trim_history)
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -84,114 +137,262 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 
 class Engine:
-    """The model behind a bounded FIFO queue, run by one worker thread."""
+    """A continuously batched model behind a bounded FIFO queue (see the module docstring).
 
-    def __init__(self, bot: ChatGLM, max_queue: int = 8, max_batch: int = 4) -> None:
-        if max_queue < 1 or max_batch < 1:
-            raise GlmgymError(f"max_queue and max_batch must be at least 1, not {max_queue}, {max_batch}")
-        self.bot = bot
+    Args:
+        bot: the model and tokenizer.
+        max_queue: requests waiting or running at once; more are refused with `QueueFull`.
+        max_batch: rows decoded together (a request with `n` answers takes `n`).
+        prefill_chunk: prompt tokens' worth of prefill per step (see `RunningBatch`).
+        request_timeout: seconds a request may take from submission to its last token (None: no
+            limit).
+        observer: metrics hooks.
+        backend: makes the running batch from (bot, max_batch, prefill_chunk); tests pass a fake.
+        start: run the worker thread (False: call `tick()` yourself).
+    """
+
+    def __init__(self, bot: ChatGLM, max_queue: int = 16, max_batch: int = 8, prefill_chunk: int = 512,
+                 request_timeout: float | None = None, observer: EngineObserver | None = None,
+                 backend: Callable[..., Any] | None = None, start: bool = True) -> None:
+        if max_queue < 1 or max_batch < 1 or prefill_chunk < 1:
+            raise GlmgymError("max_queue, max_batch and prefill_chunk must be at least 1, not "
+                              f"{max_queue}, {max_batch}, {prefill_chunk}")
+        if request_timeout is not None and request_timeout <= 0:
+            raise GlmgymError(f"request_timeout must be positive, not {request_timeout}")
+        self.bot, self.tokenizer = bot, bot.tokenizer
         self.max_queue, self.max_batch = max_queue, max_batch
-        self._queue: deque[Job | None] = deque()
+        self.request_timeout = request_timeout
+        self.observer = observer or EngineObserver()
+        self._make_backend = backend or (lambda b, rows, chunk: RunningBatch(
+            b.model, rows, eos_id=b.tokenizer.eos_id, vocab_limit=b.tokenizer.vocab_size,
+            prefill_chunk=chunk))
+        self._backend_args = (bot, max_batch, prefill_chunk)
+        self.backend = self._make_backend(*self._backend_args)
+        self._queue: deque[Job] = deque()
+        self._running: dict[int, tuple[Job, int]] = {}  # row id -> (job, answer index)
+        self._jobs: list[Job] = []  # admitted, not finished
         self._ready = threading.Condition()
-        self._lock = threading.Lock()
-        self._pending = 0  # waiting + running
+        self._closed = False
+        self._draining = False
+        self._shutdown: str | None = None
         self.served = 0
         self.cancelled = 0
         self.largest_batch = 0
-        self._worker = threading.Thread(target=self._run, name="glmgym-engine", daemon=True)
-        self._worker.start()
+        self._worker = None
+        if start:
+            self._worker = threading.Thread(target=self._run, name="glmgym-engine", daemon=True)
+            self._worker.start()
+
+    # -- the client side (any thread) --------------------------------------------------------------
 
     @property
     def pending(self) -> int:
         """Requests waiting or running."""
-        return self._pending
+        return len(self._queue) + len(self._jobs)
 
-    def submit(self, query: str, history: History, gen: dict[str, Any], stop: tuple[str, ...] = (),
-               trim_history: bool = True) -> Job:
+    @property
+    def waiting(self) -> int:
+        """Requests not yet admitted."""
+        return len(self._queue)
+
+    @property
+    def running_rows(self) -> int:
+        """Rows in the running batch."""
+        return self.backend.rows
+
+    @property
+    def draining(self) -> bool:
+        """`drain()` was called: new requests are refused."""
+        return self._draining
+
+    def submit(self, prompt: list[int], gens: list[GenerationConfig] | GenerationConfig, *,
+               stop: tuple[str, ...] = (), query: str = "", history: History = (), raw: bool = False,
+               logprobs: int | None = None, first_index: int = 0, events: asyncio.Queue | None = None) -> Job:
         """Queue a request (call from the event loop that reads its events).
+
+        Args:
+            prompt: the prompt's token ids (ending with [gMASK] <sop>).
+            gens: one config per answer (n answers: n configs), or one config.
+            stop: strings that end an answer (not included in it).
+            query, history: the chat turn, for each `Reply.history`.
+            raw: send the decoded text as it is (completions) instead of the chat post-processing.
+            logprobs: None, or the number of top alternatives to report with each token.
+            first_index: the index of the first answer in the events (several prompts of one API
+                call number their answers in a row).
+            events: the queue to send events to (several prompts of one call share one).
 
         Raises:
             QueueFull: `max_queue` requests are already waiting or running.
+            Draining: the engine is shutting down.
+            GlmgymError: more answers than `max_batch` rows.
         """
-        job = Job(query, list(history), gen, tuple(stop), trim_history, asyncio.get_running_loop())
-        with self._lock:
-            if self._pending >= self.max_queue:
-                raise QueueFull
-            self._pending += 1
+        gens = [gens] if isinstance(gens, GenerationConfig) else list(gens)
+        if not 1 <= len(gens) <= self.max_batch:
+            raise GlmgymError(f"n must be in 1..{self.max_batch} (--max-batch), not {len(gens)}")
+        job = Job(list(prompt), gens, tuple(stop), asyncio.get_running_loop(), query, list(history), raw,
+                  logprobs, first_index, answers=[_Answer() for _ in gens])
+        if events is not None:
+            job.events = events
         with self._ready:
+            if self._draining:
+                raise Draining
+            if self.pending >= self.max_queue:
+                raise QueueFull
             self._queue.append(job)
             self._ready.notify()
         return job
 
-    def close(self) -> None:
-        """Stop the worker after the current batch."""
+    def chat(self, query: str, history: History, gen: dict[str, Any], *, n: int = 1,
+             stop: tuple[str, ...] = (), trim_history: bool = True, logprobs: int | None = None) -> Job:
+        """Fit a chat turn to the context (`ChatGLM.fit_prompt`) and submit it; `n` answers with
+        seeds seed, seed + 1, ... when `gen` has a seed.
+
+        Raises:
+            GlmgymError: bad options, or a prompt that does not fit (and is not trimmed).
+            QueueFull, Draining: as `submit`.
+        """
+        cfg = self.bot.config(gen)
+        ids, kept = self.bot.fit_prompt(query, history, cfg, trim_history)
+        gens = [cfg if cfg.seed is None else GenerationConfig(**{**gen, "seed": cfg.seed + i})
+                for i in range(n)]
+        return self.submit(ids, gens, stop=stop, query=query, history=kept, logprobs=logprobs)
+
+    def drain(self) -> None:
+        """Refuse new requests from now on; those already taken go on."""
         with self._ready:
-            self._queue.append(None)
+            self._draining = True
+
+    def shutdown(self, message: str = "the server shut down before the answer was complete") -> None:
+        """End every request, waiting or running, with `Failed(message, 503)` at the next tick."""
+        with self._ready:
+            self._draining = True
+            self._shutdown = message
             self._ready.notify()
 
-    def _next_batch(self) -> list[Job] | None:
-        """The head of the queue and the compatible requests right behind it (order kept)."""
+    def close(self) -> None:
+        """Stop the worker after its current tick."""
         with self._ready:
-            while not self._queue:
-                self._ready.wait()
-            first = self._queue.popleft()
-            if first is None:
-                return None
-            batch = [first]
-            key = first.batch_key
-            while (key is not None and len(batch) < self.max_batch and self._queue
-                   and self._queue[0] is not None and self._queue[0].batch_key == key):
-                batch.append(self._queue.popleft())
-            return batch
+            self._closed = True
+            self._ready.notify()
 
-    def _finish(self, job: Job, event: Done | Failed) -> None:
-        # the slot is free and counted before the client hears the end: one that submits again at
-        # once, or reads the counters, sees the engine as it is
-        with self._lock:
-            self._pending -= 1
-            self.served += 1
-            self.cancelled += event == Done("cancelled")
-        job.emit(event)
+    # -- the worker ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            live = []
-            for job in batch:
-                if job.cancelled.is_set():
-                    self._finish(job, Done("cancelled"))
-                else:
-                    live.append(job)
-            if not live:
-                continue
-            self.largest_batch = max(self.largest_batch, len(live))
-            open_jobs = dict(enumerate(live))
-            try:
-                self._serve(live, open_jobs)
-            except GlmgymError as exc:
-                for job in open_jobs.values():
-                    self._finish(job, Failed(str(exc), True))
-            except Exception as exc:  # the worker must outlive any one request
-                for job in open_jobs.values():
-                    self._finish(job, Failed(f"{type(exc).__name__}: {exc}", False))
+        while True:
+            with self._ready:
+                while not (self._queue or self._jobs or self._closed or self._shutdown):
+                    self._ready.wait()
+                if self._closed:
+                    return
+            self.tick()
 
-    def _serve(self, live: list[Job], open_jobs: dict[int, Job]) -> None:
-        """Stream the batch; `open_jobs` loses each row as it finishes (what is left gets errors)."""
-        first = live[0]
-        items = [(job.query, job.history) for job in live]
-        for replies in self.bot.stream_batch(items, first.trim_history, **first.gen):
-            for i, job in list(open_jobs.items()):
-                reply = replies[i]
-                text, stopped = cut_at_stop(reply.response, job.stop)
-                if stopped:
-                    reply = Reply(text, [*reply.history[:-1], (job.query, text)], reply.prompt_tokens,
-                                  reply.completion_tokens, reply.ended)
-                job.emit(reply)
-                answered = reply.ended or stopped
-                if answered or job.cancelled.is_set():
-                    del open_jobs[i]
-                    self._finish(job, Done("stop" if answered else "cancelled"))
-            if not open_jobs:
-                return
-        for i, job in list(open_jobs.items()):
-            del open_jobs[i]
-            self._finish(job, Done("length"))
+    def tick(self) -> None:
+        """One scheduling step: expire, admit, step the batch, deliver (see the module docstring)."""
+        now = time.monotonic()
+        self._expire(now)
+        self._admit()
+        if not self._running:
+            return
+        try:
+            outs = self.backend.step()
+        except GlmgymError as exc:
+            self._fail_all(str(exc), 400)
+            return
+        except Exception as exc:  # the worker must outlive any one request
+            self._fail_all(f"{type(exc).__name__}: {exc}", 500)
+            return
+        self.largest_batch = max(self.largest_batch, self.backend.decoding)
+        now = time.monotonic()
+        for out in outs:
+            if out.row in self._running:
+                self._deliver(out, now)
+
+    def _expire(self, now: float) -> None:
+        with self._ready:
+            queued = list(self._queue)
+        shutdown = self._shutdown
+        for job in queued + self._jobs:
+            if shutdown is not None:
+                self._end(job, Failed(shutdown, 503), "shutdown")
+            elif job.cancelled.is_set():
+                for i, answer in enumerate(job.answers):
+                    if not answer.done:
+                        answer.done = True
+                        job.emit(Done("cancelled", job.first_index + i))
+                self._end(job, None, "cancelled")
+            elif self.request_timeout is not None and now - job.submitted > self.request_timeout:
+                self._end(job, Failed(f"the request took longer than the server's limit of "
+                                      f"{self.request_timeout:g} s (--request-timeout)", 504), "timeout")
+
+    def _admit(self) -> None:
+        while True:
+            with self._ready:
+                if not self._queue or len(self._queue[0].gens) > self.backend.free_rows:
+                    return
+                job = self._queue.popleft()
+            try:
+                rows = self.backend.add(job.prompt, job.gens, job.logprobs)
+            except GlmgymError as exc:
+                self._jobs.append(job)
+                self._end(job, Failed(str(exc), 400), "error")
+                continue
+            self._jobs.append(job)
+            for i, row in enumerate(rows):
+                job.answers[i].row = row
+                self._running[row] = (job, i)
+            self.observer.prompt(len(job.prompt))
+
+    def _deliver(self, out: TokenOut, now: float) -> None:
+        job, i = self._running[out.row]
+        answer = job.answers[i]
+        cfg = job.gens[i]
+        answer.tokens.append(out.token)
+        if len(answer.tokens) == 1:
+            self.observer.first_token(now - job.submitted)
+        else:
+            self.observer.next_token(now - answer.last_at)
+        answer.last_at = now
+        ended = out.token == self.tokenizer.eos_id
+        text = self.tokenizer.decode(answer.tokens)
+        if not job.raw:
+            text = process_response(text)
+        text, stopped = cut_at_stop(text, job.stop)
+        reply = Reply(text, [*job.history, (job.query, text)], len(job.prompt), len(answer.tokens), ended)
+        job.emit(Chunk(job.first_index + i, reply, (out,) if job.logprobs is not None else ()))
+        limit = min(cfg.max_length, self.bot.model.config.max_sequence_length) - len(job.prompt)
+        if cfg.max_new_tokens is not None:
+            limit = min(limit, cfg.max_new_tokens)
+        if ended or stopped or len(answer.tokens) >= limit:
+            answer.done = True
+            self._release(answer)
+            job.emit(Done("stop" if ended or stopped else "length", job.first_index + i))
+            if all(a.done for a in job.answers):
+                self._end(job, None, "ok")
+
+    def _release(self, answer: _Answer) -> None:
+        if answer.row is not None and answer.row in self._running:
+            del self._running[answer.row]
+            self.backend.remove(answer.row)
+
+    def _end(self, job: Job, event: Failed | None, status: str) -> None:
+        """Take `job` out of the queue and the batch; count it before its client hears the end,
+        so that one that submits again at once, or reads the counters, sees the engine as it is."""
+        with self._ready:
+            if job in self._queue:
+                self._queue.remove(job)
+        for answer in job.answers:
+            self._release(answer)
+        if job in self._jobs:
+            self._jobs.remove(job)
+        self.served += 1
+        self.cancelled += status == "cancelled"
+        self.observer.finished(status)
+        if event is not None:
+            job.emit(event)
+
+    def _fail_all(self, message: str, status: int) -> None:
+        """The batch failed: end every admitted request and start from an empty batch."""
+        self._running.clear()  # the batch is in an unknown state: no row is handed back to it
+        for job in list(self._jobs):
+            self._end(job, Failed(message, status), "error")
+        self.backend = self._make_backend(*self._backend_args)

@@ -16,7 +16,8 @@ from glmgym.chat.config import GenerationConfig
 from glmgym.chat.model import GLMModel, KVCache
 from glmgym.errors import GlmgymError
 
-__all__ = ["GenerationConfig", "PromptBatch", "decode_one_token", "generate", "prefill", "sample"]
+__all__ = ["GenerationConfig", "PromptBatch", "RowSampling", "decode_one_token", "generate", "prefill",
+           "sample"]
 
 
 @dataclass
@@ -77,37 +78,93 @@ def decode_one_token(model: GLMModel, token: torch.Tensor, position_ids: torch.T
     return model(token, position_ids, mask, kv_cache=cache, start=start)[:, -1]
 
 
-def sample(logits: torch.Tensor, cfg: GenerationConfig, vocab_limit: int,
-           previous: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token of each row of `logits` [B, V]; never an id >= vocab_limit."""
-    logits = logits.float()
+@dataclass
+class RowSampling:
+    """Sampling options of each row of a batch, as [B] tensors (rows may differ in every option)."""
+
+    do_sample: torch.Tensor
+    """[B] bool: sample; False: greedy."""
+    temperature: torch.Tensor
+    """[B] float."""
+    top_k: torch.Tensor
+    """[B] long (0: off)."""
+    top_p: torch.Tensor
+    """[B] float."""
+    repetition_penalty: torch.Tensor
+    """[B] float (1: off)."""
+
+    @classmethod
+    def of(cls, cfgs: list[GenerationConfig], device: torch.device | str = "cpu") -> RowSampling:
+        """The options of `cfgs`, one per row."""
+        def t(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(t([c.do_sample for c in cfgs], torch.bool),
+                   t([c.temperature for c in cfgs], torch.float32),
+                   t([c.top_k for c in cfgs], torch.long), t([c.top_p for c in cfgs], torch.float32),
+                   t([c.repetition_penalty for c in cfgs], torch.float32))
+
+
+def sample(logits: torch.Tensor, cfg: GenerationConfig | RowSampling, vocab_limit: int,
+           previous: torch.Tensor | None = None,
+           generator: torch.Generator | list[torch.Generator | None] | None = None) -> torch.Tensor:
+    """Pick the next token of each row of `logits` [B, V]; never an id >= vocab_limit.
+
+    Args:
+        logits: [B, V] next-token logits (not modified).
+        cfg: one `GenerationConfig` for every row, or a `RowSampling` with each row's options.
+        vocab_limit: ids from here on are never picked.
+        previous: [B, N] ids each row has seen, for the repetition penalty (a row may repeat one
+            of its ids as padding: a repeated id is penalized once).
+        generator: one generator for all rows, or one per row (None: torch's global one). Rows
+            that share a generator draw in one call, so a row with its own generator draws the
+            same whatever else is in the batch.
+    """
+    B = logits.shape[0]
+    opts = cfg if isinstance(cfg, RowSampling) else RowSampling.of([cfg] * B, logits.device)
+    logits = logits.float().clone()
     bad = ~torch.isfinite(logits).all(dim=-1)
     if bad.any():  # the reference's InvalidScoreLogitsProcessor: zeros, and token 5 made likely
         logits[bad] = 0.0
         logits[bad, 5] = 5e4
     logits[:, vocab_limit:] = float("-inf")  # rows past the tokenizer's pieces are unused
-    if cfg.repetition_penalty != 1.0 and previous is not None:
+    penalty = opts.repetition_penalty.to(logits.device)[:, None]
+    if previous is not None and bool((penalty != 1.0).any()):
         seen = logits.gather(1, previous)
-        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        seen = torch.where(seen > 0, seen / penalty, seen * penalty)
         logits = logits.scatter(1, previous, seen)
+    tokens = logits.argmax(dim=-1)
     # below 1e-5 the tempered distribution is a point mass to fp32 precision (and 1/T overflows)
-    if not cfg.do_sample or cfg.temperature < 1e-5:
-        return logits.argmax(dim=-1)
+    sampled = opts.do_sample & (opts.temperature >= 1e-5)
+    if not bool(sampled.any()):
+        return tokens
+    rows = sampled.nonzero().squeeze(1)
+    x = logits[rows]
     # shift the max to 0 first: a small temperature then gives -inf, never inf - inf = NaN
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / cfg.temperature
-    if cfg.top_k:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+    x = (x - x.max(dim=-1, keepdim=True).values) / opts.temperature[rows, None]
+    top_k = opts.top_k[rows]
+    if bool((top_k > 0).any()):
+        k = top_k.clamp(1, x.shape[-1])
+        kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
+    top_p = opts.top_p[rows, None]
+    if bool((top_p < 1.0).any()):
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(dim=-1)
         # drop a token when the more likely ones already reach top_p (the first always stays)
-        drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        drop = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)
         drop[:, 0] = False  # also when top_p rounds to 0 in fp32
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
+    probs = x.softmax(dim=-1)
+    gens = generator if isinstance(generator, list) else [generator] * B
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(rows.tolist()):
+        groups.setdefault(id(gens[row]), []).append(i)
+    for members in groups.values():
+        picked = torch.multinomial(probs[members], 1, generator=gens[int(rows[members[0]])]).squeeze(1)
+        tokens[rows[members]] = picked
+    return tokens
 
 
 @torch.inference_mode()

@@ -88,8 +88,9 @@ class SelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
         allowed: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
-        start: int,
+        start: int | torch.Tensor,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         H, d = self.num_heads, self.head_dim
@@ -105,9 +106,15 @@ class SelfAttention(nn.Module):
         k = torch.cat((_apply_rotary(k1, cos1, sin1), _apply_rotary(k2, cos2, sin2)), dim=-1)
         if cache is not None:
             k_cache, v_cache = cache
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+            if isinstance(start, int):
+                k_cache[:, :, start : start + T] = k
+                v_cache[:, :, start : start + T] = v
+                kv_len = start + T
+            else:  # one token per row, each at its own slot `start[b]` (continuous batching)
+                rows = torch.arange(B, device=k.device)
+                k_cache[rows, :, start] = k[:, :, 0]  # [B, H, d] into [B, H, slot, d]
+                v_cache[rows, :, start] = v[:, :, 0]
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         elif prefix is not None:  # training: [B, H, P, d] prefix keys/values in front, no rotary
             k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
         if T == 1 and x.device.type == "cpu" and q.dtype == torch.bfloat16 and not _CPU_NATIVE_BF16:
@@ -155,9 +162,9 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.alpha = math.sqrt(2 * cfg.num_residual_layers)
 
-    def forward(self, h, rope, allowed, cache, start, prefix=None):
+    def forward(self, h, rope, allowed, cache, start, prefix=None, kv_len=None):
         x = self.input_layernorm(h)
-        h = x * self.alpha + self.attention(x, rope, allowed, cache, start, prefix)
+        h = x * self.alpha + self.attention(x, rope, allowed, cache, start, prefix, kv_len)
         m = self.post_attention_layernorm(h)
         return m * self.alpha + self.mlp(m)
 
@@ -252,7 +259,7 @@ class GLMModel(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """Final hidden states [B, T, hidden] (after final_layernorm).
 
@@ -263,20 +270,40 @@ class GLMModel(nn.Module):
                 start + T (cache slots 0..start+T-1, prefix included), or P + T without a cache
                 for a P-Tuning v2 model (the prefix first). None: full attention.
             kv_cache: cache to read slots [0, start) from and write [start, start+T) to.
-            start: cache slot of the first input token.
+            start: cache slot of the first input token; or a [B] tensor of one slot per row
+                (T == 1: rows of different lengths decoding together), S is then max(start) + 1.
         """
         h = self.transformer.word_embeddings(input_ids)
+        h = self.run_layers(h, position_ids, attention_mask, kv_cache, start, range(self.config.num_layers))
+        return self.transformer.final_layernorm(h)
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        start: int | torch.Tensor,
+        layers: range,
+    ) -> torch.Tensor:
+        """Hidden states [B, T, hidden] through `layers` only (arguments as `hidden_states`).
+
+        A prompt can go through the model a few layers at a time, so that a server decodes the
+        running rows in between (GLM's prompt attends both ways: it cannot be cut into token
+        chunks without changing its keys and values, but it can be cut between layers).
+        """
         rope = self._rope(position_ids, h.dtype)
         allowed = None if attention_mask is None else ~attention_mask
+        kv_len = None if isinstance(start, int) else int(start.max()) + h.shape[1]
         prefix_k = prefix_v = None
         if kv_cache is None and self.prefix_len:
             # training: the prefix from the encoder, concatenated in every layer (no cache)
-            prefix_k, prefix_v = self.prefix_kv(input_ids.shape[0], h.dtype)
-        for i, layer in enumerate(self.transformer.layers):
+            prefix_k, prefix_v = self.prefix_kv(h.shape[0], h.dtype)
+        for i in layers:
             cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
             prefix = None if prefix_k is None else (prefix_k[i], prefix_v[i])
-            h = layer(h, rope, allowed, cache, start, prefix)
-        return self.transformer.final_layernorm(h)
+            h = self.transformer.layers[i](h, rope, allowed, cache, start, prefix, kv_len)
+        return h
 
     def forward(
         self,
@@ -284,7 +311,7 @@ class GLMModel(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`); arguments as `hidden_states`."""

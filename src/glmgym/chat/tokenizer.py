@@ -109,6 +109,20 @@ class ChatGLMTokenizer:
         text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
         return _BLANK_PIECE.sub(lambda m: " " * int(m.group(1)), text)
 
+    def token_text(self, token_id: int) -> str:
+        """The text of one token as a piece on its own (a leading space kept; special tokens by
+        name), for logprobs."""
+        i = int(token_id) - self.offset
+        if not 0 <= i < self.sp.get_piece_size():
+            return ""
+        piece = self.sp.id_to_piece(i)
+        if int(token_id) in self.special_ids:
+            return piece
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # a byte piece
+            return bytes([int(piece[3:5], 16)]).decode("utf-8", errors="replace")
+        text = piece.replace("\u2581", " ").replace("<n>", "\n").replace("<|tab|>", "\t")
+        return _BLANK_PIECE.sub(lambda m: " " * int(m.group(1)), text)
+
     def batch_encode(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
         """Prompts padded on the left to one length; returns (ids, number of pad tokens)."""
         encoded = [self.encode(t) for t in texts]

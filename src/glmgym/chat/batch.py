@@ -1,0 +1,304 @@
+"""The running batch of a server: rows join and leave between decoding steps (continuous batching).
+
+A `RunningBatch` owns one KV cache of `[layers, rows, heads, slots, head_dim]` and three kinds of
+row: waiting for their prompt to run, prefilling, and decoding. Each `step()`:
+
+1. takes the waiting rows into one prefill group (their prompts padded on the right to one length)
+   when no group is in flight, and runs the group through a few layers: about `prefill_chunk`
+   prompt tokens' worth of work, so that a long prompt holds up the decoding rows for at most one
+   chunk per step. The chunks are cut between layers, not between tokens: GLM's prompt attends
+   both ways, so a token chunk would change the keys and values of the tokens before it;
+2. decodes one token for every decoding row, each at its own cache slot (`start` per row);
+3. when a group has gone through every layer, copies each row's keys and values into the cache
+   (only its real tokens: no padding is kept) and samples its first token.
+
+A row that leaves frees its cache slot at once: the last row moves into it (a copy of its keys
+and values, no recompute), so the decoding rows are always `cache[:, :n]`. The cache grows in
+rows and slots as needed and is released when the batch is empty.
+
+Sampling options are per row (`RowSampling`), and a seeded row draws from its own generator, so
+its answer does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from glmgym.chat.config import GenerationConfig
+from glmgym.chat.generate import RowSampling, sample
+from glmgym.chat.model import GLMModel, KVCache
+from glmgym.errors import GlmgymError
+
+__all__ = ["RunningBatch", "TokenOut"]
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    """One generated token of one row."""
+
+    row: int
+    """The row id `add` returned."""
+    token: int
+    """The token id."""
+    logprob: float | None = None
+    """Its log-probability under the model (before temperature, top-k/p and penalties), when the
+    row asked for logprobs."""
+    top: tuple[tuple[int, float], ...] = ()
+    """The `top_logprobs` most likely (token, log-probability) pairs, most likely first."""
+
+
+@dataclass
+class _Row:
+    id: int
+    prompt: list[int]
+    cfg: GenerationConfig
+    generator: torch.Generator | None
+    logprobs: int | None  # None: no logprobs; k: the chosen token's and the top k
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    length: int = 0  # cache slots in use (prefix + prompt + fed tokens)
+
+    @property
+    def mask_pos(self) -> int:
+        return len(self.prompt) - 2  # [gMASK] sits just before <sop>, the last prompt token
+
+
+@dataclass
+class _Group:
+    """Prompts in flight through the layers: hidden states between chunks."""
+
+    members: list[tuple[list[_Row], int]]  # each prompt's rows (n > 1: several) and its length
+    h: torch.Tensor  # [G, T, hidden]
+    position_ids: torch.Tensor  # [G, 2, T]
+    mask: torch.Tensor  # [G, 1, T, P + T], True = masked
+    cache: KVCache  # [layers, G, heads, P + T, d]
+    next_layer: int = 0
+
+
+class RunningBatch:
+    """Rows of one model that join and leave between steps (see the module docstring).
+
+    Args:
+        model: the model (eval mode; any dtype, quantized or not).
+        max_rows: rows decoding, prefilling and waiting at once.
+        eos_id: the end-of-answer token (<eop>).
+        vocab_limit: ids from here on are never sampled.
+        prefill_chunk: prompt tokens' worth of prefill work per step (at least one layer).
+    """
+
+    def __init__(self, model: GLMModel, max_rows: int, *, eos_id: int, vocab_limit: int,
+                 prefill_chunk: int = 512) -> None:
+        if max_rows < 1 or prefill_chunk < 1:
+            raise GlmgymError(f"max_rows and prefill_chunk must be at least 1, not {max_rows}, "
+                              f"{prefill_chunk}")
+        self.model = model
+        self.max_rows, self.prefill_chunk = max_rows, prefill_chunk
+        self.eos_id, self.vocab_limit = eos_id, vocab_limit
+        self.device = next(model.parameters()).device
+        self.dtype = model.dtype
+        self.max_slots = model.prefix_len + model.config.max_sequence_length
+        self._ids = itertools.count()
+        self._waiting: list[list[_Row]] = []  # rows of one prompt (n > 1 shares a prefill)
+        self._group: _Group | None = None
+        self._decoding: list[_Row] = []  # row i lives in cache slot i
+        self._cache: KVCache | None = None
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        """Rows waiting, prefilling or decoding."""
+        prefilling = sum(len(rows) for rows, _ in self._group.members) if self._group else 0
+        return sum(map(len, self._waiting)) + prefilling + len(self._decoding)
+
+    @property
+    def free_rows(self) -> int:
+        """Rows that can still be added."""
+        return self.max_rows - self.rows
+
+    @property
+    def decoding(self) -> int:
+        """Rows past their prompt, generating a token per step."""
+        return len(self._decoding)
+
+    def add(self, prompt: list[int], cfgs: list[GenerationConfig], logprobs: int | None = None) -> list[int]:
+        """Queue one prompt answered `len(cfgs)` times (n > 1: the prompt runs once); return the
+        row ids, in the order of `cfgs`.
+
+        Args:
+            prompt: token ids, ending with [gMASK] <sop>.
+            cfgs: each answer's options (only the sampling fields and the seed are read here; the
+                caller decides when a row has had enough tokens).
+            logprobs: None, or how many top alternatives to report with each token (0..20).
+
+        Raises:
+            GlmgymError: not enough free rows, or a prompt without room for an answer.
+        """
+        if len(cfgs) > self.free_rows:
+            raise GlmgymError(f"{len(cfgs)} rows asked for, {self.free_rows} free")
+        if len(prompt) < 2 or len(prompt) >= self.model.config.max_sequence_length:
+            raise GlmgymError(f"the prompt has {len(prompt)} tokens; the model takes 2 to "
+                              f"{self.model.config.max_sequence_length - 1}")
+        rows = []
+        for cfg in cfgs:
+            gen = None
+            if cfg.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+            rows.append(_Row(next(self._ids), list(prompt), cfg, gen, logprobs))
+        self._waiting.append(rows)
+        return [r.id for r in rows]
+
+    @torch.inference_mode()
+    def remove(self, row_id: int) -> None:
+        """Drop a row wherever it is (finished, cancelled); a decoding row frees its slot now."""
+        for rows in self._waiting:
+            rows[:] = [r for r in rows if r.id != row_id]
+        self._waiting = [rows for rows in self._waiting if rows]
+        if self._group is not None:
+            # the prompt stays in the group's tensors (they are shared); its row does not land
+            for rows, _ in self._group.members:
+                rows[:] = [r for r in rows if r.id != row_id]
+        for i, row in enumerate(self._decoding):
+            if row.id == row_id:
+                last = len(self._decoding) - 1
+                if i != last:  # the last row moves into the free slot: a copy, not a recompute
+                    n = self._decoding[last].length
+                    self._cache.k[:, i, :, :n] = self._cache.k[:, last, :, :n]
+                    self._cache.v[:, i, :, :n] = self._cache.v[:, last, :, :n]
+                    self._decoding[i] = self._decoding[last]
+                self._decoding.pop()
+                break
+        if not self.rows:
+            self._cache = None  # an idle server holds no cache
+
+    # -- the step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenOut]:
+        """One prefill chunk (if prompts are waiting) and one decoding step; the new tokens."""
+        if self._group is None and self._waiting:
+            self._start_group()
+        out = self._decode() if self._decoding else []
+        if self._group is not None:
+            out += self._advance_group()
+        return out
+
+    def _start_group(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        prompts = [rows[0].prompt for rows in waiting]
+        G, T, P = len(prompts), max(map(len, prompts)), self.model.prefix_len
+        lengths = torch.tensor([len(p) for p in prompts])
+        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])  # padded on the right
+        i = torch.arange(T)
+        ctx = (lengths - 1)[:, None]  # the bidirectional context: every prompt token before <sop>
+        pos = torch.where(i[None] < ctx, i[None], ctx - 1).clamp(min=0)  # then [gMASK]'s position
+        block = (i[None] - ctx + 1).clamp(min=0)
+        real = i[None] < lengths[:, None]  # [G, T]
+        allowed = ((i[None, None, :] <= i[None, :, None]) | (i[None, None, :] < ctx[:, :, None]))
+        allowed = (allowed & real[:, None, :]) | torch.eye(T, dtype=torch.bool)  # pads see themselves
+        allowed = torch.cat([torch.ones(G, T, P, dtype=torch.bool), allowed], dim=2)  # [G, T, P + T]
+        cache = KVCache.empty(self.model.config, G, P + T, self.dtype, self.device)
+        if P:
+            cache.k[:, :, :, :P], cache.v[:, :, :, :P] = self.model.prefix_kv(G, self.dtype)
+        self._group = _Group(
+            members=[(rows, len(p)) for rows, p in zip(waiting, prompts)],
+            h=self.model.transformer.word_embeddings(ids.to(self.device)),
+            position_ids=torch.stack([pos, block], 1).to(self.device),
+            mask=(~allowed)[:, None].to(self.device),
+            cache=cache,
+        )
+
+    def _advance_group(self) -> list[TokenOut]:
+        g, L = self._group, self.model.config.num_layers
+        G, T = g.h.shape[:2]
+        per_chunk = max(1, self.prefill_chunk * L // (G * T))  # layers worth prefill_chunk tokens
+        layers = range(g.next_layer, min(L, g.next_layer + per_chunk))
+        g.h = self.model.run_layers(g.h, g.position_ids, g.mask, g.cache, self.model.prefix_len, layers)
+        g.next_layer = layers.stop
+        if g.next_layer < L:
+            return []
+        self._group = None
+        landed = [(gi, row) for gi, (rows, _) in enumerate(g.members) for row in rows]
+        if not landed:
+            return []
+        last = torch.tensor([n - 1 for _, n in g.members], device=self.device)
+        h = self.model.transformer.final_layernorm(g.h[torch.arange(G, device=self.device), last])
+        logits = self.model.lm_head(h[:, None])[:, 0]  # [G, vocab]: each prompt's last token
+        for gi, row in landed:
+            row.length = self.model.prefix_len + g.members[gi][1]
+        self._ensure(len(self._decoding) + len(landed), max(r.length + 1 for _, r in landed))
+        for gi, row in landed:
+            slot = len(self._decoding)
+            self._cache.k[:, slot, :, :row.length] = g.cache.k[:, gi, :, :row.length]
+            self._cache.v[:, slot, :, :row.length] = g.cache.v[:, gi, :, :row.length]
+            self._decoding.append(row)
+        return self._sample([r for _, r in landed], logits[[gi for gi, _ in landed]])
+
+    def _decode(self) -> list[TokenOut]:
+        rows = self._decoding
+        n = len(rows)
+        self._ensure(n, max(r.length for r in rows) + 1)
+        tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)  # [n, 1]
+        # a generated token sits after <sop>: position = [gMASK]'s, block position = 1 + its index
+        pos = torch.tensor([[[r.mask_pos], [len(r.tokens) + 1]] for r in rows], device=self.device)
+        slots = torch.tensor([r.length for r in rows], device=self.device)
+        cache = KVCache(self._cache.k[:, :n], self._cache.v[:, :n])
+        if bool((slots == slots[0]).all()):  # one length: a plain slice, no mask
+            logits = self.model(tokens, pos, None, kv_cache=cache, start=int(slots[0]))[:, -1]
+        else:
+            S = int(slots.max()) + 1
+            masked = torch.arange(S, device=self.device)[None, :] > slots[:, None]  # [n, S]
+            logits = self.model(tokens, pos, masked[:, None, None, :], kv_cache=cache, start=slots)[:, -1]
+        for r in rows:
+            r.length += 1
+        return self._sample(rows, logits)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenOut]:
+        opts = RowSampling.of([r.cfg for r in rows], self.device)
+        previous = None
+        if any(r.cfg.repetition_penalty != 1.0 for r in rows):
+            seqs = [r.prompt + r.tokens for r in rows]
+            width = max(map(len, seqs))
+            # pad with each row's own first id: a repeated id is penalized once
+            previous = torch.tensor([s + [s[0]] * (width - len(s)) for s in seqs], device=self.device)
+        picked = sample(logits, opts, self.vocab_limit, previous, [r.generator for r in rows]).tolist()
+        want = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        lp = top = None
+        if want:
+            scores = logits[want].float()
+            scores[:, self.vocab_limit:] = float("-inf")
+            logp = scores.log_softmax(dim=-1)
+            k = max(rows[i].logprobs for i in want)
+            top = logp.topk(k, dim=-1) if k else None
+            lp = logp.gather(1, torch.tensor([[picked[i]] for i in want], device=self.device))[:, 0]
+        out = []
+        for i, (row, token) in enumerate(zip(rows, picked)):
+            row.tokens.append(token)
+            if row.logprobs is None:
+                out.append(TokenOut(row.id, token))
+                continue
+            j = want.index(i)
+            pairs = ()
+            if top is not None and row.logprobs:
+                k = row.logprobs
+                pairs = tuple(zip(top.indices[j, :k].tolist(), top.values[j, :k].tolist()))
+            out.append(TokenOut(row.id, token, float(lp[j]), pairs))
+        return out
+
+    def _ensure(self, rows: int, slots: int) -> None:
+        """Grow the cache (doubling, up to the limits) to hold `rows` rows of `slots` slots."""
+        if slots > self.max_slots:
+            raise GlmgymError(f"a row needs {slots} cache slots; the model has {self.max_slots}")
+        c = self._cache
+        have_rows, have_slots = (0, 0) if c is None else (c.k.shape[1], c.k.shape[3])
+        if rows <= have_rows and slots <= have_slots:
+            return
+        new_rows = min(self.max_rows, max(rows, 2 * have_rows))
+        new_slots = min(self.max_slots, max(slots, 2 * have_slots, 64))
+        grown = KVCache.empty(self.model.config, new_rows, new_slots, self.dtype, self.device)
+        if c is not None:
+            grown.k[:, :have_rows, :, :have_slots] = c.k
+            grown.v[:, :have_rows, :, :have_slots] = c.v
+        self._cache = grown
