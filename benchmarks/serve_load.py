@@ -7,7 +7,11 @@ usage from the last chunk (`stream_options.include_usage`). Models: `random:tiny
 random GLM of 8 layers of width 1024 (MLP 4096, 16 heads) over the tiny tokenizer, written to
 `--workdir` first.
 
+`--soak-seconds S` then keeps `--soak-concurrency` clients busy on the mid model for S seconds and
+records the server's resident memory (VmRSS) every 10 s, and how every request ended.
+
     python benchmarks/serve_load.py [--concurrency 1 4 16] [--requests 32] [--max-tokens 32]
+        [--max-batch N] [--soak-seconds 600 --soak-concurrency 8]
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -62,6 +65,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rss_gb(pid: int) -> float:
+    """Resident memory of process `pid` in GiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dict:
     body = {"model": "m", "messages": [{"role": "user", "content": f"Tell me about topic {i}."}],
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
@@ -75,6 +86,8 @@ async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dic
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"status": "stream error", "message": chunk["error"]["message"]}
             if chunk.get("usage"):
                 usage = chunk["usage"]
             elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
@@ -107,6 +120,87 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> di
             "mean_completion_tokens": tokens / max(len(ok), 1)}
 
 
+async def soak(url: str, pid: int, concurrency: int, seconds: float, max_tokens: int) -> dict:
+    """`concurrency` clients in a loop for `seconds`; the server's RSS every 10 s."""
+    outcomes: dict[str, int] = {}
+    tokens = 0
+    deadline = time.perf_counter() + seconds
+    rss = [(0.0, rss_gb(pid))]
+
+    async def worker(client, w):
+        nonlocal tokens
+        i = 0
+        while time.perf_counter() < deadline:
+            try:
+                r = await one_request(client, w * 1_000_000 + i, max_tokens)
+            except httpx.HTTPError as exc:
+                r = {"status": type(exc).__name__}
+            outcomes[str(r["status"])] = outcomes.get(str(r["status"]), 0) + 1
+            tokens += r.get("tokens", 0)
+            i += 1
+
+    async def sampler():
+        t0 = time.perf_counter()
+        while time.perf_counter() < deadline:
+            await asyncio.sleep(10)
+            rss.append((time.perf_counter() - t0, rss_gb(pid)))
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(sampler(), *(worker(client, w) for w in range(concurrency)))
+        wall = time.perf_counter() - t0
+    rss.append((wall, rss_gb(pid)))
+    return {"concurrency": concurrency, "seconds": wall, "outcomes": outcomes, "tokens_per_s": tokens / wall,
+            "rss_start_gb": rss[0][1], "rss_end_gb": rss[-1][1], "rss_max_gb": max(r for _, r in rss),
+            "rss_samples": [[round(t, 1), round(r, 4)] for t, r in rss]}
+
+
+class Server:
+    """`glmgym chat serve` in a subprocess on a free loopback port (PYTHONPATH=`src`: another
+    checkout's glmgym, for a before/after comparison)."""
+
+    def __init__(self, model: str, max_queue: int, max_batch: int | None, src: str | None = None) -> None:
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        cmd = [sys.executable, "-m", "glmgym.cli", "chat", "serve", "--model", model,
+               "--port", self.url.rsplit(":", 1)[1], "--max-queue", str(max_queue), "--no-ui",
+               "--dtype", "float32"]
+        if max_batch:
+            cmd += ["--max-batch", str(max_batch)]
+        env = {**os.environ, **({"PYTHONPATH": src} if src else {})}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env)
+
+    def __enter__(self) -> Server:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.proc.kill()
+                raise SystemExit(f"server did not start: {self.proc.stdout.read()[-2000:]}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def _median_runs(rounds: list[list[dict]]) -> list[dict]:
+    """Per concurrency: the median of each figure over the rounds, and the per-round values."""
+    out = []
+    for runs in zip(*rounds):
+        keys = ("tokens_per_s", "requests_per_s", "ttft_p50_s", "ttft_p95_s")
+        merged = {**runs[0], **{k: float(np.median([r[k] for r in runs])) for k in keys}}
+        merged.update({f"{k}_per_round": [r[k] for r in runs] for k in keys})
+        merged["completed"] = sum(r["completed"] for r in runs)
+        merged["rejected"] = sum(r["rejected"] for r in runs)
+        out.append(merged)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -115,42 +209,50 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     p.add_argument("--workdir", default="benchmarks/runs/serve_load")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
+    p.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every measurement; medians are reported")
+    p.add_argument("--baseline-src", default=None, metavar="DIR",
+                   help="also serve from this checkout's src/ (its default options), interleaved by round")
+    p.add_argument("--soak-seconds", type=float, default=0, help="then a soak on the mid model (0: none)")
+    p.add_argument("--soak-concurrency", type=int, default=8)
     args = p.parse_args()
     work = Path(args.workdir)
+    max_queue = max(args.concurrency) * 2
     result: dict = {}
+    variants = [("glmgym", None, args.max_batch)]
+    if args.baseline_src:
+        variants.append(("baseline", str(Path(args.baseline_src).resolve()), None))
     for name in args.models:
         model = "random:tiny" if name == "tiny" else str(write_mid_model(work / "mid"))
-        port = _free_port()
-        cmd = [sys.executable, "-m", "glmgym.cli", "chat", "serve", "--model", model, "--port", str(port),
-               "--max-queue", str(max(args.concurrency) * 2), "--no-ui", "--dtype", "float32"]
-        server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if server.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"server did not start: {server.stdout.read()[-2000:]}")
-                time.sleep(0.2)
-            runs = []
-            for c in args.concurrency:
-                r = asyncio.run(load(url, c, args.requests, args.max_tokens))
-                runs.append(r)
-                print(f"{name} x{c}: {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, "
-                      f"TTFT p50 {r['ttft_p50_s']:.3f} s p95 {r['ttft_p95_s']:.3f} s", flush=True)
-            result[name] = {"model": model, "runs": runs}
-        finally:
-            server.terminate()
-            server.wait(30)
-    import torch
+        rounds: dict[str, list[list[dict]]] = {label: [] for label, *_ in variants}
+        for _ in range(args.rounds):
+            for label, src, max_batch in variants:  # interleaved: drifts in machine speed hit both
+                with Server(model, max_queue, max_batch, src) as server:
+                    runs = []
+                    for c in args.concurrency:
+                        r = asyncio.run(load(server.url, c, args.requests, args.max_tokens))
+                        runs.append(r)
+                        print(f"{label} {name} x{c}: {r['requests_per_s']:.2f} req/s, "
+                              f"{r['tokens_per_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_s']:.3f} s "
+                              f"p95 {r['ttft_p95_s']:.3f} s", flush=True)
+                    rounds[label].append(runs)
+        result[name] = {"model": model, "runs": _median_runs(rounds["glmgym"])}
+        if args.baseline_src:
+            result.setdefault("baseline", {"src": args.baseline_src})[name] = {
+                "model": model, "runs": _median_runs(rounds["baseline"])}
+    if args.soak_seconds:
+        with Server(str(write_mid_model(work / "mid")), max_queue, args.max_batch) as server:
+            r = asyncio.run(soak(server.url, server.proc.pid, args.soak_concurrency, args.soak_seconds,
+                                 args.max_tokens))
+        print(f"soak x{args.soak_concurrency} {r['seconds']:.0f} s: {r['outcomes']}, RSS "
+              f"{r['rss_start_gb']:.3f} -> {r['rss_end_gb']:.3f} GiB (max {r['rss_max_gb']:.3f})", flush=True)
+        result["soak"] = r
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine_facts
 
     result["config"] = {"max_tokens": args.max_tokens, "requests": args.requests, "dtype": "float32",
-                        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                        "max_batch": args.max_batch or "server default", "rounds": args.rounds,
+                        "date": time.strftime("%Y-%m-%d"), **machine_facts(),
                         "note": "server and client share this machine's CPUs"}
     from glmgym._io import atomic_write_json
 

@@ -7,7 +7,9 @@ Example:
     >>> bot4 = chat.load("THUDM/chatglm-6b", quantize=4)  # INT4, fastest kernel here  # doctest: +SKIP
 """
 
+from glmgym.chat.batch import RunningBatch, TokenOut
 from glmgym.chat.config import PRESETS, GLMConfig
+from glmgym.chat.engine import Engine
 from glmgym.chat.generate import GenerationConfig, generate
 from glmgym.chat.model import GLMModel, KVCache
 from glmgym.chat.quantize import QuantizedLinear, QuantSpec, quantize_model
@@ -18,6 +20,7 @@ __all__ = [
     "PRESETS",
     "ChatGLM",
     "ChatGLMTokenizer",
+    "Engine",
     "GLMConfig",
     "GLMModel",
     "GenerationConfig",
@@ -25,6 +28,8 @@ __all__ = [
     "KVCache",
     "QuantSpec",
     "QuantizedLinear",
+    "RunningBatch",
+    "TokenOut",
     "build_prompt",
     "generate",
     "load",

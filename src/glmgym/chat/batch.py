@@ -104,6 +104,7 @@ class RunningBatch:
         self._group: _Group | None = None
         self._decoding: list[_Row] = []  # row i lives in cache slot i
         self._cache: KVCache | None = None
+        self._options: tuple[tuple[int, ...], RowSampling | None] = ((), None)  # of the last rows sampled
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -240,15 +241,17 @@ class RunningBatch:
         rows = self._decoding
         n = len(rows)
         self._ensure(n, max(r.length for r in rows) + 1)
-        tokens = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)  # [n, 1]
-        # a generated token sits after <sop>: position = [gMASK]'s, block position = 1 + its index
-        pos = torch.tensor([[[r.mask_pos], [len(r.tokens) + 1]] for r in rows], device=self.device)
-        slots = torch.tensor([r.length for r in rows], device=self.device)
+        # per row: the last token, its position and block position (a generated token sits after
+        # <sop>: [gMASK]'s position, 1 + its index), its cache slot; one tensor, then views
+        state = torch.tensor([[r.tokens[-1], r.mask_pos, len(r.tokens) + 1, r.length] for r in rows],
+                             device=self.device)
+        tokens, pos, slots = state[:, :1], state[:, 1:3, None], state[:, 3]  # [n, 1], [n, 2, 1], [n]
         cache = KVCache(self._cache.k[:, :n], self._cache.v[:, :n])
-        if bool((slots == slots[0]).all()):  # one length: a plain slice, no mask
-            logits = self.model(tokens, pos, None, kv_cache=cache, start=int(slots[0]))[:, -1]
+        lengths = [r.length for r in rows]
+        if min(lengths) == max(lengths):  # one length: a plain slice, no mask
+            logits = self.model(tokens, pos, None, kv_cache=cache, start=lengths[0])[:, -1]
         else:
-            S = int(slots.max()) + 1
+            S = max(lengths) + 1
             masked = torch.arange(S, device=self.device)[None, :] > slots[:, None]  # [n, S]
             logits = self.model(tokens, pos, masked[:, None, None, :], kv_cache=cache, start=slots)[:, -1]
         for r in rows:
@@ -256,7 +259,10 @@ class RunningBatch:
         return self._sample(rows, logits)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenOut]:
-        opts = RowSampling.of([r.cfg for r in rows], self.device)
+        key = tuple(r.id for r in rows)
+        if self._options[0] != key:  # the rows changed: their options once, not every step
+            self._options = (key, RowSampling.of([r.cfg for r in rows], self.device))
+        opts = self._options[1]
         previous = None
         if any(r.cfg.repetition_penalty != 1.0 for r in rows):
             seqs = [r.prompt + r.tokens for r in rows]

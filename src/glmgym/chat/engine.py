@@ -122,12 +122,23 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     answers: list[_Answer] = field(default_factory=list)
 
-    def emit(self, item: Chunk | Done | Failed) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+    def emit(self, item: Chunk | Done | Failed, outbox: dict | None = None) -> None:
+        """Send `item` to the client; with `outbox` ({loop: [(queue, item)]}), later, in one call
+        per event loop (`_flush`): a woken event loop takes CPU from the model's threads, so it is
+        woken once per step, not once per row."""
+        if outbox is None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        else:
+            outbox.setdefault(self.loop, []).append((self.events, item))
 
     def cancel(self) -> None:
         """Stop generating for this request at the next step (the client left)."""
         self.cancelled.set()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Chunk | Done | Failed]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -171,6 +182,7 @@ class Engine:
         self._queue: deque[Job] = deque()
         self._running: dict[int, tuple[Job, int]] = {}  # row id -> (job, answer index)
         self._jobs: list[Job] = []  # admitted, not finished
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events of this tick, per loop
         self._ready = threading.Condition()
         self._closed = False
         self._draining = False
@@ -214,7 +226,8 @@ class Engine:
             prompt: the prompt's token ids (ending with [gMASK] <sop>).
             gens: one config per answer (n answers: n configs), or one config.
             stop: strings that end an answer (not included in it).
-            query, history: the chat turn, for each `Reply.history`.
+            query: the chat turn's question, for each `Reply.history`.
+            history: the turns kept in the prompt, for each `Reply.history`.
             raw: send the decoded text as it is (completions) instead of the chat post-processing.
             logprobs: None, or the number of top alternatives to report with each token.
             first_index: the index of the first answer in the events (several prompts of one API
@@ -288,6 +301,17 @@ class Engine:
 
     def tick(self) -> None:
         """One scheduling step: expire, admit, step the batch, deliver (see the module docstring)."""
+        try:
+            self._tick()
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _tick(self) -> None:
         now = time.monotonic()
         self._expire(now)
         self._admit()
@@ -318,7 +342,7 @@ class Engine:
                 for i, answer in enumerate(job.answers):
                     if not answer.done:
                         answer.done = True
-                        job.emit(Done("cancelled", job.first_index + i))
+                        job.emit(Done("cancelled", job.first_index + i), self._outbox)
                 self._end(job, None, "cancelled")
             elif self.request_timeout is not None and now - job.submitted > self.request_timeout:
                 self._end(job, Failed(f"the request took longer than the server's limit of "
@@ -358,14 +382,14 @@ class Engine:
             text = process_response(text)
         text, stopped = cut_at_stop(text, job.stop)
         reply = Reply(text, [*job.history, (job.query, text)], len(job.prompt), len(answer.tokens), ended)
-        job.emit(Chunk(job.first_index + i, reply, (out,) if job.logprobs is not None else ()))
+        job.emit(Chunk(job.first_index + i, reply, (out,) if job.logprobs is not None else ()), self._outbox)
         limit = min(cfg.max_length, self.bot.model.config.max_sequence_length) - len(job.prompt)
         if cfg.max_new_tokens is not None:
             limit = min(limit, cfg.max_new_tokens)
         if ended or stopped or len(answer.tokens) >= limit:
             answer.done = True
             self._release(answer)
-            job.emit(Done("stop" if ended or stopped else "length", job.first_index + i))
+            job.emit(Done("stop" if ended or stopped else "length", job.first_index + i), self._outbox)
             if all(a.done for a in job.answers):
                 self._end(job, None, "ok")
 
@@ -388,7 +412,7 @@ class Engine:
         self.cancelled += status == "cancelled"
         self.observer.finished(status)
         if event is not None:
-            job.emit(event)
+            job.emit(event, self._outbox)
 
     def _fail_all(self, message: str, status: int) -> None:
         """The batch failed: end every admitted request and start from an empty batch."""

@@ -80,7 +80,8 @@ def decode_one_token(model: GLMModel, token: torch.Tensor, position_ids: torch.T
 
 @dataclass
 class RowSampling:
-    """Sampling options of each row of a batch, as [B] tensors (rows may differ in every option)."""
+    """Sampling options of each row of a batch, as [B] tensors (rows may differ in every option),
+    with what the rows have in common worked out once (a decoding step then skips the checks)."""
 
     do_sample: torch.Tensor
     """[B] bool: sample; False: greedy."""
@@ -92,6 +93,14 @@ class RowSampling:
     """[B] float."""
     repetition_penalty: torch.Tensor
     """[B] float (1: off)."""
+    sampled_rows: torch.Tensor
+    """[S] long: the rows that sample (the others are greedy)."""
+    any_top_k: bool
+    """Some sampled row has top_k > 0."""
+    any_top_p: bool
+    """Some sampled row has top_p < 1."""
+    any_penalty: bool
+    """Some row has a repetition penalty."""
 
     @classmethod
     def of(cls, cfgs: list[GenerationConfig], device: torch.device | str = "cpu") -> RowSampling:
@@ -99,10 +108,14 @@ class RowSampling:
         def t(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
+        # below 1e-5 the tempered distribution is a point mass to fp32 precision (and 1/T overflows)
+        sampled = [i for i, c in enumerate(cfgs) if c.do_sample and c.temperature >= 1e-5]
         return cls(t([c.do_sample for c in cfgs], torch.bool),
                    t([c.temperature for c in cfgs], torch.float32),
                    t([c.top_k for c in cfgs], torch.long), t([c.top_p for c in cfgs], torch.float32),
-                   t([c.repetition_penalty for c in cfgs], torch.float32))
+                   t([c.repetition_penalty for c in cfgs], torch.float32), t(sampled, torch.long),
+                   any(cfgs[i].top_k > 0 for i in sampled), any(cfgs[i].top_p < 1.0 for i in sampled),
+                   any(c.repetition_penalty != 1.0 for c in cfgs))
 
 
 def sample(logits: torch.Tensor, cfg: GenerationConfig | RowSampling, vocab_limit: int,
@@ -128,27 +141,25 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig | RowSampling, vocab_limi
         logits[bad] = 0.0
         logits[bad, 5] = 5e4
     logits[:, vocab_limit:] = float("-inf")  # rows past the tokenizer's pieces are unused
-    penalty = opts.repetition_penalty.to(logits.device)[:, None]
-    if previous is not None and bool((penalty != 1.0).any()):
+    if previous is not None and opts.any_penalty:
+        penalty = opts.repetition_penalty[:, None]
         seen = logits.gather(1, previous)
         seen = torch.where(seen > 0, seen / penalty, seen * penalty)
         logits = logits.scatter(1, previous, seen)
     tokens = logits.argmax(dim=-1)
-    # below 1e-5 the tempered distribution is a point mass to fp32 precision (and 1/T overflows)
-    sampled = opts.do_sample & (opts.temperature >= 1e-5)
-    if not bool(sampled.any()):
+    rows = opts.sampled_rows
+    if not len(rows):
         return tokens
-    rows = sampled.nonzero().squeeze(1)
     x = logits[rows]
     # shift the max to 0 first: a small temperature then gives -inf, never inf - inf = NaN
     x = (x - x.max(dim=-1, keepdim=True).values) / opts.temperature[rows, None]
-    top_k = opts.top_k[rows]
-    if bool((top_k > 0).any()):
+    if opts.any_top_k:
+        top_k = opts.top_k[rows]
         k = top_k.clamp(1, x.shape[-1])
         kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
         x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
-    top_p = opts.top_p[rows, None]
-    if bool((top_p < 1.0).any()):
+    if opts.any_top_p:
+        top_p = opts.top_p[rows, None]
         sorted_x, order = x.sort(dim=-1, descending=True)
         probs = sorted_x.softmax(dim=-1)
         # drop a token when the more likely ones already reach top_p (the first always stays)
