@@ -22,7 +22,7 @@ Results go under `by_cpu[KIND]` of `--out`, KIND being `avx2` or `avx512` as PyT
 machine as `avx2`; build chatglm.cpp with ggml's AVX-512 options off for that run), with the CPU
 flags seen; a run replaces only its own kind's entries.
 
-    python benchmarks/chat_speed.py [--formats bf16 int8 int4 int4_rowwise int4_qe] \\
+    python benchmarks/chat_speed.py [--formats bf16 int8 int4 int4_rowwise int4_qe int8_qe] \\
         [--cpp-python /path/to/venv/bin/python] [--layers 28] [--prompt 128] [--new 16] [--rounds 3]
 
 `--rounds N` measures every format N times in turn (A, B, A, B, ...) and keeps the median: on a
@@ -52,6 +52,7 @@ FORMATS = {
     "int4": (4, 128, False),
     "int4_rowwise": (4, 0, False),  # THUDM's scheme
     "int4_qe": (4, 128, True),  # embeddings / lm_head quantized too, as chatglm.cpp does
+    "int8_qe": (8, 0, True),  # the same for INT8 (chatglm.cpp's q8_0 quantizes its lm_head too)
 }
 CPP_TYPES = {"chatglm_cpp_q4_0": "q4_0", "chatglm_cpp_q8_0": "q8_0"}
 
