@@ -75,6 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed training steps per variant")
     parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the training variants this many times in turn; medians are kept")
     parser.add_argument("--out", default="benchmarks/results/dt_speed.json")
     args = parser.parse_args()
 
@@ -98,13 +100,18 @@ def main() -> None:
         torch.manual_seed(0)
         return HFAdapter(DecisionTransformerModel(DecisionTransformerConfig(**cfg.to_dict())))
 
-    speeds = {}
+    per_round: dict[str, list[float]] = {}
     default_bf16 = native_bf16(torch.device("cpu"))
-    for name, make, bf16 in [("glmgym_fp32", glmgym_model, False), ("hf_fp32", hf_model, False),
-                             ("glmgym_bf16", glmgym_model, True), ("hf_bf16", hf_model, True)]:
-        timed = batches if not bf16 or default_bf16 else batches[: 5 + max(3, args.steps // 10)]
-        speeds[name] = train_speed(make(), timed, bf16)
-        print(f"train {name}: {speeds[name]:.2f} steps/s", flush=True)
+    variants = [("glmgym_fp32", glmgym_model, False), ("hf_fp32", hf_model, False),
+                ("glmgym_bf16", glmgym_model, True), ("hf_bf16", hf_model, True)]
+    for r in range(args.rounds):  # A, B, A, B, ...: drifts in machine speed hit both alike
+        for name, make, bf16 in variants:
+            if bf16 and not default_bf16 and r > 0:
+                continue  # emulated bf16 (20x slower): one short round is enough to show it
+            timed = batches if not bf16 or default_bf16 else batches[: 5 + max(3, args.steps // 10)]
+            per_round.setdefault(name, []).append(train_speed(make(), timed, bf16))
+            print(f"train {name}: {per_round[name][-1]:.2f} steps/s", flush=True)
+    speeds = {name: float(np.median(v)) for name, v in per_round.items()}
     speeds["glmgym_default"] = speeds["glmgym_bf16" if default_bf16 else "glmgym_fp32"]
 
     torch.manual_seed(0)
@@ -122,6 +129,8 @@ def main() -> None:
 
     result = {
         "train_steps_per_s": speeds,
+        "train_steps_per_s_per_round": per_round,
+        "rounds": args.rounds,
         "eval_env_steps_per_s": eval_speed,
         "ratios": {
             "train_default_vs_hf_fp32": speeds["glmgym_default"] / speeds["hf_fp32"],
