@@ -42,9 +42,9 @@ def machine_facts() -> dict:
             "python": platform.python_version()}
 
 
-def status_gb(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in GiB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def status_gb(field: str, pid: int | str = "self") -> float:
+    """A memory field of /proc/PID/status (VmRSS, VmHWM, ...) in GiB (Linux; default: this process)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 2**20
     return float("nan")

@@ -30,6 +30,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import machine_facts, status_gb
+
 
 def write_mid_model(out: Path) -> Path:
     import torch
@@ -63,14 +66,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def rss_gb(pid: int) -> float:
-    """Resident memory of process `pid` in GiB (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dict:
@@ -125,7 +120,7 @@ async def soak(url: str, pid: int, concurrency: int, seconds: float, max_tokens:
     outcomes: dict[str, int] = {}
     tokens = 0
     deadline = time.perf_counter() + seconds
-    rss = [(0.0, rss_gb(pid))]
+    rss = [(0.0, status_gb("VmRSS", pid))]
 
     async def worker(client, w):
         nonlocal tokens
@@ -143,13 +138,13 @@ async def soak(url: str, pid: int, concurrency: int, seconds: float, max_tokens:
         t0 = time.perf_counter()
         while time.perf_counter() < deadline:
             await asyncio.sleep(10)
-            rss.append((time.perf_counter() - t0, rss_gb(pid)))
+            rss.append((time.perf_counter() - t0, status_gb("VmRSS", pid)))
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         t0 = time.perf_counter()
         await asyncio.gather(sampler(), *(worker(client, w) for w in range(concurrency)))
         wall = time.perf_counter() - t0
-    rss.append((wall, rss_gb(pid)))
+    rss.append((wall, status_gb("VmRSS", pid)))
     return {"concurrency": concurrency, "seconds": wall, "outcomes": outcomes, "tokens_per_s": tokens / wall,
             "rss_start_gb": rss[0][1], "rss_end_gb": rss[-1][1], "rss_max_gb": max(r for _, r in rss),
             "rss_samples": [[round(t, 1), round(r, 4)] for t, r in rss]}
@@ -247,9 +242,6 @@ def main() -> None:
         print(f"soak x{args.soak_concurrency} {r['seconds']:.0f} s: {r['outcomes']}, RSS "
               f"{r['rss_start_gb']:.3f} -> {r['rss_end_gb']:.3f} GiB (max {r['rss_max_gb']:.3f})", flush=True)
         result["soak"] = r
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _machine import machine_facts
-
     result["config"] = {"max_tokens": args.max_tokens, "requests": args.requests, "dtype": "float32",
                         "max_batch": args.max_batch or "server default", "rounds": args.rounds,
                         "date": time.strftime("%Y-%m-%d"), **machine_facts(),

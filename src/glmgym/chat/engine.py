@@ -19,6 +19,7 @@ work. `tick()` is public so that tests can drive the scheduling step by step wit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -32,7 +33,7 @@ from glmgym.chat.session import ChatGLM, History, Reply, process_response
 from glmgym.errors import GlmgymError
 
 __all__ = ["Chunk", "Done", "Draining", "Engine", "EngineObserver", "Failed", "Job", "QueueFull",
-           "cut_at_stop"]
+           "answer_configs", "cut_at_stop"]
 
 
 class QueueFull(Exception):
@@ -134,6 +135,13 @@ class Job:
     def cancel(self) -> None:
         """Stop generating for this request at the next step (the client left)."""
         self.cancelled.set()
+
+
+def answer_configs(cfg: GenerationConfig, n: int) -> list[GenerationConfig]:
+    """The configs of `n` answers to one prompt: seeds seed, seed + 1, ... when `cfg` has one."""
+    if cfg.seed is None:
+        return [cfg] * n
+    return [dataclasses.replace(cfg, seed=cfg.seed + i) for i in range(n)]
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Chunk | Done | Failed]]) -> None:
@@ -266,9 +274,8 @@ class Engine:
         """
         cfg = self.bot.config(gen)
         ids, kept = self.bot.fit_prompt(query, history, cfg, trim_history)
-        gens = [cfg if cfg.seed is None else GenerationConfig(**{**gen, "seed": cfg.seed + i})
-                for i in range(n)]
-        return self.submit(ids, gens, stop=stop, query=query, history=kept, logprobs=logprobs)
+        return self.submit(ids, answer_configs(cfg, n), stop=stop, query=query, history=kept,
+                           logprobs=logprobs)
 
     def drain(self) -> None:
         """Refuse new requests from now on; those already taken go on."""

@@ -83,8 +83,6 @@ class RowSampling:
     """Sampling options of each row of a batch, as [B] tensors (rows may differ in every option),
     with what the rows have in common worked out once (a decoding step then skips the checks)."""
 
-    do_sample: torch.Tensor
-    """[B] bool: sample; False: greedy."""
     temperature: torch.Tensor
     """[B] float."""
     top_k: torch.Tensor
@@ -110,8 +108,7 @@ class RowSampling:
 
         # below 1e-5 the tempered distribution is a point mass to fp32 precision (and 1/T overflows)
         sampled = [i for i, c in enumerate(cfgs) if c.do_sample and c.temperature >= 1e-5]
-        return cls(t([c.do_sample for c in cfgs], torch.bool),
-                   t([c.temperature for c in cfgs], torch.float32),
+        return cls(t([c.temperature for c in cfgs], torch.float32),
                    t([c.top_k for c in cfgs], torch.long), t([c.top_p for c in cfgs], torch.float32),
                    t([c.repetition_penalty for c in cfgs], torch.float32), t(sampled, torch.long),
                    any(cfgs[i].top_k > 0 for i in sampled), any(cfgs[i].top_p < 1.0 for i in sampled),

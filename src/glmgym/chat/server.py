@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from glmgym.chat.batch import TokenOut
 from glmgym.chat.config import GenerationConfig
-from glmgym.chat.engine import Chunk, Done, Draining, Engine, Failed, Job, QueueFull
+from glmgym.chat.engine import Chunk, Done, Draining, Engine, Failed, Job, QueueFull, answer_configs
 from glmgym.chat.session import ChatGLM, Reply
 from glmgym.errors import GlmgymError, import_extra
 
@@ -304,10 +304,6 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
             raise ApiError(503, "the server is shutting down; retry on another one or later",
                            "service_unavailable", headers={"Retry-After": "5"}) from None
 
-    def check_n(n: int) -> None:
-        if n > engine.max_batch:
-            raise ApiError(400, f"n must be at most {engine.max_batch} (the server's --max-batch)", param="n")
-
     async def gather(jobs: list[Job], total: int, request: Request) -> list[_Answer]:
         """Wait for every answer; a client that has gone (checked twice a second) cancels the jobs."""
         answers = [_Answer() for _ in range(total)]
@@ -385,7 +381,6 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         query, history = to_chatglm(req.messages)
-        check_n(req.n)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
@@ -412,7 +407,6 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
     async def completions(req: CompletionRequest, request: Request):
         if req.echo:
             raise ApiError(400, "echo is not supported", param="echo")
-        check_n(req.n)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         gen = gen_options(req.temperature, req.top_p, req.max_tokens, req.seed)
@@ -429,10 +423,8 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
                     ids = tok.encode(text)
                     if len(ids) + 1 > min(cfg.max_length, context):
                         raise GlmgymError(f"prompt {p} has {len(ids)} tokens; the context is {context}")
-                    gens = [cfg if cfg.seed is None else GenerationConfig(**{**gen, "seed": cfg.seed + i})
-                            for i in range(req.n)]
-                    jobs.append(engine.submit(ids, gens, stop=stop, raw=True, first_index=p * req.n,
-                                              events=events, logprobs=req.logprobs))
+                    jobs.append(engine.submit(ids, answer_configs(cfg, req.n), stop=stop, raw=True,
+                                              first_index=p * req.n, events=events, logprobs=req.logprobs))
             except BaseException:
                 for job in jobs:
                     job.cancel()
