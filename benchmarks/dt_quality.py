@@ -1,17 +1,27 @@
-"""Proof of learning on the embedded hopper-medium: glmgym's DT vs BC vs d3rlpy's DT vs the data.
+"""The Decision Transformer table: glmgym's DT vs d3rlpy's DT vs BC vs the data, per dataset.
 
-Every method trains for the same number of gradient steps (default: the `cpu` preset's 10k, with
-1k warmup) on the same HDF5 file, for each training seed; every policy is then scored over the
-same evaluation episodes (seeds seed..seed+N-1). glmgym's DT and d3rlpy's DT are evaluated at three
-target returns; the table reports each method at its best target (best mean over seeds).
-Normalized scores use the dataset's own reference returns (random and expert policy, from its
-metadata). d3rlpy runs in a virtual environment of its own (it pins gymnasium 1.0.0):
+The default is the paper's nine datasets: halfcheetah, hopper and walker2d at medium,
+medium-replay and medium-expert, made by `glmgym agent collect` (Gymnasium v5, not D4RL's v2).
+Each name is looked up as an embedded dataset first, then as `--data-dir/<Env>-v5/<name>.hdf5`,
+where `glmgym agent collect --env <Env>-v5 --out <data-dir>/<Env>-v5` writes it. A missing
+`<family>-medium-expert` is made from the family's medium and expert files, one after the
+other, as `collect` makes it. A dataset that cannot be found is reported and skipped.
+
+Every method trains for the same number of gradient steps (default 10k, with 1k warmup) on the
+same HDF5 file, for each training seed; every policy is then scored over the same evaluation
+episodes (seeds seed..seed+N-1). glmgym's DT and d3rlpy's DT are evaluated at three target
+returns (the paper's pair for the env and the dataset's best return); the table reports each
+method at its best target (best mean over seeds). Normalized scores use each dataset's own
+reference returns (random and expert policy, from its metadata). d3rlpy runs in a virtual
+environment of its own (it pins gymnasium 1.0.0):
 
     python3 -m venv /tmp/d3rlpy && /tmp/d3rlpy/bin/pip install torch==2.13.0 d3rlpy h5py \\
         "gymnasium[mujoco]==1.0.0"
     python benchmarks/dt_quality.py --d3rlpy-python /tmp/d3rlpy/bin/python
 
-Results are cached per (method, seed) in the output JSON, so an interrupted run resumes.
+Results are cached per (dataset, method, seed) in the output JSON as each run ends, so an
+interrupted run resumes and the table can be filled over several sessions; a dataset's cached
+runs are dropped when its file (sha256) or the settings change.
 """
 
 from __future__ import annotations
@@ -27,98 +37,103 @@ from pathlib import Path
 
 import numpy as np
 
+from _machine import cpu_kind  # beside this script (sys.path[0])
 from glmgym._io import atomic_write_json
 from glmgym.agents import TrainConfig, load_checkpoint, train
 from glmgym.agents.checkpoint import latest_checkpoint
+from glmgym.agents.collect import _concat_files, write_d4rl_hdf5
 from glmgym.agents.data import embedded_datasets, load_dataset
-from glmgym.agents.envs import normalized_score, reference_scores
+from glmgym.agents.envs import ENV_IDS, PAPER_TARGET_RETURNS, env_family, normalized_score, reference_scores
 from glmgym.agents.evaluate import evaluate
 
+FAMILIES = ("halfcheetah", "hopper", "walker2d")
+LEVELS = ("medium", "medium-replay", "medium-expert")
+METHODS = ("glmgym_dt", "d3rlpy_dt", "bc")
+# Decision Transformer paper, Table 2 (D4RL v2 data, 100k steps): for orientation only, since
+# these datasets are not D4RL's (other env version, other SAC runs, own references).
+PAPER_DT = {
+    "halfcheetah-medium": 42.6, "hopper-medium": 67.6, "walker2d-medium": 74.0,
+    "halfcheetah-medium-replay": 36.6, "hopper-medium-replay": 82.7, "walker2d-medium-replay": 66.6,
+    "halfcheetah-medium-expert": 86.8, "hopper-medium-expert": 107.6, "walker2d-medium-expert": 108.1,
+}
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="hopper-medium", help="embedded dataset name")
-    p.add_argument("--steps", type=int, default=10_000)
-    p.add_argument("--warmup", type=int, default=1_000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--targets", type=float, nargs="+", default=None,
-                   help="target returns (default: 3600, 1800 and the dataset's best return)")
-    p.add_argument("--d3rlpy-python", default=None, help="python of a venv with d3rlpy")
-    p.add_argument("--runs", default="benchmarks/runs", help="where glmgym's runs go")
-    p.add_argument("--out", default="benchmarks/results/dt_quality.json")
-    args = p.parse_args()
 
-    out = Path(args.out)
-    path = embedded_datasets()[args.dataset]
-    ds = load_dataset(f"embedded:{args.dataset}")
-    ref = reference_scores(ds.env_id, ds.metadata)
-    summary = ds.summary()
-    targets = args.targets or [3600.0, 1800.0, float(np.round(summary["return_max"]))]
-    # cached runs are reused only for the same data and settings; anything else starts over
-    setting = {"dataset": f"embedded:{args.dataset}",
-               "dataset_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-               "steps": args.steps, "warmup": args.warmup, "episodes": args.episodes,
-               "targets": targets}
-    cache = json.loads(out.read_text()) if out.exists() else {}
-    if cache and {k: cache.get("config", {}).get(k) for k in setting} != setting:
-        print(f"{out}: cached runs are for other data or settings; starting over")
-        cache = {}
-    runs = cache.setdefault("runs", {})
-    cache.setdefault("config", dict(setting))  # saved with the first run, so a resume matches
+def find_dataset(name: str, data_dir: Path, made_dir: Path) -> Path | None:
+    """The HDF5 file of a dataset name (see the module docstring), or None."""
+    embedded = embedded_datasets()
+    if name in embedded:
+        return embedded[name]
+    family = env_family(name)
+    if family not in ENV_IDS:
+        path = Path(name)
+        return path if path.is_file() else None
+    path = data_dir / ENV_IDS[family] / f"{name}.hdf5"
+    if path.is_file():
+        return path
+    if name.endswith("-medium-expert"):
+        parts = [find_dataset(f"{family}-{lvl}", data_dir, made_dir) for lvl in ("medium", "expert")]
+        if None in parts:
+            return None
+        made = made_dir / f"{name}.hdf5"
+        if not made.is_file():
+            meta = dict(load_dataset(f"d4rl:{parts[0]}").metadata)
+            meta.update(level="medium-expert", policy="medium followed by expert",
+                        made_from=[p.name for p in parts])
+            arrays = _concat_files(parts)
+            meta["transitions"] = len(arrays["rewards"])
+            made.parent.mkdir(parents=True, exist_ok=True)
+            write_d4rl_hdf5(made, arrays, meta)
+        return made
+    return None
 
-    def save() -> None:
-        atomic_write_json(out, cache)
 
-    # one method at a time over all seeds (the slow peer last), each result cached at once
-    for seed in args.seeds:
-        key = f"glmgym_dt/{seed}"
-        if key in runs:
-            continue
-        run_dir = Path(args.runs) / f"glmgym-dt-seed{seed}"
-        shutil.rmtree(run_dir, ignore_errors=True)  # not in the cache: an old or interrupted run
-        t0 = time.perf_counter()
-        train(TrainConfig(dataset=f"embedded:{args.dataset}", steps=args.steps, warmup_steps=args.warmup,
-                          seed=seed, eval_episodes=0, save_every=args.steps, out=str(run_dir),
-                          progress=False))
-        seconds = time.perf_counter() - t0
-        ckpt = load_checkpoint(latest_checkpoint(run_dir))
-        policy = ckpt.policy()
-        report = evaluate(policy, ds.env_id, targets, episodes=args.episodes, seed=seed, ref=ref)
-        runs[key] = {"train_seconds": seconds,
-                     "returns": {str(r["target_return"]): r["returns"] for r in report["results"]}}
-        save()
-    for algo in ("bc", "dt") if args.d3rlpy_python else ():
-        for seed in args.seeds:
-            key = f"{'d3rlpy_dt' if algo == 'dt' else 'bc'}/{seed}"
-            if key in runs:
-                continue
-            with tempfile.TemporaryDirectory() as cwd:  # d3rlpy writes d3rlpy_logs/ there
-                proc = subprocess.run(
-                    [args.d3rlpy_python, str(Path(__file__).resolve().with_name("_d3rlpy_runner.py")),
-                     "--dataset", str(path), "--algo", algo, "--env", ds.env_id,
-                     "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(seed),
-                     "--episodes", str(args.episodes), "--targets", *map(str, targets)],
-                    capture_output=True, text=True, cwd=cwd)
-            if proc.returncode != 0:
-                raise SystemExit(f"d3rlpy {algo} failed:\n{proc.stderr[-3000:]}")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs[key] = {"train_seconds": result["train_seconds"], "returns": {
-                (k if k == "none" else str(float(k))): v for k, v in result["returns"].items()},
-                "versions": {"d3rlpy": result["d3rlpy"], "gymnasium": result["gymnasium"]}}
-            save()
+def default_targets(name: str, best_return: float) -> list[float]:
+    family = env_family(name)
+    return [*PAPER_TARGET_RETURNS.get(family, ()), float(np.round(best_return))]
 
-    methods: dict[str, dict] = {}
-    for method in ("glmgym_dt", "d3rlpy_dt", "bc"):
-        seeds = [s for s in args.seeds if f"{method}/{s}" in runs]
+
+def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: Path) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)  # not in the cache: an old or interrupted run
+    t0 = time.perf_counter()
+    train(TrainConfig(dataset=f"d4rl:{path}", env=env_id, steps=args.steps, warmup_steps=args.warmup,
+                      seed=seed, eval_episodes=0, save_every=args.steps, out=str(run_dir), progress=False))
+    seconds = time.perf_counter() - t0
+    policy = load_checkpoint(latest_checkpoint(run_dir)).policy()
+    report = evaluate(policy, env_id, targets, episodes=args.episodes, seed=seed, ref=ref)
+    return {"train_seconds": seconds,
+            "returns": {str(r["target_return"]): r["returns"] for r in report["results"]}}
+
+
+def run_d3rlpy(path: Path, env_id: str, args, algo: str, seed: int, targets) -> dict:
+    with tempfile.TemporaryDirectory() as cwd:  # d3rlpy writes d3rlpy_logs/ there
+        proc = subprocess.run(
+            [args.d3rlpy_python, str(Path(__file__).resolve().with_name("_d3rlpy_runner.py")),
+             "--dataset", str(path.resolve()), "--algo", algo, "--env", env_id,
+             "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(seed),
+             "--episodes", str(args.episodes), "--targets", *map(str, targets)],
+            capture_output=True, text=True, cwd=cwd)
+    if proc.returncode != 0:
+        raise SystemExit(f"d3rlpy {algo} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"train_seconds": result["train_seconds"],
+            "returns": {(k if k == "none" else str(float(k))): v for k, v in result["returns"].items()},
+            "versions": {"d3rlpy": result["d3rlpy"], "gymnasium": result["gymnasium"]}}
+
+
+def summarize(entry: dict, ref, ds) -> None:
+    """Per method: the best target's normalized score over seeds; and the dataset's own score."""
+    runs = entry["runs"]
+    for method in METHODS:
+        seeds = sorted(int(k.split("/")[1]) for k in runs if k.startswith(f"{method}/"))
         if not seeds:
+            entry.pop(method, None)
             continue
         per_target: dict[str, list[float]] = {}
         for s in seeds:
             for target, returns in runs[f"{method}/{s}"]["returns"].items():
                 per_target.setdefault(target, []).append(float(np.mean(normalized_score(returns, ref))))
         best = max(per_target, key=lambda t: np.mean(per_target[t]))
-        methods[method] = {
+        entry[method] = {
             "normalized_score_mean": float(np.mean(per_target[best])),
             "normalized_score_std": float(np.std(per_target[best])),
             "best_target_return": None if best == "none" else float(best),
@@ -128,19 +143,109 @@ def main() -> None:
             "seeds": seeds,
         }
     ds_norm = normalized_score(ds.episode_returns(), ref)
-    methods["dataset"] = {"normalized_score_mean": float(ds_norm.mean()),
-                          "normalized_score_std": float(ds_norm.std()), "train_seconds": 0.0,
-                          "return_mean": summary["return_mean"]}
-    cache.update(methods)
-    cache["config"] = {**setting, "seeds": args.seeds,
-                       "reference_scores": {"min": ref.min, "max": ref.max, "source": ref.source},
-                       "date": time.strftime("%Y-%m-%d")}
+    entry["dataset"] = {"normalized_score_mean": float(ds_norm.mean()),
+                        "normalized_score_std": float(ds_norm.std()),
+                        "return_mean": float(ds.episode_returns().mean())}
+
+
+def average(datasets: dict) -> dict:
+    """Mean normalized score and training time per method over the datasets every method has."""
+    complete = [n for n, e in datasets.items() if all(m in e for m in (*METHODS, "dataset"))]
+    out = {"datasets": complete}
+    for m in (*METHODS, "dataset"):
+        if complete:
+            out[m] = float(np.mean([datasets[n][m]["normalized_score_mean"] for n in complete]))
+    for m in METHODS:
+        if complete:
+            out[f"{m}_train_seconds"] = float(np.mean([datasets[n][m]["train_seconds"] for n in complete]))
+    return out
+
+
+def table(result: dict) -> str:
+    """The results as a Markdown table (normalized scores, mean ± std over seeds)."""
+    rows = ["| dataset | glmgym DT | d3rlpy DT | BC | data mean | paper DT (D4RL) |",
+            "|---|---:|---:|---:|---:|---:|"]
+
+    def cell(e: dict, m: str) -> str:
+        if m not in e:
+            return "–"
+        return f"{e[m]['normalized_score_mean']:.1f} ± {e[m]['normalized_score_std']:.1f}"
+
+    for name, e in result["datasets"].items():
+        rows.append(f"| {name} | {cell(e, 'glmgym_dt')} | {cell(e, 'd3rlpy_dt')} | {cell(e, 'bc')} "
+                    f"| {e['dataset']['normalized_score_mean']:.1f} | {PAPER_DT.get(name, '–')} |")
+    avg = result["average"]
+    if avg["datasets"]:
+        rows.append(f"| average of {len(avg['datasets'])} | {avg['glmgym_dt']:.1f} | {avg['d3rlpy_dt']:.1f} "
+                    f"| {avg['bc']:.1f} | {avg['dataset']:.1f} | |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", nargs="+", default=[f"{f}-{lvl}" for f in FAMILIES for lvl in LEVELS],
+                   help="dataset names (embedded, or found in --data-dir) or HDF5 paths")
+    p.add_argument("--data-dir", default="datasets", help="collect's output root: <dir>/<Env>-v5/*.hdf5")
+    p.add_argument("--steps", type=int, default=10_000)
+    p.add_argument("--warmup", type=int, default=1_000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="glmgym DT and BC seeds")
+    p.add_argument("--d3rlpy-seeds", type=int, nargs="+", default=[0, 1], help="d3rlpy DT seeds")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--d3rlpy-python", default=None, help="python of a venv with d3rlpy")
+    p.add_argument("--runs", default="benchmarks/runs", help="where glmgym's runs go")
+    p.add_argument("--out", default="benchmarks/results/dt_quality.json")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result.setdefault("datasets", {})
+    runs_root = Path(args.runs)
+
+    def save() -> None:
+        result["average"] = average(result["datasets"])
+        atomic_write_json(out, result)
+
+    missing = []
+    for name in args.datasets:
+        path = find_dataset(name, Path(args.data_dir), runs_root / "data")
+        if path is None:
+            missing.append(name)
+            print(f"{name}: not found (embedded or {args.data_dir}/<Env>-v5/{name}.hdf5); skipped")
+            continue
+        ds = load_dataset(f"d4rl:{path}")
+        env_id = ENV_IDS.get(env_family(name)) or ds.env_id
+        ref = reference_scores(env_id, ds.metadata)
+        targets = default_targets(name, float(ds.episode_returns().max()))
+        setting = {"dataset_file": path.name, "dataset_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                   "env_id": env_id, "steps": args.steps, "warmup": args.warmup,
+                   "episodes": args.episodes, "targets": targets,
+                   "reference_scores": {"min": ref.min, "max": ref.max, "source": ref.source}}
+        entry = result["datasets"].get(name, {})
+        if entry.get("config") != setting:
+            if entry:
+                print(f"{name}: cached runs are for other data or settings; starting over")
+            entry = {"config": setting, "runs": {}}
+        result["datasets"][name] = entry
+        runs = entry["runs"]
+        todo = [(m, s) for m in args.methods
+                for s in (args.d3rlpy_seeds if m == "d3rlpy_dt" else args.seeds)
+                if f"{m}/{s}" not in runs and (m == "glmgym_dt" or args.d3rlpy_python)]
+        for method, seed in todo:  # each result cached at once
+            print(f"{name}: {method} seed {seed}", flush=True)
+            if method == "glmgym_dt":
+                run_dir = runs_root / f"{name}-glmgym-dt-seed{seed}"
+                r = run_glmgym(path, env_id, args, seed, targets, ref, run_dir)
+            else:
+                r = run_d3rlpy(path, env_id, args, "dt" if method == "d3rlpy_dt" else "bc", seed, targets)
+            runs[f"{method}/{seed}"] = {**r, "date": time.strftime("%Y-%m-%d"), "cpu": cpu_kind()}
+            summarize(entry, ref, ds)
+            save()
+        summarize(entry, ref, ds)
+        save()
+    result["missing"] = missing
     save()
-    for name in ("glmgym_dt", "d3rlpy_dt", "bc", "dataset"):
-        if name in methods:
-            m = methods[name]
-            print(f"{name:>10}: {m['normalized_score_mean']:6.1f} ± {m['normalized_score_std']:5.1f}"
-                  f"  train {m['train_seconds']:7.1f} s")
+    print(table(result))
 
 
 if __name__ == "__main__":

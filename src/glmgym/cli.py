@@ -96,7 +96,7 @@ def _agent_play(args: argparse.Namespace) -> int:
     result = play(dataclass_from_namespace(PlayConfig, args))
     returns = ", ".join(f"{r:.1f}" for r in result["returns"])
     print(f"{result['checkpoint']}: target {result['target_return']:.0f}, returns [{returns}], "
-          f"{result['frames']} frames -> {args.video}")
+          f"{result['frames']} frames -> {result['video']}")
     return 0
 
 
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _command(cmds, "play", _agent_play, PlayConfig, help="render episodes of an agent to a video",
              description="Render episodes of a Decision Transformer (by default the shipped pretrained "
-             "hopper-medium agent) to a video file, headless (MUJOCO_GL=egl).")
+             "agent of --env, Hopper-v5 unless given) to a video file, headless (MUJOCO_GL=egl).")
     chat = _command(pillars, "chat", _chat, ChatCLIConfig, help="chat with ChatGLM-6B in the terminal",
                     description="Streaming terminal chat with ChatGLM-6B (history kept; 'clear' resets, "
                     "'stop' leaves, Ctrl-C interrupts a reply), or a one-shot answer with --prompt.")

@@ -9,7 +9,7 @@ from glmgym.agents import TrainConfig, load_checkpoint, load_dataset
 from glmgym.agents.catalog import format_catalog, list_datasets
 from glmgym.agents.config import PRESETS
 from glmgym.agents.data import embedded_datasets
-from glmgym.agents.play import PRETRAINED_DIR
+from glmgym.agents.play import pretrained_agent, pretrained_agents
 from glmgym.cli import main
 
 # (episodes, transitions) of each shipped file, as docs/agents/shipped.md documents them
@@ -38,13 +38,29 @@ def test_embedded_datasets_have_the_documented_shapes():
 
 
 def test_pretrained_agent_loads_with_its_extras():
-    ckpt = load_checkpoint(PRETRAINED_DIR)
+    ckpt = load_checkpoint(pretrained_agent("Hopper-v5"))
     cfg = ckpt.model.config
     assert (cfg.state_dim, cfg.act_dim, cfg.hidden_size, cfg.n_layer) == (11, 3, 128, 3)
     assert ckpt.extras["env_id"] == "Hopper-v5"
     assert ckpt.extras["dataset"] == "hopper-medium"
     assert ckpt.extras["dataset_source"] == "embedded:hopper-medium"  # no build-machine path
     assert ckpt.state_mean.shape == (11,) and np.all(ckpt.state_std > 0)
+
+
+def test_every_shipped_agent_loads_and_matches_its_env():
+    from glmgym.agents.envs import make_vector_env
+
+    agents = pretrained_agents()
+    assert "Hopper-v5" in agents
+    for env_id, path in agents.items():
+        ckpt = load_checkpoint(path)
+        envs = make_vector_env(env_id, 1)
+        try:
+            assert ckpt.model.config.state_dim == envs.single_observation_space.shape[0]
+            assert ckpt.model.config.act_dim == envs.single_action_space.shape[0]
+        finally:
+            envs.close()
+        assert ckpt.extras["target_returns"], env_id
 
 
 def test_datasets_lists_the_embedded_ones(capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from glmgym.agents import DecisionTransformer, DTConfig
-from glmgym.agents.play import PlayConfig, camera_options, play
+from glmgym.agents.play import PlayConfig, camera_options, play, pretrained_agents
 from glmgym.cli import main
 from glmgym.errors import GlmgymError
 
@@ -39,9 +39,24 @@ def test_play_through_the_cli(tmp_path, capsys):
     assert (tmp_path / "a.gif").stat().st_size > 0
 
 
-def test_play_needs_a_video_path():
-    with pytest.raises(GlmgymError, match="--video"):
-        PlayConfig()
+def test_play_picks_the_shipped_agent_of_the_env_and_names_the_video_after_it(tmp_path, monkeypatch):
+    import glmgym.agents.play as play_module
+
+    root = tmp_path / "pretrained"
+    _checkpoint(root / "hopper-medium-dt")
+    monkeypatch.setattr(play_module, "PRETRAINED_ROOT", root)
+    assert pretrained_agents() == {"Hopper-v5": root / "hopper-medium-dt"}
+    monkeypatch.chdir(tmp_path)
+    result = play(PlayConfig(size=32, target_return=100.0))  # no --checkpoint, no --env, no --video
+    assert result["checkpoint"] == str(root / "hopper-medium-dt")
+    assert (tmp_path / "play-Hopper-v5.mp4").stat().st_size > 0
+    with pytest.raises(GlmgymError, match=r"no pretrained agent for HalfCheetah-v5 \(shipped: Hopper-v5\)"):
+        play(PlayConfig(env="HalfCheetah-v5"))
+
+
+def test_play_rejects_impossible_options():
+    with pytest.raises(GlmgymError, match="--episodes"):
+        PlayConfig(episodes=0)
 
 
 def _agent_pixels(env_id: str, forward: float, **options) -> float:

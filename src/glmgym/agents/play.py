@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 from glmgym._io import atomic_path
 from glmgym.errors import GlmgymError, import_extra
 
-__all__ = ["PRETRAINED_DIR", "PlayConfig", "camera_options", "play"]
+__all__ = ["PRETRAINED_ROOT", "PlayConfig", "camera_options", "play", "pretrained_agent", "pretrained_agents"]
 
-PRETRAINED_DIR = Path(__file__).parent / "embedded" / "pretrained" / "hopper-medium-dt"
+PRETRAINED_ROOT = Path(__file__).parent / "embedded" / "pretrained"
+DEFAULT_ENV = "Hopper-v5"
 
 
 @dataclass
@@ -19,15 +21,16 @@ class PlayConfig:
     """Options of `glmgym agent play`."""
 
     video: str = field(default="", metadata={"metavar": "FILE"})
-    """Output video (.mp4, .gif, ...)."""
+    """Output video (.mp4, .gif, ...); default: play-<env id>.mp4 in the current directory."""
     checkpoint: str | None = field(default=None, metadata={"metavar": "DIR"})
-    """Checkpoint or run directory; default: the shipped pretrained hopper-medium agent."""
+    """Checkpoint or run directory; default: the shipped pretrained agent of --env (Hopper-v5)."""
     episodes: int = 1
     """Episodes to play one after the other."""
     target_return: float | None = field(default=None, metadata={"metavar": "R"})
     """Return to condition on; default: the first target recorded in the checkpoint."""
     env: str | None = None
-    """Gymnasium env id; default: the one recorded in the checkpoint."""
+    """Gymnasium env id; default: the one recorded in the checkpoint. Without --checkpoint it
+    picks the shipped agent of that env."""
     seed: int = 0
     """Seed of the first episode."""
     fps: int = 30
@@ -36,8 +39,6 @@ class PlayConfig:
     """Width and height of the frames in pixels."""
 
     def __post_init__(self) -> None:
-        if not self.video:
-            raise GlmgymError("--video FILE is required")
         if self.episodes <= 0 or self.fps <= 0 or self.size < 16:
             raise GlmgymError("--episodes and --fps must be positive and --size at least 16")
 
@@ -55,6 +56,25 @@ def camera_options(env_id: str) -> dict:
     return {"camera_name": "track"} if env_family(env_id) in tracked else {}
 
 
+def pretrained_agents() -> dict[str, Path]:
+    """The agents shipped with glmgym: {env id: checkpoint directory}."""
+    agents = {}
+    for extras in sorted(PRETRAINED_ROOT.glob("*/glmgym.json")):
+        env_id = json.loads(extras.read_text()).get("env_id")
+        if env_id:
+            agents[env_id] = extras.parent
+    return agents
+
+
+def pretrained_agent(env_id: str) -> Path:
+    """The shipped agent's checkpoint directory for `env_id` (a clear error if there is none)."""
+    agents = pretrained_agents()
+    if env_id not in agents:
+        have = ", ".join(agents) or "none"
+        raise GlmgymError(f"no pretrained agent for {env_id} (shipped: {have}); pass --checkpoint DIR")
+    return agents[env_id]
+
+
 def play(cfg: PlayConfig) -> dict:
     """Render `cfg.episodes` episodes into `cfg.video` (written atomically); return the rollout."""
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -63,9 +83,10 @@ def play(cfg: PlayConfig) -> dict:
     from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint
     from glmgym.agents.evaluate import rollout
 
-    ckpt_dir = latest_checkpoint(cfg.checkpoint) if cfg.checkpoint else PRETRAINED_DIR
-    if not (ckpt_dir / "config.json").is_file():
-        raise GlmgymError(f"no pretrained agent at {ckpt_dir}; pass --checkpoint DIR")
+    if cfg.checkpoint:
+        ckpt_dir = latest_checkpoint(cfg.checkpoint)
+    else:
+        ckpt_dir = pretrained_agent(cfg.env or DEFAULT_ENV)
     ckpt = load_checkpoint(ckpt_dir)
     env_id = cfg.env or ckpt.extras.get("env_id")
     if not env_id:
@@ -76,7 +97,7 @@ def play(cfg: PlayConfig) -> dict:
     if target is None:
         raise GlmgymError(f"{ckpt_dir} records no target return; pass --target-return R")
     policy = ckpt.policy()
-    video = Path(cfg.video)
+    video = Path(cfg.video or f"play-{env_id}.mp4")
     video.parent.mkdir(parents=True, exist_ok=True)
     frames: list = []
     counter = {"t": 0, "every": 1}
@@ -97,4 +118,5 @@ def play(cfg: PlayConfig) -> dict:
     result["frames"] = len(frames)
     result["target_return"] = float(target)
     result["checkpoint"] = str(ckpt_dir)
+    result["video"] = str(video)
     return result
