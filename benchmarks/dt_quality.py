@@ -45,6 +45,7 @@ from glmgym.agents.collect import _concat_files, write_d4rl_hdf5
 from glmgym.agents.data import embedded_datasets, load_dataset
 from glmgym.agents.envs import ENV_IDS, PAPER_TARGET_RETURNS, env_family, normalized_score, reference_scores
 from glmgym.agents.evaluate import evaluate
+from glmgym.errors import GlmgymError
 
 FAMILIES = ("halfcheetah", "hopper", "walker2d")
 LEVELS = ("medium", "medium-replay", "medium-expert")
@@ -93,14 +94,25 @@ def default_targets(name: str, best_return: float) -> list[float]:
 
 
 def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: Path) -> dict:
-    shutil.rmtree(run_dir, ignore_errors=True)  # not in the cache: an old or interrupted run
-    t0 = time.perf_counter()
-    train(TrainConfig(dataset=f"d4rl:{path}", env=env_id, steps=args.steps, warmup_steps=args.warmup,
-                      seed=seed, eval_episodes=0, save_every=args.steps, out=str(run_dir), progress=False))
-    seconds = time.perf_counter() - t0
+    """Train (resuming an interrupted run from its last checkpoint) and evaluate one seed."""
+    resume = None
+    try:
+        resume = str(latest_checkpoint(run_dir))
+    except GlmgymError:  # no checkpoint yet: start over
+        shutil.rmtree(run_dir, ignore_errors=True)
+    done = resume is not None and json.loads((Path(resume) / "trainer_state.json").read_text())["step"]
+    if done != args.steps:  # the evaluation was interrupted after the last step: just evaluate
+        train(TrainConfig(dataset=f"d4rl:{path}", env=env_id, steps=args.steps, warmup_steps=args.warmup,
+                          seed=seed, eval_episodes=0, save_every=min(1_000, args.steps), out=str(run_dir),
+                          progress=False, resume=resume))
+    # training time from the log (each record: steps/s since the previous one), so that the
+    # parts of a resumed run add up and checkpoint writes are left out
+    records = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines() if ln.strip()]
+    steps = [(r["step"], r["steps_per_s"]) for r in records if "steps_per_s" in r]
+    seconds = sum((s - prev) / rate for (prev, _), (s, rate) in zip([(0, 0.0), *steps], steps))
     policy = load_checkpoint(latest_checkpoint(run_dir)).policy()
     report = evaluate(policy, env_id, targets, episodes=args.episodes, seed=seed, ref=ref)
-    return {"train_seconds": seconds,
+    return {"train_seconds": seconds, "resumed": resume is not None,
             "returns": {str(r["target_return"]): r["returns"] for r in report["results"]}}
 
 
@@ -225,6 +237,8 @@ def main() -> None:
         if entry.get("config") != setting:
             if entry:
                 print(f"{name}: cached runs are for other data or settings; starting over")
+            for stale in runs_root.glob(f"{name}-glmgym-dt-seed*"):  # nor resume their checkpoints
+                shutil.rmtree(stale)
             entry = {"config": setting, "runs": {}}
         result["datasets"][name] = entry
         runs = entry["runs"]
