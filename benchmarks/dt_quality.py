@@ -242,8 +242,9 @@ def main() -> None:
             entry = {"config": setting, "runs": {}}
         result["datasets"][name] = entry
         runs = entry["runs"]
-        todo = [(m, s) for m in args.methods
-                for s in (args.d3rlpy_seeds if m == "d3rlpy_dt" else args.seeds)
+        # the cheap BC first and d3rlpy's DT (which cannot resume mid-run) last
+        order = sorted(args.methods, key=("bc", "glmgym_dt", "d3rlpy_dt").index)
+        todo = [(m, s) for m in order for s in (args.d3rlpy_seeds if m == "d3rlpy_dt" else args.seeds)
                 if f"{m}/{s}" not in runs and (m == "glmgym_dt" or args.d3rlpy_python)]
         for method, seed in todo:  # each result cached at once
             print(f"{name}: {method} seed {seed}", flush=True)
