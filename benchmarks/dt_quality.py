@@ -64,10 +64,11 @@ def find_dataset(name: str, data_dir: Path, made_dir: Path) -> Path | None:
     embedded = embedded_datasets()
     if name in embedded:
         return embedded[name]
+    if Path(name).is_file():
+        return Path(name)
     family = env_family(name)
     if family not in ENV_IDS:
-        path = Path(name)
-        return path if path.is_file() else None
+        return None
     path = data_dir / ENV_IDS[family] / f"{name}.hdf5"
     if path.is_file():
         return path
@@ -76,7 +77,7 @@ def find_dataset(name: str, data_dir: Path, made_dir: Path) -> Path | None:
         if None in parts:
             return None
         made = made_dir / f"{name}.hdf5"
-        if not made.is_file():
+        if not made.is_file() or made.stat().st_mtime < max(p.stat().st_mtime for p in parts):
             meta = dict(load_dataset(f"d4rl:{parts[0]}").metadata)
             meta.update(level="medium-expert", policy="medium followed by expert",
                         made_from=[p.name for p in parts])
@@ -101,7 +102,7 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
     except GlmgymError:  # no checkpoint yet: start over
         shutil.rmtree(run_dir, ignore_errors=True)
     done = resume is not None and json.loads((Path(resume) / "trainer_state.json").read_text())["step"]
-    if done != args.steps:  # the evaluation was interrupted after the last step: just evaluate
+    if done != args.steps:  # (a run that finished training but not its evaluation skips this)
         train(TrainConfig(dataset=f"d4rl:{path}", env=env_id, steps=args.steps, warmup_steps=args.warmup,
                           seed=seed, eval_episodes=0, save_every=min(1_000, args.steps), out=str(run_dir),
                           progress=False, resume=resume))
