@@ -72,6 +72,42 @@ def test_int8_kernel_handles_the_full_code_range():
 
 
 @needs_kernels
+@pytest.mark.parametrize(("B", "H", "S", "d", "slots"), [(1, 32, 140, 128, 200), (3, 4, 17, 64, 17),
+                                                         (2, 3, 1, 8, 5), (2, 2, 1029, 24, 1100)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_fp32_sdpa_on_a_bf16_cache_slice(B, H, S, d, slots, masked):
+    g = torch.Generator().manual_seed(B * 100 + S)
+    k_cache, v_cache = (torch.randn(B, H, slots, d, generator=g).bfloat16() for _ in range(2))
+    k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # the cache's first S slots, as the model reads them
+    q = torch.randn(B, H, 1, d, generator=g).bfloat16()
+    allowed = None
+    if masked:
+        allowed = torch.rand(B, 1, 1, S, generator=g) > 0.4
+        allowed[..., -1] = True  # the token itself is always visible
+    y = cpu_kernels.attend_decode(q, k, v, allowed)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed)
+    assert y.shape == (B, H, 1, d) and y.dtype == torch.bfloat16
+    assert _rel(y, ref) < 1e-2  # bf16 output rounding
+    assert _rel(cpu_kernels.attend_decode(q.float(), k, v, allowed).float(), ref) < 1e-6
+
+
+@needs_kernels
+def test_decode_attention_keeps_sharp_softmaxes_exact():
+    """Scores far apart (exp underflows to 0 for all but one key) and a masked-out maximum."""
+    H, S, d = 2, 40, 16
+    k = torch.randn(1, H, S, d).bfloat16()
+    v = torch.randn(1, H, S, d).bfloat16()
+    q = (k[:, :, 7:8].float() * 200).bfloat16()  # key 7 dominates by hundreds
+    allowed = torch.ones(1, 1, 1, S, dtype=torch.bool)
+    allowed[..., 7] = False
+    for mask in (None, allowed):
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        assert _rel(cpu_kernels.attend_decode(q.float(), k, v, mask), ref) < 1e-5
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernels.attend_decode(q, k.float(), v.float())
+
+
+@needs_kernels
 def test_bf16_matmul_matches_float():
     w = torch.randn(50, 72).bfloat16()
     x = torch.randn(2, 72)

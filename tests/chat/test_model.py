@@ -101,12 +101,21 @@ def test_cached_decoding_equals_full_recomputation():
     np.testing.assert_allclose(torch.cat(steps, 1).numpy(), full.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_bf16_cached_decoding_follows_fp32_on_both_cpu_attention_paths(native_bf16, monkeypatch):
-    """Single-query attention has one path for CPUs with native bf16 and one (fp32 SDPA) without."""
+@pytest.mark.parametrize(("native_bf16", "kernel"), [(True, False), (False, True), (False, False)])
+def test_bf16_cached_decoding_follows_fp32_on_every_cpu_attention_path(native_bf16, kernel, monkeypatch):
+    """Single-query attention has one path for CPUs with native bf16 and two without: glmgym's
+    AVX2 kernel on the bf16 cache, or (no compiler) fp32 SDPA on a converted copy."""
     import glmgym.chat.model as glm
+    from glmgym.chat import cpu_kernels
 
     monkeypatch.setattr(glm, "_CPU_NATIVE_BF16", native_bf16)
+    if kernel:
+        if cpu_kernels.load() is None:
+            pytest.skip(f"glmgym's kernels do not build here: {cpu_kernels.unavailable_reason()}")
+        calls = []
+        monkeypatch.setattr(glm, "_decode_kernels", lambda: _Counting(cpu_kernels, calls))
+    else:
+        monkeypatch.setattr(glm, "_decode_kernels", lambda: None)
     torch.manual_seed(0)
     cfg = GLMConfig(vocab_size=50, hidden_size=64, num_attention_heads=4, num_layers=2,
                     inner_hidden_size=128, max_sequence_length=64)
@@ -126,3 +135,16 @@ def test_bf16_cached_decoding_follows_fp32_on_both_cpu_attention_paths(native_bf
     ref = decode(model, torch.float32)
     out = decode(model.to(torch.bfloat16), torch.bfloat16)
     assert ((out - ref).norm() / ref.norm()).item() < 0.03
+    if kernel:
+        assert len(calls) == 4 * cfg.num_layers  # every decoding step of every layer
+
+
+class _Counting:
+    """A stand-in for the kernels module that counts `attend_decode` calls."""
+
+    def __init__(self, module, calls: list) -> None:
+        self.module, self.calls = module, calls
+
+    def attend_decode(self, *args):
+        self.calls.append(args[1].shape)
+        return self.module.attend_decode(*args)

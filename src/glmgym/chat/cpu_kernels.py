@@ -23,7 +23,7 @@ import torch
 
 from glmgym._io import atomic_path
 
-__all__ = ["TILE_ROWS", "bf16_matmul", "load", "q4_matmul", "q8_matmul", "tile_q4", "unavailable_reason"]
+__all__ = ["TILE_ROWS", "attend_decode", "bf16_matmul", "load", "q4_matmul", "q8_matmul", "tile_q4", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("kernels") / "lowbit_avx2.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
@@ -94,7 +94,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.glmgym_q4_matmul.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, i32]
     lib.glmgym_q8_matmul.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
     lib.glmgym_bf16_matmul.argtypes = [p, i64, i64, p, i64, p, i32]
-    for f in (lib.glmgym_q4_matmul, lib.glmgym_q8_matmul, lib.glmgym_bf16_matmul):
+    lib.glmgym_attn_decode.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, p, i64,
+                                       ctypes.c_float, p, i32]
+    for f in (lib.glmgym_q4_matmul, lib.glmgym_q8_matmul, lib.glmgym_bf16_matmul, lib.glmgym_attn_decode):
         f.restype = i32
 
 
@@ -187,3 +189,32 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                                 torch.get_num_threads())
     _check(rc, "bf16_matmul")
     return y
+
+
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of one query per row and head over a bf16 key/value cache.
+
+    Args:
+        q: [B, H, 1, d] queries (any float dtype), d a multiple of 8 up to 256.
+        k, v: [B, H, S, d] bf16 keys and values with unit stride over d (a slice of the cache).
+        allowed: None, or bool broadcastable to [B, 1, 1, S]: True where a position may be attended.
+
+    Returns:
+        [B, H, 1, d] in q's dtype: `softmax(q k^T / sqrt(d)) v`, computed in fp32.
+    """
+    lib = load()
+    B, H, S, d = k.shape
+    if k.stride() != v.stride() or k.stride(-1) != 1 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16:
+        raise ValueError("attend_decode needs bf16 keys and values of one layout, unit stride over d")
+    qf = q.reshape(B, H, d).float().contiguous()  # [B, H, 1, d] -> [B, H, d]
+    mask = None
+    if allowed is not None:
+        mask = allowed.expand(B, 1, 1, S).reshape(B, S).to(torch.uint8).contiguous()  # [B, 1, 1, S] -> [B, S]
+    y = torch.empty(B, H, d, dtype=torch.float32)
+    sb, sh, ss, _ = k.stride()
+    rc = lib.glmgym_attn_decode(qf.data_ptr(), k.data_ptr(), v.data_ptr(), B, H, S, d, sb, sh, ss,
+                                None if mask is None else mask.data_ptr(), S, d**-0.5, y.data_ptr(),
+                                torch.get_num_threads())
+    _check(rc, "attend_decode")
+    return y.view(B, H, 1, d).to(q.dtype)

@@ -18,6 +18,7 @@ is *not* allowed.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,14 @@ from glmgym.devices import native_bf16
 __all__ = ["GLMBlock", "GLMModel", "KVCache", "RotaryEmbedding"]
 
 _CPU_NATIVE_BF16 = native_bf16(torch.device("cpu"))
+
+
+@functools.cache
+def _decode_kernels():
+    """glmgym's AVX2 kernels module when they build here (decoding attention), else None."""
+    from glmgym.chat import cpu_kernels
+
+    return cpu_kernels if cpu_kernels.load() is not None else None
 
 
 class RotaryEmbedding(nn.Module):
@@ -118,11 +127,16 @@ class SelfAttention(nn.Module):
         elif prefix is not None:  # training: [B, H, P, d] prefix keys/values in front, no rotary
             k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
         if T == 1 and x.device.type == "cpu" and q.dtype == torch.bfloat16 and not _CPU_NATIVE_BF16:
-            # One query on a CPU without native bf16 (AVX2): bf16 matmuls run generic code there,
-            # so attend in fp32, where SDPA's kernel is the fastest way measured (one layer, 32
-            # heads: 175 us at 130 keys, 2.5 ms at 1024, against 507 us and 17.6 ms for the fp32
-            # matmul-softmax below).
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed).to(q.dtype)
+            # One query on a CPU without native bf16 (AVX2): bf16 matmuls run generic code there.
+            # glmgym's kernel reads the bf16 cache once in fp32 registers (one layer, 32 heads,
+            # 2 cores: 91 us at 140 keys, 1.3 ms at 1024); without it, converting the cache to fp32
+            # for SDPA (279 us and 4.7 ms) beats bf16 SDPA and the fp32 matmul-softmax below.
+            kernels = _decode_kernels()
+            if kernels is not None and k.stride(-1) == 1 and k.stride() == v.stride():
+                y = kernels.attend_decode(q, k, v, allowed)
+            else:
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                   attn_mask=allowed).to(q.dtype)
         elif T == 1 and x.device.type == "cpu":
             # One query (decoding) with native bf16: a plain matmul-softmax beats SDPA's kernel, the
             # more so the longer the cache (alone: 0.35 vs 2.9 ms at 1024 keys; a 4-layer INT4 decode

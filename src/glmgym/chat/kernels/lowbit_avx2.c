@@ -243,3 +243,102 @@ int glmgym_bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, 
 #undef BF16_ROW
     return 0;
 }
+
+/* exp(x) for 8 floats (x <= 0 here: scores minus their maximum): 2^n * p(r) with
+ * x = n ln2 + r, |r| <= ln2 / 2, p the degree-6 Taylor polynomial (relative error < 2e-7). Inputs
+ * below -87 return 0. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* r = x - n ln2 in two steps (Cody-Waite) to keep r exact enough */
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* Attention of one query per (row, head) over a bf16 key/value cache: the decoding step on a CPU
+ * without native bf16, where PyTorch's bf16 SDPA runs generic code and converting the cache to
+ * fp32 first costs more than reading it. Reads each cached key and value once, in fp32 registers.
+ *
+ * q: [B, H, d] fp32; k, v: bf16 with element strides (sb, sh, ss) for row, head and position
+ * (unit stride over d); S cached positions; mask: NULL or uint8 [B, S] (row stride msb), 0 where
+ * a position may not be attended; y: [B, H, d] fp32. d a multiple of 8, at most 256. */
+int glmgym_attn_decode(const float *q, const uint16_t *k, const uint16_t *v, int64_t B, int64_t H,
+                       int64_t S, int64_t d, int64_t sb, int64_t sh, int64_t ss, const uint8_t *mask,
+                       int64_t msb, float scale, float *y, int nthreads) {
+    if (d % 8 || d > 256 || S < 1) return -2;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *p = (float *)aligned_alloc(32, sizeof(float) * ((S + 7) / 8) * 8);
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!p) continue;
+            const int64_t b = bh / H, h = bh % H;
+            const float *qv = q + bh * d;
+            const uint16_t *kb = k + b * sb + h * sh, *vb = v + b * sb + h * sh;
+            const uint8_t *mb = mask ? mask + b * msb : NULL;
+            float *out = y + bh * d;
+            /* scores: q . k_j * scale, -inf where masked */
+            float smax = -INFINITY;
+            for (int64_t j = 0; j < S; j++) {
+                if (mb && !mb[j]) {
+                    p[j] = -INFINITY;
+                    continue;
+                }
+                const uint16_t *kj = kb + j * ss;
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                int64_t i = 0;
+                for (; i + 16 <= d; i += 16) {
+                    a0 = _mm256_fmadd_ps(load_bf16x8(kj + i), _mm256_loadu_ps(qv + i), a0);
+                    a1 = _mm256_fmadd_ps(load_bf16x8(kj + i + 8), _mm256_loadu_ps(qv + i + 8), a1);
+                }
+                if (i < d) a0 = _mm256_fmadd_ps(load_bf16x8(kj + i), _mm256_loadu_ps(qv + i), a0);
+                float s = hsum8(_mm256_add_ps(a0, a1)) * scale;
+                p[j] = s;
+                smax = s > smax ? s : smax;
+            }
+            /* softmax weights, 8 at a time (the buffer's tail past S is padding) */
+            const int64_t S8 = (S + 7) / 8 * 8;
+            for (int64_t j = S; j < S8; j++) p[j] = -INFINITY;
+            __m256 vsum = _mm256_setzero_ps(), vmax = _mm256_set1_ps(smax);
+            for (int64_t j = 0; j < S8; j += 8) {
+                __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(p + j), vmax));
+                _mm256_store_ps(p + j, e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+            float inv = 1.f / hsum8(vsum);
+            /* y = sum_j p_j v_j, the accumulators in registers per 64-wide slice of d */
+            for (int64_t i0 = 0; i0 < d; i0 += 64) {
+                const int64_t w = d - i0 < 64 ? d - i0 : 64;
+                __m256 acc[8];
+                for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+                for (int64_t j = 0; j < S; j++) {
+                    if (p[j] == 0.f) continue;
+                    const __m256 pj = _mm256_set1_ps(p[j]);
+                    const uint16_t *vj = vb + j * ss + i0;
+                    for (int c = 0; c < w / 8; c++) acc[c] = _mm256_fmadd_ps(load_bf16x8(vj + 8 * c), pj, acc[c]);
+                }
+                for (int c = 0; c < w / 8; c++)
+                    _mm256_storeu_ps(out + i0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+            }
+        }
+        free(p);
+    }
+    return failed ? -1 : 0;
+}
