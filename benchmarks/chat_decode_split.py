@@ -2,7 +2,7 @@
 
 Loads a checkpoint the way `glmgym chat` does (bf16 compute), prefills `--prompt` tokens, then
 times `--new` greedy decode steps, with the time spent inside each `cpu_kernels` function summed
-(the q4 / q8 block kernels and the bf16 lm_head); the rest is layer norms, attention, rotary,
+(the q4 / q8 block kernels, the bf16 lm_head and decoding attention); the rest is layer norms, rotary,
 GELU, residuals and Python dispatch. Prints one line; the machine should be otherwise idle.
 
     python benchmarks/chat_decode_split.py benchmarks/runs/chat_speed/int4-28l [--prompt 128] [--new 10]
@@ -42,7 +42,7 @@ def main() -> None:
 
         setattr(kernels, name, call)  # the layers look the functions up at call time
 
-    for name in ("q4_matmul", "q8_matmul", "bf16_matmul"):
+    for name in ("q4_matmul", "q8_matmul", "bf16_matmul", "attend_decode"):
         timed(name)
     model = load_model(args.model_dir, torch.bfloat16)
     cfg = model.config

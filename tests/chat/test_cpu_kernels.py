@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from glmgym.chat import cpu_kernels
 from glmgym.chat.quantize import (
@@ -31,8 +32,8 @@ def _rel(a, b):
 
 
 SHAPES = [(1, 37, 128), (3, 5, 256), (17, 64, 384), (2, 1, 512), (4, 9, 320)]  # (M, N, K), odd ones too
-CASES = [(bits, g, *shape) for bits, g in [(4, 64), (4, 128), (4, 0), (8, 0)] for shape in SHAPES
-         if not g or shape[2] % g == 0]
+CASES = [(bits, g, *shape) for bits, g in [(4, 64), (4, 128), (4, 0), (8, 0), (8, 32), (8, 64)]
+         for shape in SHAPES if not g or shape[2] % g == 0]
 
 
 @needs_kernels
@@ -43,8 +44,9 @@ def test_avx2_kernels_compute_the_stored_weights_on_int8_activations(bits, group
     w = torch.randn(N, K, generator=g) * 0.02
     x = (torch.randn(M, K, generator=g) * 3).to(dtype)
     t = quantize_weight(w, bits, group_size)
-    layer = QuantizedLinear.from_tensors(t, K, None, bits, group_size, dtype)
-    assert layer.backend == select_backend(bits, K, N, group_size)
+    if not (bits == 8 and group_size):  # INT8 groups exist for the AVX2 lm_head only
+        layer = QuantizedLinear.from_tensors(t, K, None, bits, group_size, dtype)
+        assert layer.backend == select_backend(bits, K, N, group_size)
     from glmgym.chat.quantize import _avx2_tensors
 
     avx2 = QuantizedLinear(K, N, bits, group_size, "avx2", _avx2_tensors(t, bits, group_size), None)
@@ -85,7 +87,7 @@ def test_decode_attention_matches_fp32_sdpa_on_a_bf16_cache_slice(B, H, S, d, sl
         allowed = torch.rand(B, 1, 1, S, generator=g) > 0.4
         allowed[..., -1] = True  # the token itself is always visible
     y = cpu_kernels.attend_decode(q, k, v, allowed)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed)
     assert y.shape == (B, H, 1, d) and y.dtype == torch.bfloat16
     assert _rel(y, ref) < 1e-2  # bf16 output rounding
     assert _rel(cpu_kernels.attend_decode(q.float(), k, v, allowed).float(), ref) < 1e-6
@@ -101,7 +103,7 @@ def test_decode_attention_keeps_sharp_softmaxes_exact():
     allowed = torch.ones(1, 1, 1, S, dtype=torch.bool)
     allowed[..., 7] = False
     for mask in (None, allowed):
-        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         assert _rel(cpu_kernels.attend_decode(q.float(), k, v, mask), ref) < 1e-5
     with pytest.raises(ValueError, match="bf16"):
         cpu_kernels.attend_decode(q, k.float(), v.float())
@@ -186,11 +188,11 @@ def test_bf16_lm_head_uses_the_kernel_on_avx2_only_and_stays_tied(monkeypatch):
 
     model = GLMModel(PRESETS["tiny"]).to(torch.bfloat16).eval()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert type(use_decode_kernels(model).lm_head) is torch.nn.Linear
+    assert type(use_decode_kernels(model, quantized=False).lm_head) is torch.nn.Linear
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     x = torch.randn(1, 3, 128).bfloat16()
     ref = model.lm_head(x)
-    head = use_decode_kernels(model).lm_head
+    head = use_decode_kernels(model, quantized=False).lm_head
     if cpu_kernels.load() is None:  # no compiler: the plain Linear stays, silently
         assert type(head) is torch.nn.Linear
         return
@@ -200,3 +202,51 @@ def test_bf16_lm_head_uses_the_kernel_on_avx2_only_and_stays_tied(monkeypatch):
     assert _rel(head(x), ref) < 1e-2
     many = torch.randn(2, 40, 128).bfloat16()  # more rows than the kernel takes: F.linear
     assert torch.equal(head(many), torch.nn.functional.linear(many, head.weight))
+
+
+def test_quantized_models_share_one_int8_copy_for_embeddings_and_lm_head_on_avx2(monkeypatch):
+    from glmgym.chat.config import PRESETS
+    from glmgym.chat.model import GLMModel
+    from glmgym.chat.quantize import INT8_HEAD_GROUP, QuantizedEmbedding, use_decode_kernels
+
+    model = GLMModel(PRESETS["tiny"]).to(torch.bfloat16).eval()
+    model.lm_head.weight = model.transformer.word_embeddings.weight  # tied, as load_model leaves it
+    w = model.lm_head.weight.detach().float()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    tied = model.transformer.word_embeddings.weight
+    assert use_decode_kernels(model, quantized=True).lm_head.weight is tied
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    if cpu_kernels.load() is None:  # no compiler: the float head stays, silently
+        assert type(use_decode_kernels(model, quantized=True).lm_head) is torch.nn.Linear
+        return
+    use_decode_kernels(model, quantized=True)
+    head, emb = model.lm_head, model.transformer.word_embeddings
+    assert isinstance(head, QuantizedLinear) and isinstance(emb, QuantizedEmbedding)
+    assert head.weight is emb.weight and head.weight.dtype == torch.int8  # one copy for both
+    assert head.scale.shape == (w.shape[0], w.shape[1] // INT8_HEAD_GROUP)
+    ids = torch.tensor([[0, 5, w.shape[0] - 1]])
+    looked_up = emb(ids)
+    assert looked_up.dtype == torch.bfloat16 and looked_up.shape == (1, 3, w.shape[1])
+    assert _rel(looked_up[0], w[ids[0]]) < 1e-2  # INT8 in groups of 32: well under 1% of error
+    x = torch.randn(2, 3, w.shape[1]).bfloat16()
+    y = head(x)
+    assert y.shape == (2, 3, w.shape[0]) and _rel(y, x.float() @ w.t()) < 2e-2
+
+
+def test_an_untied_or_float_lm_head_keeps_its_weights(monkeypatch):
+    from glmgym.chat.config import PRESETS
+    from glmgym.chat.model import GLMModel
+    from glmgym.chat.quantize import use_decode_kernels
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    model = GLMModel(PRESETS["tiny"]).eval()  # fp32: asked for by name, the float head stays
+    use_decode_kernels(model, quantized=True)
+    assert type(model.lm_head) is torch.nn.Linear
+    assert type(model.transformer.word_embeddings) is torch.nn.Embedding
+    model = GLMModel(PRESETS["tiny"]).to(torch.bfloat16).eval()
+    untied = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.lm_head.weight = untied
+    use_decode_kernels(model, quantized=True)
+    assert type(model.transformer.word_embeddings) is torch.nn.Embedding
+    if cpu_kernels.load() is not None:
+        assert model.lm_head.weight is untied  # Bf16DecodeLinear on the head's own weight

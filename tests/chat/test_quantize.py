@@ -160,6 +160,28 @@ def test_thudm_int4_and_int8_checkpoints_load_and_match_their_dequantized_weight
                                _logits(load_model(float_dir, torch.float32)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_bf16_checkpoints_on_avx2_decode_with_an_int8_head(bits, tiny, tmp_path, monkeypatch):
+    from glmgym.chat import cpu_kernels
+    from glmgym.chat.quantize import QuantizedEmbedding
+
+    model, _ = tiny
+    src = save_model(model, tmp_path / "src")
+    out = quantize_checkpoint(src, tmp_path / f"q{bits}", bits)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    plain = load_model(out, torch.bfloat16)
+    assert plain.lm_head.weight is plain.transformer.word_embeddings.weight  # tied bf16, untouched
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    if cpu_kernels.load() is None:
+        pytest.skip(f"glmgym's kernels do not build here: {cpu_kernels.unavailable_reason()}")
+    fast = load_model(out, torch.bfloat16)
+    head, emb = fast.lm_head, fast.transformer.word_embeddings
+    assert isinstance(head, QuantizedLinear) and (head.bits, head.group_size, head.backend) == (8, 32, "avx2")
+    assert isinstance(emb, QuantizedEmbedding) and emb.weight is head.weight
+    # the same model up to the head's INT8 rounding and the kernels' int8 activations
+    assert _rel(_logits(fast), _logits(load_model(out, torch.bfloat16, kernels=False))) < 0.03
+
+
 def test_quantize_checkpoint_streams_to_a_loadable_checkpoint(tiny, sp_model, tmp_path):
     model, _ = tiny
     src = save_model(model, tmp_path / "src", max_shard_bytes=300_000)

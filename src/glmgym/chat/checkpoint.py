@@ -229,7 +229,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     if not (spec and spec.embeddings):
         model.lm_head.weight = model.transformer.word_embeddings.weight
         if kernels:
-            use_decode_kernels(model)
+            use_decode_kernels(model, quantized=spec is not None)
     rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
     model.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1).to(device)
     if spec:

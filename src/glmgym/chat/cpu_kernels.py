@@ -23,7 +23,8 @@ import torch
 
 from glmgym._io import atomic_path
 
-__all__ = ["TILE_ROWS", "attend_decode", "bf16_matmul", "load", "q4_matmul", "q8_matmul", "tile_q4", "unavailable_reason"]
+__all__ = ["TILE_ROWS", "attend_decode", "bf16_matmul", "load", "q4_matmul", "q8_matmul", "tile_q4",
+           "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("kernels") / "lowbit_avx2.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
@@ -92,7 +93,7 @@ def unavailable_reason() -> str | None:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.glmgym_q4_matmul.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, i32]
-    lib.glmgym_q8_matmul.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
+    lib.glmgym_q8_matmul.argtypes = [p, i32, i64, i64, p, p, i64, i64, p, i32]
     lib.glmgym_bf16_matmul.argtypes = [p, i64, i64, p, i64, p, i32]
     lib.glmgym_attn_decode.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, p, i64,
                                        ctypes.c_float, p, i32]
@@ -168,13 +169,21 @@ def q4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: 
 
 
 def q8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[M, K] @ an int8 [N, K] weight with fp32 per-row `scale` [N] -> [M, N] fp32."""
+    """[M, K] @ an int8 [N, K] weight -> [M, N] fp32.
+
+    Args:
+        x: [M, K] activations (fp32 or bf16; others are converted), K a multiple of 32.
+        weight: int8 [N, K] codes.
+        scale: fp32 [N] (one scale per row) or [N, K / G] (one per group of G columns, G a multiple
+            of 32).
+    """
     lib = load()
     x = _acts(x)
     (M, K), N = x.shape, weight.shape[0]
+    G = K // scale.shape[1] if scale.dim() == 2 else K
     y = torch.empty(M, N, dtype=torch.float32)
     rc = lib.glmgym_q8_matmul(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(),
-                              scale.data_ptr(), N, y.data_ptr(), torch.get_num_threads())
+                              scale.data_ptr(), G, N, y.data_ptr(), torch.get_num_threads())
     _check(rc, "q8_matmul")
     return y
 
@@ -205,7 +214,7 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     lib = load()
     B, H, S, d = k.shape
-    if k.stride() != v.stride() or k.stride(-1) != 1 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16:
+    if k.stride() != v.stride() or k.stride(-1) != 1 or {k.dtype, v.dtype} != {torch.bfloat16}:
         raise ValueError("attend_decode needs bf16 keys and values of one layout, unit stride over d")
     qf = q.reshape(B, H, d).float().contiguous()  # [B, H, 1, d] -> [B, H, d]
     mask = None
