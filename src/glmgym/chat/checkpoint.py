@@ -29,6 +29,7 @@ __all__ = ["DTYPES", "default_dtype", "load_model", "quantize_checkpoint", "reso
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _HUB_FILES = ["*.json", "*.model", "*.safetensors", "*.bin"]
+_EMBEDDINGS = "transformer.word_embeddings.weight"
 
 
 def default_dtype(device: torch.device, quantized: bool = False) -> torch.dtype:
@@ -216,6 +217,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
             batch[name] = tensor.to(device=device, dtype=dtype)
         model.load_state_dict(batch, strict=False, assign=True)
         seen.update(batch)
+        if _EMBEDDINGS in batch and not (spec and spec.embeddings):
+            model.lm_head.weight = model.transformer.word_embeddings.weight
+            if kernels:  # now, while few layers are in memory: the INT8 head adds 0.6 GB for a moment
+                use_decode_kernels(model, quantized=spec is not None)
         del batch
     for module, parts in pending.items():  # incomplete quantized layers: say what they lack
         if stored and "weight" in parts:
@@ -226,10 +231,6 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     if missing:
         raise GlmgymError(f"{model_dir} lacks weights: {', '.join(missing[:5])}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    if not (spec and spec.embeddings):
-        model.lm_head.weight = model.transformer.word_embeddings.weight
-        if kernels:
-            use_decode_kernels(model, quantized=spec is not None)
     rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
     model.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1).to(device)
     if spec:
