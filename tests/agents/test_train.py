@@ -92,3 +92,19 @@ def test_ddp_on_cpu_with_two_processes(hopper_file, tmp_path):
     assert state["world_size"] == 2 and len(state["numpy_rng"]) == 2
     assert state["numpy_rng"][0] != state["numpy_rng"][1]  # each process draws its own windows
     assert len((out / "log.jsonl").read_text().splitlines()) == 2  # rank 0 logs alone
+
+
+@pytest.mark.parametrize(("env_id", "refs", "expected"), [
+    ("Hopper-v5", (15.0, 3220.5), (3600.0, 1800.0)),  # the shipped Hopper data: the paper's own
+    ("HalfCheetah-v5", (-297.4, 9500.0), (9400.0, 4700.0)),  # an expert below D4RL's 12,135
+    ("Walker2d-v5", (1.4, 4000.0), (4400.0, 2200.0)),
+    ("Walker2d-v5", None, (5000.0, 2500.0)),  # no references in the data: the paper's targets
+    ("Walker2d-v5", (50.0, 10.0), (5000.0, 2500.0)),  # an "expert" below random: ignored
+])
+def test_default_targets_follow_the_datasets_expert(env_id, refs, expected):
+    from types import SimpleNamespace
+
+    from glmgym.agents.train import _default_targets
+
+    metadata = {} if refs is None else {"ref_min_score": refs[0], "ref_max_score": refs[1]}
+    assert _default_targets(env_id, SimpleNamespace(metadata=metadata)) == expected

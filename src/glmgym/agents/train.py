@@ -32,6 +32,7 @@ from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from glmgym.agents.config import DTConfig, TrainConfig
 from glmgym.agents.data import OfflineDataset, WindowBatch, WindowSampler, load_dataset
 from glmgym.agents.envs import (
+    D4RL_REF_SCORES,
     PAPER_TARGET_RETURNS,
     RefScores,
     env_family,
@@ -55,9 +56,21 @@ _RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_episodes", "save_every", "l
 
 
 def _default_targets(env_id: str, dataset: OfflineDataset) -> tuple[float, ...]:
+    """The paper's targets for the MuJoCo families, moved onto the dataset's own scale when it
+    has reference scores (glmgym's collections): the paper's target sits at the same normalized
+    score under the dataset's references as under D4RL's (hopper's 3600 is 111 there), rounded to
+    two significant digits. Data without references keep the paper's; other envs get the best
+    return in the data and half of it."""
     family = env_family(env_id)
     if family in PAPER_TARGET_RETURNS:
-        return PAPER_TARGET_RETURNS[family]
+        paper = PAPER_TARGET_RETURNS[family]
+        ref = reference_scores(env_id, dataset.metadata)
+        if ref is None or ref.source != "dataset" or ref.max <= ref.min:
+            return paper
+        d4rl = D4RL_REF_SCORES[family]
+        target = ref.min + (paper[0] - d4rl.min) / (d4rl.max - d4rl.min) * (ref.max - ref.min)
+        target = float(f"{target:.2g}")
+        return (target, target / 2)
     best = float(dataset.episode_returns().max())
     return (best, best / 2)
 
