@@ -200,6 +200,22 @@ static inline __attribute__((always_inline)) void q8_rows(const QActs *a, int64_
     const float *xd = a->d + m * nb;
     __m256 acc[ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    if (G == QK && ng > 1) {
+        /* a weight scale per block (the INT8 lm_head): folded into the block's activation scale,
+         * one FMA a block (130528x4096 at M = 1: 23 to 26 ms, against 28 to 30 with the group sums) */
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+            for (int r = 0; r < R; r++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (n0 + r) * K + b * QK));
+                __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                p = _mm256_madd_epi16(p, ones);
+                __m256 d = _mm256_set1_ps(xd[b] * scale[(n0 + r) * nb + b]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) y[r] = hsum8(acc[r]);
+        return;
+    }
     for (int64_t g = 0; g < ng; g++) {
         __m256 gacc[ROWS];
         for (int r = 0; r < R; r++) gacc[r] = _mm256_setzero_ps();
