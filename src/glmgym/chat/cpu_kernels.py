@@ -174,8 +174,8 @@ def q8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
     Args:
         x: [M, K] activations (fp32 or bf16; others are converted), K a multiple of 32.
         weight: int8 [N, K] codes.
-        scale: fp32 [N] (one scale per row) or [N, K / G] (one per group of G columns, G a multiple
-            of 32).
+        scale: fp32 [N] (one scale per row) or [N, K / 32] (one per block of 32 columns, the
+            INT8 lm_head).
     """
     lib = load()
     x = _acts(x)

@@ -188,63 +188,39 @@ int glmgym_q4_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const uint
     return 0;
 }
 
-/* y[m, n0 .. n0+R) of a q8 weight with one scale per group of G columns (G = K: one per row). The
- * integer products of a group sum in fp32 with their activation scales, then take the group's
- * weight scale once. */
+/* y[m, n0 .. n0+R) of a q8 weight with one scale per row (G = K, glmgym's INT8 linear layers) or per
+ * block of QK columns (G = QK, the INT8 lm_head). */
 static inline __attribute__((always_inline)) void q8_rows(const QActs *a, int64_t m, int64_t K, int64_t G,
                                                          const int8_t *w, const float *scale, int64_t n0,
                                                          int R, float *y) {
     const __m256i ones = _mm256_set1_epi16(1);
-    const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
+    const int64_t nb = K / QK;
+    const int per_block = G == QK;
     const int8_t *xq = a->q + m * K;
     const float *xd = a->d + m * nb;
     __m256 acc[ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    if (G == QK && ng > 1) {
-        /* a weight scale per block (the INT8 lm_head): folded into the block's activation scale,
-         * one FMA a block (130528x4096 at M = 1: 23 to 26 ms, against 28 to 30 with the group sums) */
-        for (int64_t b = 0; b < nb; b++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-            for (int r = 0; r < R; r++) {
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (n0 + r) * K + b * QK));
-                __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                p = _mm256_madd_epi16(p, ones);
-                __m256 d = _mm256_set1_ps(xd[b] * scale[(n0 + r) * nb + b]);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
-            }
-        }
-        for (int r = 0; r < R; r++) y[r] = hsum8(acc[r]);
-        return;
-    }
-    for (int64_t g = 0; g < ng; g++) {
-        __m256 gacc[ROWS];
-        for (int r = 0; r < R; r++) gacc[r] = _mm256_setzero_ps();
-        for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-            __m256 dx = _mm256_set1_ps(xd[b]);
-            for (int r = 0; r < R; r++) {
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (n0 + r) * K + b * QK));
-                /* signed x signed through maddubs: |w| as unsigned, the sign moved onto x */
-                __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                p = _mm256_madd_epi16(p, ones);
-                gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dx, gacc[r]);
-            }
-        }
-        if (ng == 1) {
-            for (int r = 0; r < R; r++) acc[r] = gacc[r];
-        } else {
-            for (int r = 0; r < R; r++)
-                acc[r] = _mm256_fmadd_ps(gacc[r], _mm256_set1_ps(scale[(n0 + r) * ng + g]), acc[r]);
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        for (int r = 0; r < R; r++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (n0 + r) * K + b * QK));
+            /* signed x signed through maddubs: |w| as unsigned, the sign moved onto x */
+            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            p = _mm256_madd_epi16(p, ones);
+            /* a weight scale per block is folded into the block's activation scale: one FMA a block
+             * (130528x4096 at M = 1: 23 to 26 ms, against 28 to 30 with a sum per group) */
+            __m256 d = _mm256_set1_ps(per_block ? xd[b] * scale[(n0 + r) * nb + b] : xd[b]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) y[r] = ng == 1 ? hsum8(acc[r]) * scale[n0 + r] : hsum8(acc[r]);
+    for (int r = 0; r < R; r++) y[r] = per_block ? hsum8(acc[r]) : hsum8(acc[r]) * scale[n0 + r];
 }
 
-/* x: [M, K] fp32 or bf16; w: [N, K] int8; scale: [N, K/G] fp32 (G = K: [N]); y: [M, N] fp32.
- * G a multiple of 32 dividing K. */
+/* x: [M, K] fp32 or bf16; w: [N, K] int8; scale: [N] fp32 (G = K) or [N, K/32] (G = 32); y: [M, N]
+ * fp32. K a multiple of 32. */
 int glmgym_q8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const int8_t *w,
                      const float *scale, int64_t G, int64_t N, float *y, int nthreads) {
-    if (K % QK || G % QK || K % G) return -2;
+    if (K % QK || (G != K && G != QK)) return -2;
     QActs a;
     if (quantize_acts(x, x_bf16, M, K, QK, K, &a, nthreads)) return -1;
 #define Q8_ROW(m, n, R, out) q8_rows(&a, m, K, G, w, scale, n, R, out)
