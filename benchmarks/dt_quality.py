@@ -10,7 +10,8 @@ other, as `collect` makes it. A dataset that cannot be found is reported and ski
 Every method trains for the same number of gradient steps (default 10k, with 1k warmup) on the
 same HDF5 file, for each training seed; every policy is then scored over the same evaluation
 episodes (seeds seed..seed+N-1). glmgym's DT and d3rlpy's DT are evaluated at three target
-returns (the paper's pair for the env and the dataset's best return); the table reports each
+returns (the paper's pair for the env, moved onto the dataset's scale as `train` does, and the
+dataset's best return); the table reports each
 method at its best target (best mean over seeds). Normalized scores use each dataset's own
 reference returns (random and expert policy, from its metadata). d3rlpy runs in a virtual
 environment of its own (it pins gymnasium 1.0.0):
@@ -43,8 +44,9 @@ from glmgym.agents import TrainConfig, load_checkpoint, train
 from glmgym.agents.checkpoint import latest_checkpoint
 from glmgym.agents.collect import _concat_files, write_d4rl_hdf5
 from glmgym.agents.data import embedded_datasets, load_dataset
-from glmgym.agents.envs import ENV_IDS, PAPER_TARGET_RETURNS, env_family, normalized_score, reference_scores
+from glmgym.agents.envs import ENV_IDS, env_family, normalized_score, reference_scores
 from glmgym.agents.evaluate import evaluate
+from glmgym.agents.train import default_target_returns
 from glmgym.errors import GlmgymError
 
 FAMILIES = ("halfcheetah", "hopper", "walker2d")
@@ -89,9 +91,9 @@ def find_dataset(name: str, data_dir: Path, made_dir: Path) -> Path | None:
     return None
 
 
-def default_targets(name: str, best_return: float) -> list[float]:
-    family = env_family(name)
-    return [*PAPER_TARGET_RETURNS.get(family, ()), float(np.round(best_return))]
+def table_targets(env_id: str, ds) -> list[float]:
+    """`train`'s default targets (the paper's, on the dataset's scale) and the best return in the data."""
+    return [*default_target_returns(env_id, ds), float(np.round(ds.episode_returns().max()))]
 
 
 def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: Path) -> dict:
@@ -229,7 +231,7 @@ def main() -> None:
         ds = load_dataset(f"d4rl:{path}")
         env_id = ENV_IDS.get(env_family(name)) or ds.env_id
         ref = reference_scores(env_id, ds.metadata)
-        targets = default_targets(name, float(ds.episode_returns().max()))
+        targets = table_targets(env_id, ds)
         setting = {"dataset_file": path.name, "dataset_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                    "env_id": env_id, "steps": args.steps, "warmup": args.warmup,
                    "episodes": args.episodes, "targets": targets,

@@ -104,7 +104,7 @@ def test_ddp_on_cpu_with_two_processes(hopper_file, tmp_path):
 def test_default_targets_follow_the_datasets_expert(env_id, refs, expected):
     from types import SimpleNamespace
 
-    from glmgym.agents.train import _default_targets
+    from glmgym.agents.train import default_target_returns
 
     metadata = {} if refs is None else {"ref_min_score": refs[0], "ref_max_score": refs[1]}
-    assert _default_targets(env_id, SimpleNamespace(metadata=metadata)) == expected
+    assert default_target_returns(env_id, SimpleNamespace(metadata=metadata)) == expected

@@ -46,7 +46,7 @@ from glmgym.devices import native_bf16, resolve_device
 from glmgym.distributed import ProcessGroup
 from glmgym.errors import GlmgymError
 
-__all__ = ["make_optimizer", "train", "train_step"]
+__all__ = ["default_target_returns", "make_optimizer", "train", "train_step"]
 
 TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_PT = "trainer_state.pt"
@@ -55,12 +55,22 @@ _RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_episodes", "save_every", "l
                         "progress", "device", "target_returns")
 
 
-def _default_targets(env_id: str, dataset: OfflineDataset) -> tuple[float, ...]:
-    """The paper's targets for the MuJoCo families, moved onto the dataset's own scale when it
+def default_target_returns(env_id: str, dataset: OfflineDataset) -> tuple[float, ...]:
+    """The target returns `train` evaluates at when none are given.
+
+    The paper's targets for the MuJoCo families, moved onto the dataset's own scale when it
     has reference scores (glmgym's collections): the paper's target sits at the same normalized
     score under the dataset's references as under D4RL's (hopper's 3600 is 111 there), rounded to
     two significant digits. Data without references keep the paper's; other envs get the best
-    return in the data and half of it."""
+    return in the data and half of it.
+
+    Args:
+        env_id: the Gymnasium env the agent is evaluated in.
+        dataset: the training data (its metadata's reference scores, or its episode returns).
+
+    Returns:
+        The target returns, highest first.
+    """
     family = env_family(env_id)
     if family in PAPER_TARGET_RETURNS:
         paper = PAPER_TARGET_RETURNS[family]
@@ -119,7 +129,7 @@ def _check_inputs(cfg: TrainConfig) -> _Inputs:
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"dt-{dataset.name.replace('/', '-')}-{stamp}"
     if resume_ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
         raise GlmgymError(f"{run_dir} already holds files; pick another --out or pass --resume {run_dir}")
-    targets = cfg.target_returns or _default_targets(env_id, dataset)
+    targets = cfg.target_returns or default_target_returns(env_id, dataset)
     return _Inputs(cfg, resume_ckpt, dataset, env_id, run_dir, tuple(targets),
                    reference_scores(env_id, dataset.metadata))
 
