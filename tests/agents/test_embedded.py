@@ -14,27 +14,34 @@ from glmgym.cli import main
 
 # (episodes, transitions) of each shipped file, as docs/agents/shipped.md documents them
 SHIPPED = {"hopper-medium": (234, 80_168), "hopper-medium-replay": (232, 36_645),
-           "hopper-expert": (80, 80_000)}
+           "hopper-expert": (80, 80_000), "walker2d-medium": (129, 79_318)}
+# per env: (state_dim, act_dim, env id, random reference, expert reference) of its one SAC run
+FAMILIES = {"hopper": (11, 3, "Hopper-v5", 15.0, 3220.5),
+            "walker2d": (17, 6, "Walker2d-v5", 1.4, 3926.0)}
 
 
 def test_embedded_datasets_have_the_documented_shapes():
     assert set(embedded_datasets()) == set(SHIPPED)
     total = sum(p.stat().st_size for p in embedded_datasets().values())
-    assert total <= 30 * 2**20  # all shipped data together <= 30 MB
+    assert total <= 60 * 2**20  # all shipped data together <= 60 MB
     returns = {}
     for name, (episodes, transitions) in SHIPPED.items():
         ds = load_dataset(f"embedded:{name}")
-        assert (ds.state_dim, ds.act_dim, ds.env_id) == (11, 3, "Hopper-v5")
+        state_dim, act_dim, env_id, ref_min, ref_max = FAMILIES[name.split("-")[0]]
+        assert (ds.state_dim, ds.act_dim, ds.env_id) == (state_dim, act_dim, env_id)
         assert (ds.num_episodes, ds.num_transitions) == (episodes, transitions)
-        assert ds.observations.shape == (transitions, 11) and ds.actions.shape == (transitions, 3)
+        assert ds.observations.shape == (transitions, state_dim)
+        assert ds.actions.shape == (transitions, act_dim)
         assert ds.lengths.max() <= 1000 and np.isfinite(ds.observations).all()
-        # one SAC run made all three: they share its reference returns
-        assert ds.metadata["ref_min_score"] == pytest.approx(15.0, abs=0.1)
-        assert ds.metadata["ref_max_score"] == pytest.approx(3220.5, abs=0.1)
+        # the files of one env come from one SAC run: they share its reference returns
+        assert ds.metadata["ref_min_score"] == pytest.approx(ref_min, abs=0.1)
+        assert ds.metadata["ref_max_score"] == pytest.approx(ref_max, abs=0.1)
         returns[name] = ds.episode_returns().mean()
     # D4RL's levels: medium about a third of the expert, the expert near its own reference
     assert 0.25 < returns["hopper-medium"] / returns["hopper-expert"] < 0.45
     assert returns["hopper-expert"] == pytest.approx(3220.5, rel=0.02)
+    # medium: the snapshot closest to a third of the expert, with the spread of a half-trained policy
+    assert 0.3 < returns["walker2d-medium"] / FAMILIES["walker2d"][4] < 0.7
 
 
 def test_pretrained_agent_loads_with_its_extras():
@@ -69,7 +76,7 @@ def test_datasets_lists_the_embedded_ones(capsys):
     assert "embedded:hopper-medium" in format_catalog(rows)
     assert main(["agent", "datasets", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert {r["spec"] for r in listed} >= {"embedded:hopper-medium"}
+    assert {r["spec"] for r in listed} >= {f"embedded:{name}" for name in SHIPPED}
 
 
 def test_train_without_arguments_uses_the_embedded_dataset(capsys, tmp_path):
@@ -84,3 +91,25 @@ def test_train_without_arguments_uses_the_embedded_dataset(capsys, tmp_path):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("dt-hopper-medium-")
     assert (runs[0] / "report.md").exists() and (runs[0] / "loss.png").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.endswith("-medium") and not n.startswith("hopper")])
+def test_train_on_each_shipped_env_needs_no_other_option(name, tmp_path):
+    """`glmgym agent train --dataset embedded:<env>-medium` infers the env and its target returns."""
+    from glmgym.agents.checkpoint import latest_checkpoint
+    from glmgym.agents.train import default_target_returns
+
+    rc = main(["agent", "train", "--dataset", f"embedded:{name}", "--steps", "3", "--eval-episodes", "0",
+               "--no-progress", "--hidden-size", "32"])
+    assert rc == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    state_dim, act_dim, env_id, *_ = FAMILIES[name.split("-")[0]]
+    assert ckpt.extras["env_id"] == env_id
+    assert (ckpt.model.config.state_dim, ckpt.model.config.act_dim) == (state_dim, act_dim)
+    assert ckpt.extras["dataset_source"] == f"embedded:{name}"
+    ds = load_dataset(f"embedded:{name}")
+    targets = default_target_returns(env_id, ds)
+    assert ckpt.extras["target_returns"] == pytest.approx(list(targets))
+    # the paper's target sits at the normalized score it has under D4RL's references
+    assert ds.episode_returns().mean() < targets[0] < 1.3 * ds.metadata["ref_max_score"]
