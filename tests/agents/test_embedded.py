@@ -14,16 +14,18 @@ from glmgym.cli import main
 
 # (episodes, transitions) of each shipped file, as docs/agents/shipped.md documents them
 SHIPPED = {"hopper-medium": (234, 80_168), "hopper-medium-replay": (232, 36_645),
-           "hopper-expert": (80, 80_000), "walker2d-medium": (129, 79_318)}
+           "hopper-expert": (80, 80_000), "walker2d-medium": (129, 79_318),
+           "halfcheetah-medium": (75, 75_000)}
 # per env: (state_dim, act_dim, env id, random reference, expert reference) of its one SAC run
 FAMILIES = {"hopper": (11, 3, "Hopper-v5", 15.0, 3220.5),
-            "walker2d": (17, 6, "Walker2d-v5", 1.4, 3926.0)}
+            "walker2d": (17, 6, "Walker2d-v5", 1.4, 3926.0),
+            "halfcheetah": (17, 6, "HalfCheetah-v5", -297.4, 8575.9)}
 
 
 def test_embedded_datasets_have_the_documented_shapes():
     assert set(embedded_datasets()) == set(SHIPPED)
     total = sum(p.stat().st_size for p in embedded_datasets().values())
-    assert total <= 60 * 2**20  # all shipped data together <= 60 MB
+    assert total <= 60_000_000  # all shipped data together <= 60 MB
     returns = {}
     for name, (episodes, transitions) in SHIPPED.items():
         ds = load_dataset(f"embedded:{name}")
@@ -42,6 +44,7 @@ def test_embedded_datasets_have_the_documented_shapes():
     assert returns["hopper-expert"] == pytest.approx(3220.5, rel=0.02)
     # medium: the snapshot closest to a third of the expert, with the spread of a half-trained policy
     assert 0.3 < returns["walker2d-medium"] / FAMILIES["walker2d"][4] < 0.7
+    assert 0.25 < returns["halfcheetah-medium"] / FAMILIES["halfcheetah"][4] < 0.45
 
 
 def test_pretrained_agent_loads_with_its_extras():
