@@ -6,19 +6,28 @@ AdamW, grad clip 0.25). Both models train with glmgym's `train_step` on the same
 to take the same arguments. Evaluation: `rollout` of 10 episodes in one vector env versus the same
 10 episodes one at a time (HalfCheetah-v5: fixed 1000-step episodes, so both do the same work).
 
+With `--d3rlpy-python` (a venv with d3rlpy, as for `dt_quality.py`) it also times whole training
+runs, end to end, on `embedded:hopper-medium`: glmgym's `train()` against d3rlpy's
+`DecisionTransformer.fit` (`_d3rlpy_runner.py`, the table's hyperparameters), the same number of
+steps (`--run-steps`), the same threads. glmgym's time includes loading the data and writing its
+checkpoint; d3rlpy's is its `fit` call alone, so the comparison leans d3rlpy's way.
+
 Results go under `by_cpu[KIND]` (`avx2` or `avx512`, as PyTorch dispatches here; simulate AVX2 on
 an AVX-512 machine with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`),
 with the CPU flags seen. Where bf16 is emulated (no AVX512-BF16) the bf16 variants are timed over
 a tenth of the steps: they are that slow.
 
-    python benchmarks/dt_speed.py [--steps 60] [--out benchmarks/results/dt_speed.json]
+    python benchmarks/dt_speed.py [--steps 60] [--d3rlpy-python /tmp/d3rlpy/bin/python]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +36,9 @@ import torch
 
 from glmgym._io import atomic_write_json
 from glmgym.agents import DecisionTransformer, DTConfig
-from glmgym.agents.data import OfflineDataset, WindowSampler
+from glmgym.agents.data import OfflineDataset, WindowSampler, embedded_datasets
 from glmgym.agents.evaluate import Policy, rollout
-from glmgym.agents.train import make_optimizer, train_step
+from glmgym.agents.train import TrainConfig, make_optimizer, train, train_step
 from glmgym.devices import native_bf16
 
 
@@ -71,12 +80,36 @@ def train_speed(model: torch.nn.Module, batches, bf16: bool, warmup: int = 5) ->
     return (len(batches) - warmup) / (time.perf_counter() - t0)
 
 
+def run_seconds_vs_d3rlpy(d3rlpy_python: str, steps: int) -> dict:
+    """Wall seconds of one whole training run of `steps` steps, glmgym vs d3rlpy, on hopper-medium."""
+    path = embedded_datasets()["hopper-medium"]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train(TrainConfig(dataset="embedded:hopper-medium", steps=steps, warmup_steps=1000, seed=0,
+                          eval_episodes=0, save_every=steps, out=f"{tmp}/run", progress=False))
+        glmgym_s = time.perf_counter() - t0
+        proc = subprocess.run(
+            [d3rlpy_python, str(Path(__file__).with_name("_d3rlpy_runner.py")), "--dataset", str(path),
+             "--algo", "dt", "--env", "Hopper-v5", "--steps", str(steps), "--warmup", "1000",
+             "--seed", "0", "--episodes", "0", "--targets", "3600"],
+            capture_output=True, text=True, cwd=tmp,
+            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    if proc.returncode != 0:
+        raise SystemExit(f"d3rlpy failed:\n{proc.stderr[-3000:]}")
+    d3rlpy_s = json.loads(proc.stdout.strip().splitlines()[-1])["train_seconds"]
+    print(f"run of {steps} steps: glmgym {glmgym_s:.0f} s, d3rlpy {d3rlpy_s:.0f} s", flush=True)
+    return {"steps": steps, "dataset": "embedded:hopper-medium", "threads": torch.get_num_threads(),
+            "glmgym_seconds": glmgym_s, "d3rlpy_seconds": d3rlpy_s, "glmgym_vs_d3rlpy": glmgym_s / d3rlpy_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed training steps per variant")
     parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time the training variants this many times in turn; medians are kept")
+    parser.add_argument("--d3rlpy-python", help="python of a venv with d3rlpy: also time whole runs")
+    parser.add_argument("--run-steps", type=int, default=1000, help="steps of each whole run")
     parser.add_argument("--out", default="benchmarks/results/dt_speed.json")
     args = parser.parse_args()
 
@@ -139,6 +172,8 @@ def main() -> None:
             "eval_vectorized_vs_sequential": eval_speed["vectorized"] / eval_speed["sequential"],
         },
         "glmgym_default_precision": "bf16" if default_bf16 else "fp32",
+        **({"run_seconds_vs_d3rlpy": run_seconds_vs_d3rlpy(args.d3rlpy_python, args.run_steps)}
+           if args.d3rlpy_python else {}),
         "config": {"context_len": 20, "hidden_size": 128, "n_layer": 3, "n_head": 1, "batch_size": 64,
                    "timed_steps": args.steps, "eval_env": "HalfCheetah-v5",
                    "eval_episodes": args.episodes},
