@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -82,21 +81,18 @@ def train_speed(model: torch.nn.Module, batches, bf16: bool, warmup: int = 5) ->
 
 def run_seconds_vs_d3rlpy(d3rlpy_python: str, steps: int) -> dict:
     """Wall seconds of one whole training run of `steps` steps, glmgym vs d3rlpy, on hopper-medium."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dt_quality import run_d3rlpy
+
     path = embedded_datasets()["hopper-medium"]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         train(TrainConfig(dataset="embedded:hopper-medium", steps=steps, warmup_steps=1000, seed=0,
                           eval_episodes=0, save_every=steps, out=f"{tmp}/run", progress=False))
         glmgym_s = time.perf_counter() - t0
-        proc = subprocess.run(
-            [d3rlpy_python, str(Path(__file__).with_name("_d3rlpy_runner.py")), "--dataset", str(path),
-             "--algo", "dt", "--env", "Hopper-v5", "--steps", str(steps), "--warmup", "1000",
-             "--seed", "0", "--episodes", "0", "--targets", "3600"],
-            capture_output=True, text=True, cwd=tmp,
-            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    if proc.returncode != 0:
-        raise SystemExit(f"d3rlpy failed:\n{proc.stderr[-3000:]}")
-    d3rlpy_s = json.loads(proc.stdout.strip().splitlines()[-1])["train_seconds"]
+    # dt_quality's d3rlpy launcher, with no evaluation episodes: its training time alone
+    d3rlpy_s = run_d3rlpy(path, "Hopper-v5", SimpleNamespace(d3rlpy_python=d3rlpy_python, steps=steps,
+                          warmup=1000, episodes=0), "dt", 0, [])["train_seconds"]
     print(f"run of {steps} steps: glmgym {glmgym_s:.0f} s, d3rlpy {d3rlpy_s:.0f} s", flush=True)
     return {"steps": steps, "dataset": "embedded:hopper-medium", "threads": torch.get_num_threads(),
             "glmgym_seconds": glmgym_s, "d3rlpy_seconds": d3rlpy_s, "glmgym_vs_d3rlpy": glmgym_s / d3rlpy_s}
