@@ -57,6 +57,51 @@ def test_rerun_resumes_and_keeps_finished_files(tmp_path):
         collect(CollectConfig(levels="random", out=str(tmp_path / "c"), **(TINY | {"seed": 1})))
 
 
+def test_a_stopped_run_resumes_exactly_where_it_stopped(tmp_path, monkeypatch):
+    """A run stopped after a snapshot and rerun ends with the same policy and the same recorded
+    transitions as a run that never stopped (Hopper's episodes end mid-way, so the stop falls
+    inside one and the simulator's state must come back too)."""
+    import glmgym.agents.collect as collect_module
+
+    cfg = dict(TINY, levels="expert")
+    straight = collect(CollectConfig(out=str(tmp_path / "straight"), **cfg))
+
+    real = collect_module.run_episodes
+
+    def stop_at_the_last_snapshot(*args, **kwargs):
+        if kwargs.get("seed") == 10_000 + 300:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(collect_module, "run_episodes", stop_at_the_last_snapshot)
+    with pytest.raises(KeyboardInterrupt):
+        collect(CollectConfig(out=str(tmp_path / "stopped"), **cfg))
+    monkeypatch.setattr(collect_module, "run_episodes", real)
+    resumed = collect(CollectConfig(out=str(tmp_path / "stopped"), **cfg))
+
+    sac = [tmp_path / run / "sac" for run in ("straight", "stopped")]
+    with np.load(sac[0] / "stream.npz") as a, np.load(sac[1] / "stream.npz") as b:
+        assert len(a["rewards"]) == 300
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert (sac[0] / "policy_00000300.safetensors").read_bytes() == \
+        (sac[1] / "policy_00000300.safetensors").read_bytes()
+    with h5py.File(straight["expert"]) as a, h5py.File(resumed["expert"]) as b:
+        np.testing.assert_array_equal(a["actions"][()], b["actions"][()])
+
+    # a run directory without the generators' state (older glmgym) still resumes, as another run:
+    # the episode in flight at the stop ends there
+    monkeypatch.setattr(collect_module, "run_episodes", stop_at_the_last_snapshot)
+    with pytest.raises(KeyboardInterrupt):
+        collect(CollectConfig(out=str(tmp_path / "old"), **cfg))
+    monkeypatch.setattr(collect_module, "run_episodes", real)
+    (tmp_path / "old" / "sac" / "resume.npz").unlink()
+    collect(CollectConfig(out=str(tmp_path / "old"), **cfg))
+    with np.load(tmp_path / "old" / "sac" / "stream.npz") as c, np.load(sac[0] / "stream.npz") as a:
+        assert len(c["rewards"]) == 300
+        assert c["timeouts"][199] and not a["timeouts"][199] | a["terminals"][199]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

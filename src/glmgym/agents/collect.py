@@ -12,7 +12,9 @@ Each dataset is an HDF5 file (observations, next_observations, actions, rewards,
 timeouts, infos/qpos, infos/qvel, metadata/*) written atomically. Reference scores (mean return
 of a random and of the expert policy over ``--ref-episodes`` episodes) go into every file's
 metadata. A run directory keeps its state: rerunning the same command resumes it (finished
-datasets are kept, SAC training continues from its last snapshot).
+datasets are kept, SAC training continues from its last snapshot with the random number
+generators and the simulator as they were, so a stopped and resumed run writes the same files
+as one that never stopped).
 """
 
 from __future__ import annotations
@@ -141,6 +143,75 @@ def _policy_act(model, deterministic: bool = False) -> ActFn:
     return lambda obs: model.predict(obs, deterministic=deterministic)[0]
 
 
+def _time_limit(env):
+    """The TimeLimit wrapper inside `env` (its step count is part of the episode's state)."""
+    import gymnasium as gym
+
+    while not isinstance(env, gym.wrappers.TimeLimit):
+        env = env.env
+    return env
+
+
+def _save_resume_state(path: Path, model, env) -> None:
+    """What an exact resume needs beyond SB3's own files, as arrays and JSON (no pickle).
+
+    SB3's `load` reseeds the random number generators with the run's seed and resets the env,
+    so a plain reload starts a new episode from other random numbers than the run would have
+    drawn. This keeps the generators' states (torch, NumPy's global one that samples the replay
+    buffer, the env's and the action space's) and the simulator's full state mid-episode.
+    """
+    import random
+
+    import mujoco
+    import torch
+
+    base = env.unwrapped
+    spec = mujoco.mjtState.mjSTATE_INTEGRATION
+    sim = np.empty(mujoco.mj_stateSize(base.model, spec))
+    mujoco.mj_getState(base.model, base.data, sim, spec)
+    numpy_state = np.random.get_state(legacy=False)
+    generators = {
+        "numpy_pos": numpy_state["state"]["pos"], "numpy_has_gauss": numpy_state["has_gauss"],
+        "numpy_gauss": numpy_state["gauss"], "python": random.getstate()[1],
+        "env": base.np_random.bit_generator.state,
+        "action_space": model.action_space.np_random.bit_generator.state,
+        "elapsed_steps": _time_limit(env)._elapsed_steps, "step": model.num_timesteps,
+    }
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, torch=torch.get_rng_state().numpy(), numpy_key=numpy_state["state"]["key"],
+                 sim=sim, obs=np.asarray(env.last_obs), generators=np.array(json.dumps(generators)))
+
+
+def _resume_step(path: Path) -> int | None:
+    """The step `_save_resume_state` saved at, if `path` holds one."""
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        return json.loads(str(saved["generators"]))["step"]
+
+
+def _restore_resume_state(path: Path, model, env) -> None:
+    """Put back what `_save_resume_state` kept, after SB3's `load` (which reseeds) and a reset."""
+    import random
+
+    import mujoco
+    import torch
+
+    with np.load(path) as saved:
+        generators = json.loads(str(saved["generators"]))
+        torch.set_rng_state(torch.from_numpy(saved["torch"].copy()))
+        np.random.set_state({"bit_generator": "MT19937",
+                             "state": {"key": saved["numpy_key"], "pos": generators["numpy_pos"]},
+                             "has_gauss": generators["numpy_has_gauss"], "gauss": generators["numpy_gauss"]})
+        base = env.unwrapped
+        mujoco.mj_setState(base.model, base.data, saved["sim"], mujoco.mjtState.mjSTATE_INTEGRATION)
+        env.last_obs = saved["obs"]
+    random.setstate((3, tuple(generators["python"]), None))
+    base.np_random.bit_generator.state = generators["env"]
+    model.action_space.np_random.bit_generator.state = generators["action_space"]
+    _time_limit(env)._elapsed_steps = generators["elapsed_steps"]
+
+
 def _load_snapshot(cfg: CollectConfig, path: Path):
     import gymnasium as gym
     from safetensors.torch import load_file
@@ -165,37 +236,48 @@ def _train_sac(cfg: CollectConfig, out: Path, state: dict[str, Any], save_state)
     stream_keys = ("observations", "next_observations", "actions", "rewards", "terminals",
                    "timeouts", "qpos", "qvel")
     stream: dict[str, list] = {k: [] for k in stream_keys}
-    if (work / "stream.npz").is_file() and (work / "latest.zip").is_file():
+    resuming = (work / "stream.npz").is_file() and (work / "latest.zip").is_file()
+    if resuming:
         with np.load(work / "stream.npz") as saved:
             for k in stream_keys:
                 stream[k] = list(saved[k])
-        if stream["timeouts"]:
-            stream["timeouts"][-1] = True  # the episode in flight at the stop ends there
 
     class Recorder(gym.Wrapper):
         def reset(self, **kw):
-            self._obs, info = self.env.reset(**kw)
-            return self._obs, info
+            self.last_obs, info = self.env.reset(**kw)
+            return self.last_obs, info
 
         def step(self, action):
             data = self.env.unwrapped.data
             qpos, qvel = data.qpos.copy(), data.qvel.copy()
             nxt, r, term, trunc, info = self.env.step(action)
-            for k, v in zip(stream_keys, (self._obs, nxt, action, r, term, trunc, qpos, qvel)):
+            for k, v in zip(stream_keys, (self.last_obs, nxt, action, r, term, trunc, qpos, qvel)):
                 stream[k].append(np.asarray(v))
-            self._obs = nxt
+            self.last_obs = nxt
             return nxt, r, term, trunc, info
 
     env = Recorder(gym.make(cfg.env))
-    if (work / "latest.zip").is_file():
-        model = SAC.load(work / "latest.zip", env=env, device="cpu")  # our own run state
+    if resuming:
+        model = SAC.load(work / "latest.zip", env=env, device="cpu", force_reset=False)  # our own file
         model.load_replay_buffer(work / "replay.pkl")
+        model.env.reset()  # (gymnasium refuses a step before the first reset)
+        if _resume_step(work / "resume.npz") == model.num_timesteps == len(stream["rewards"]):
+            _restore_resume_state(work / "resume.npz", model, env)  # as if it had never stopped
+        else:
+            # a run directory from before exact resumes (or a stop while its files were being
+            # written): the episode in flight ends at the stop and the run goes on from a new one,
+            # with the generators as SB3's load reseeded them
+            model._last_obs = None  # SB3 then resets the env, as its force_reset does
+            if stream["timeouts"]:
+                stream["timeouts"][-1] = True
     else:
         model = _sac(env, cfg)
     bar = tqdm(total=cfg.steps, initial=model.num_timesteps, desc="SAC", unit="step",
                disable=not cfg.progress, mininterval=2.0)
 
     class Snapshots(BaseCallback):
+        save_due = False
+
         def _on_step(self) -> bool:
             bar.update(1)
             t = self.num_timesteps
@@ -207,13 +289,20 @@ def _train_sac(cfg: CollectConfig, out: Path, state: dict[str, Any], save_state)
                 state["snapshots"].append({"step": t, "return_mean": float(r["episode_returns"].mean()),
                                            "policy": path.name})
                 bar.set_postfix(ret=f"{r['episode_returns'].mean():.0f}")
-                # resumable state: model, replay buffer and the recorded stream, then the JSON
+                self.save_due = t < cfg.steps
+            return True
+
+        def _on_rollout_start(self) -> None:
+            # The run's state is saved here, after step t's transition is stored and its gradient
+            # step taken (on_step comes before both), so that a resume goes on from step t + 1.
+            if self.save_due:
+                self.save_due = False
                 model.save(work / "latest.zip")
                 model.save_replay_buffer(work / "replay.pkl")
                 np.savez(work / "stream.npz", **{k: np.asarray(v) for k, v in stream.items()})
-                state["trained_steps"] = t
+                _save_resume_state(work / "resume.npz", model, env)
+                state["trained_steps"] = self.num_timesteps
                 save_state()
-            return True
 
     remaining = cfg.steps - model.num_timesteps
     if remaining > 0:
