@@ -302,7 +302,9 @@ def test_evaluate_writes_thudms_prediction_files(lora_run, train_file, tmp_path,
 
 def test_two_processes_agree_with_one(train_file, tmp_path):
     """torchrun with 2 CPU processes (gloo, DDP): each takes half of every micro-batch, and the
-    adapter after 3 steps equals the single-process one (no dropout, so both runs are the same math)."""
+    adapter after 3 steps equals the single-process one (no dropout, so both runs are the same math).
+    fp32 throughout: on a CPU with native bf16, `auto` would train in bf16, whose rounding differs
+    between a whole batch and two halves by more than this test's tolerance."""
     import os
     import subprocess
     import sys
@@ -311,7 +313,7 @@ def test_two_processes_agree_with_one(train_file, tmp_path):
 
     args = ["--model", "random:tiny", "--train-file", str(train_file), "--method", "lora", "--lora-dropout",
             "0", "--steps", "3", "--batch-size", "2", "--grad-accum", "2", "--save-every", "3",
-            "--learning-rate", "1e-2", "--no-progress"]
+            "--learning-rate", "1e-2", "--precision", "fp32", "--no-progress"]
     assert main(["chat", "finetune", *args, "--out", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "glmgym.cli", "chat", "finetune", *args, "--out", str(tmp_path / "two")]
@@ -340,7 +342,7 @@ def test_full_finetuning_with_fsdp_on_two_processes_agrees_with_one(train_file, 
 
     args = ["--model", "random:tiny", "--train-file", str(train_file), "--method", "full", "--steps", "3",
             "--batch-size", "2", "--grad-accum", "2", "--save-every", "2", "--learning-rate", "1e-3",
-            "--no-progress"]
+            "--precision", "fp32", "--no-progress"]  # fp32: see the test above
     assert main(["chat", "finetune", *args, "--out", str(tmp_path / "one")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
