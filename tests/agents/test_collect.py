@@ -2,7 +2,7 @@ import h5py
 import numpy as np
 import pytest
 
-from glmgym.agents.collect import CollectConfig, collect, write_d4rl_hdf5
+from glmgym.agents.collect import CollectConfig, collect, save_record, write_d4rl_hdf5
 from glmgym.agents.data import load_dataset
 from glmgym.agents.rollouts import run_episodes
 from glmgym.errors import GlmgymError
@@ -141,3 +141,42 @@ def test_collect_also_writes_a_minari_dataset(tmp_path):
     np.testing.assert_allclose(ds.rewards, hdf5.rewards)
     assert ds.env_id == "Hopper-v5"
     assert ds.metadata["ref_min_score"] == pytest.approx(hdf5.metadata["ref_min_score"])
+
+
+def test_a_record_rewrites_the_policy_levels_byte_for_byte(tmp_path):
+    """A record (state + two actors, no replay buffer or stream) is all a later machine needs to
+    write the random, medium, expert and medium-expert files again, identical to the run's."""
+    import shutil
+
+    run = collect(CollectConfig(levels="random,medium,medium-replay,expert,medium-expert",
+                                out=str(tmp_path / "run"), **TINY))
+    record = save_record(tmp_path / "run", tmp_path / "record")
+    import json
+
+    medium = json.loads((record / "collect_state.json").read_text())["medium_snapshot"]["policy"]
+    files = sorted(p.relative_to(record).as_posix() for p in record.rglob("*") if p.is_file())
+    assert files == ["collect_state.json", f"sac/{medium}", "sac/policy_00000300.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(record / files[-1]), "pt") as f:
+        names = list(f.keys())
+    assert names and all(k.startswith("actor.") for k in names)  # the critics stay behind
+
+    again = tmp_path / "again"
+    shutil.copytree(record, again)
+    # medium-expert alone brings the medium and expert files it is made of
+    paths = collect(CollectConfig(levels="medium-expert,random", out=str(again), **TINY))
+    assert set(paths) == {"random", "medium", "expert", "medium-expert"}
+    for level, path in paths.items():
+        assert path.read_bytes() == run[level].read_bytes(), level
+
+    with pytest.raises(GlmgymError, match="no SAC training stream"):
+        collect(CollectConfig(levels="medium-replay", out=str(again), **TINY))
+    (again / "sac" / files[1].removeprefix("sac/")).unlink()
+    (again / "hopper-medium.hdf5").unlink()
+    with pytest.raises(GlmgymError, match="is missing"):
+        collect(CollectConfig(levels="medium", out=str(again), **TINY))
+    with pytest.raises(GlmgymError, match="already exists"):
+        save_record(tmp_path / "run", record)
+    with pytest.raises(GlmgymError, match="not a glmgym collection"):
+        save_record(tmp_path / "nothing", tmp_path / "r2")

@@ -14,7 +14,9 @@ of a random and of the expert policy over ``--ref-episodes`` episodes) go into e
 metadata. A run directory keeps its state: rerunning the same command resumes it (finished
 datasets are kept, SAC training continues from its last snapshot with the random number
 generators and the simulator as they were, so a stopped and resumed run writes the same files
-as one that never stopped).
+as one that never stopped). `save_record` keeps the few hundred KB of a finished run that rewrite
+its policy levels (its state and the actors of the medium and expert policies), where the whole
+run directory takes GBs.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from glmgym._io import atomic_path, atomic_write_json
+from glmgym._io import atomic_dir, atomic_path, atomic_write_json
 from glmgym.agents.data import OfflineDataset, load_d4rl
 from glmgym.agents.envs import env_family, make_vector_env
 from glmgym.agents.rollouts import ActFn, check_spaces, run_episodes, uniform_policy
 from glmgym.errors import GlmgymError, import_extra
 
-__all__ = ["LEVELS", "CollectConfig", "collect", "write_d4rl_hdf5"]
+__all__ = ["LEVELS", "CollectConfig", "collect", "save_record", "write_d4rl_hdf5"]
 
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 STATE_FILE = "collect_state.json"
@@ -213,12 +215,19 @@ def _restore_resume_state(path: Path, model, env) -> None:
 
 
 def _load_snapshot(cfg: CollectConfig, path: Path):
+    """A snapshot's SAC policy, from a file of the whole policy or of its actor only (a record's)."""
     import gymnasium as gym
     from safetensors.torch import load_file
 
+    if not path.is_file():
+        raise GlmgymError(f"{path} is missing: the collection's policy files were removed; "
+                          "rerun it in a new --out")
     env = gym.make(cfg.env)
     model = _sac(env, cfg)
-    model.policy.load_state_dict(load_file(str(path)))
+    # the rollouts only run the actor, so the critics may stay as SAC initialised them
+    missing = model.policy.load_state_dict(load_file(str(path)), strict=False).missing_keys
+    if any(k.startswith("actor.") for k in missing):
+        raise GlmgymError(f"{path} does not hold a SAC actor for {cfg.env}")
     model.policy.set_training_mode(False)
     return model
 
@@ -375,6 +384,10 @@ def _level_arrays(level: str, cfg: CollectConfig, out: Path, family: str, state:
         return arrays, {"policy": f"SAC (stable-baselines3), stochastic actions, step {snap['step']}",
                         "policy_steps": snap["step"], "policy_snapshot_return": snap["return_mean"]}
     if level == "medium-replay":
+        if not (out / "sac" / "stream.npz").is_file():
+            raise GlmgymError(f"{out} has no SAC training stream (sac/stream.npz), which medium-replay "
+                              "is cut from; a record keeps the policies only: collect medium-replay "
+                              "in a new --out, from scratch")
         with np.load(out / "sac" / "stream.npz") as s:
             stop = state["medium_snapshot"]["step"]
             arrays = {k: s[k][:stop] for k in s.files}
@@ -429,12 +442,15 @@ def collect(cfg: CollectConfig) -> dict[str, Path]:
         "ref_episodes": cfg.ref_episodes, "versions": _versions(),
     }
     paths: dict[str, Path] = {}
-    order = sorted(levels, key=lambda x: x == "medium-expert")  # medium-expert reuses the others
-    for i, level in enumerate(order):
+    if "medium-expert" in levels:  # it is the medium and expert files, one after the other
+        levels = [*levels, "medium", "expert"]
+    for level in sorted(set(levels), key=LEVELS.index):  # medium-expert last
         path = paths[level] = out / f"{family}-{level}.hdf5"
         if state["done"].get(level) and path.is_file():
             continue
-        seed = cfg.seed + 40_000 + 1_000_000 * i
+        # a level's seed is its own, whichever other levels are asked for (the documented
+        # collections, which asked for all five, had these seeds)
+        seed = cfg.seed + 40_000 + 1_000_000 * LEVELS.index(level)
         arrays, policy_meta = _level_arrays(level, cfg, out, family, state, seed, expert, medium)
         meta = {**base_meta, "level": level, **policy_meta, "transitions": len(arrays["rewards"])}
         write_d4rl_hdf5(path, arrays, meta)
@@ -446,6 +462,46 @@ def collect(cfg: CollectConfig) -> dict[str, Path]:
     state["seconds"] = state.get("seconds", 0) + time.time() - t_start
     save_state()
     return paths
+
+
+def save_record(run: str | Path, dest: str | Path) -> Path:
+    """Keep what rewrites a finished collection's policy levels, in a new directory `dest`.
+
+    The record is the run's `collect_state.json` (settings, snapshot returns, references, the
+    medium snapshot) and the actor weights of the medium and expert policies: a few hundred KB
+    where the run directory, with SAC's replay buffer and training stream, takes GBs. Rerunning
+    the collection's command with `--out` a copy of the record writes the random, medium, expert
+    and medium-expert levels again, byte for byte with the same package versions and CPU kernels;
+    medium-replay, cut from the training stream, needs the whole run.
+
+    Args:
+        run: a collection directory whose SAC training finished.
+        dest: where to write the record (must not exist yet).
+
+    Returns:
+        `dest`.
+
+    Raises:
+        GlmgymError: `run` is not a finished collection, or `dest` exists.
+    """
+    from safetensors.torch import load_file, save_file
+
+    run, dest = Path(run), Path(dest)
+    if not (run / STATE_FILE).is_file():
+        raise GlmgymError(f"{run} is not a glmgym collection (no {STATE_FILE})")
+    state = json.loads((run / STATE_FILE).read_text())
+    if not state.get("train_done") or "medium_snapshot" not in state:
+        raise GlmgymError(f"{run}: SAC training has not finished; rerun its collect command first")
+    if dest.exists():
+        raise GlmgymError(f"{dest} already exists; choose a new directory for the record")
+    with atomic_dir(dest) as tmp:  # a stop leaves no half record
+        (tmp / "sac").mkdir()
+        for snap in (state["medium_snapshot"], state["snapshots"][-1]):
+            weights = load_file(str(run / "sac" / snap["policy"]))
+            save_file({k: v for k, v in weights.items() if k.startswith("actor.")},
+                      str(tmp / "sac" / snap["policy"]))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    return dest
 
 
 def _concat_files(paths: list[Path]) -> dict[str, np.ndarray]:
