@@ -7,11 +7,15 @@ usage from the last chunk (`stream_options.include_usage`). Models: `random:tiny
 random GLM of 8 layers of width 1024 (MLP 4096, 16 heads) over the tiny tokenizer, written to
 `--workdir` first.
 
+`--short-under-long R` measures, on the mid model, the time to first token of a short streamed
+request alone and sent 0.3 s after a ~720-token prompt (R rounds each; medians), and checks that a
+non-streamed answer to a prompt that spans several prefill steps equals the streamed one.
+
 `--soak-seconds S` then keeps `--soak-concurrency` clients busy on the mid model for S seconds and
 records the server's resident memory (VmRSS) every 10 s, and how every request ended.
 
     python benchmarks/serve_load.py [--concurrency 1 4 16] [--requests 32] [--max-tokens 32]
-        [--max-batch N] [--soak-seconds 600 --soak-concurrency 8]
+        [--max-batch N] [--short-under-long 5] [--soak-seconds 600 --soak-concurrency 8]
 """
 
 from __future__ import annotations
@@ -68,8 +72,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dict:
-    body = {"model": "m", "messages": [{"role": "user", "content": f"Tell me about topic {i}."}],
+LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 20  # 723 tokens on the tiny tokenizer
+
+
+async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int, content: str | None = None) -> dict:
+    content = f"Tell me about topic {i}." if content is None else content
+    body = {"model": "m", "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
@@ -88,7 +96,46 @@ async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dic
             elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 first = time.perf_counter() - t0
     return {"status": 200, "ttft": first, "seconds": time.perf_counter() - t0,
-            "tokens": usage["completion_tokens"] if usage else 0}
+            "tokens": usage["completion_tokens"] if usage else 0,
+            "prompt_tokens": usage["prompt_tokens"] if usage else 0}
+
+
+async def short_under_long(url: str, rounds: int) -> dict:
+    """A short request's time to first token alone and sent 0.3 s after a long prompt; and a
+    non-streamed answer to a 74-token prompt against the streamed one (greedy, 4 tokens)."""
+    alone, under, long_done, long_prompt = [], [], [], 0
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await one_request(client, 10_000, 4)  # warm-up
+        for r in range(rounds):
+            alone.append((await one_request(client, r, 4))["ttft"])
+            long_task = asyncio.create_task(one_request(client, 0, 4, LONG_PROMPT))
+            await asyncio.sleep(0.3)
+            under.append((await one_request(client, 100 + r, 4))["ttft"])
+            long_r = await long_task
+            long_done.append(long_r["seconds"])
+            long_prompt = long_r["prompt_tokens"]
+        body = {"model": "m", "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 2}]}
+        plain = (await client.post("/v1/chat/completions", json=body)).json()
+        text, usage = "", None
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/chat/completions", json=streamed) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+    a, u = float(np.median(alone)), float(np.median(under))
+    return {"rounds": rounds, "long_prompt_tokens": long_prompt, "short_sent_after_s": 0.3,
+            "ttft_alone_s": a, "ttft_under_long_s": u, "ratio": u / a,
+            "ttft_alone_per_round": alone, "ttft_under_long_per_round": under,
+            "long_request_seconds_per_round": long_done,
+            "plain_vs_streamed": {"prompt_tokens": plain["usage"]["prompt_tokens"],
+                                  "plain_content": plain["choices"][0]["message"]["content"],
+                                  "plain_usage": plain["usage"], "streamed_content": text,
+                                  "streamed_usage": usage,
+                                  "equal": plain["choices"][0]["message"]["content"] == text
+                                  and plain["usage"] == usage}}
 
 
 async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
@@ -201,13 +248,15 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=32, help="completed requests per measurement")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--models", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    p.add_argument("--models", nargs="*", default=["tiny", "mid"], choices=["tiny", "mid"])
     p.add_argument("--workdir", default="benchmarks/runs/serve_load")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
     p.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     p.add_argument("--rounds", type=int, default=1, help="repeat every measurement; medians are reported")
     p.add_argument("--baseline-src", default=None, metavar="DIR",
                    help="also serve from this checkout's src/ (its default options), interleaved by round")
+    p.add_argument("--short-under-long", type=int, default=0, metavar="ROUNDS",
+                   help="a short request's TTFT alone and under a long prompt, on the mid model (0: skip)")
     p.add_argument("--soak-seconds", type=float, default=0, help="then a soak on the mid model (0: none)")
     p.add_argument("--soak-concurrency", type=int, default=8)
     args = p.parse_args()
@@ -235,6 +284,15 @@ def main() -> None:
         if args.baseline_src:
             result.setdefault("baseline", {"src": args.baseline_src})[name] = {
                 "model": model, "runs": _median_runs(rounds["baseline"])}
+    if args.short_under_long:
+        model = str(write_mid_model(work / "mid"))
+        for label, src, max_batch in variants:
+            with Server(model, max_queue, max_batch, src) as server:
+                r = asyncio.run(short_under_long(server.url, args.short_under_long))
+            print(f"{label} mid short under a {r['long_prompt_tokens']}-token prompt: TTFT "
+                  f"{r['ttft_under_long_s']:.3f} s vs {r['ttft_alone_s']:.3f} s alone ({r['ratio']:.2f}x); "
+                  f"plain == streamed: {r['plain_vs_streamed']['equal']}", flush=True)
+            result.setdefault("short_under_long", {})[label] = r
     if args.soak_seconds:
         with Server(str(write_mid_model(work / "mid")), max_queue, args.max_batch) as server:
             r = asyncio.run(soak(server.url, server.proc.pid, args.soak_concurrency, args.soak_seconds,

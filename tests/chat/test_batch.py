@@ -150,3 +150,55 @@ def test_bad_rows_are_refused(bot):
         batch.add([5], [GREEDY])
     with pytest.raises(GlmgymError, match="at least 1"):
         _batch(bot, max_rows=0)
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """A tiny model six layers deep, so that prompts spend several steps in prefill."""
+    from glmgym.chat.session import ChatGLM
+    from glmgym.chat.tiny import build_tiny
+
+    return ChatGLM(*build_tiny(seed=1, num_layers=6), "random:deep")
+
+
+def test_a_short_prompt_overtakes_a_long_prefill_and_both_answer_as_alone(deep):
+    long = deep.tokenizer.encode(" ".join(["hello world"] * 60))  # 122 tokens
+    short = deep.tokenizer.encode("hi")
+    alone = [_alone(deep, p) for p in (long, short)]
+    batch = _batch(deep, chunk=40)  # 40 * 6 // 122: one layer of the long prompt a step
+    ids: list[int] = []
+    got = _collect(batch, ids, schedule={0: [(long, [GREEDY])], 2: [(short, [GREEDY])]})
+    assert [got[i] for i in ids] == alone
+    # step by step: the short prompt lands on the step it arrives, before the long one
+    batch, seen = _batch(deep, chunk=40), []
+    long_id = batch.add(long, [GREEDY])[0]
+    for _ in range(2):
+        seen.append([t.row for t in batch.step()])
+    short_id = batch.add(short, [GREEDY])[0]
+    for _ in range(6):
+        seen.append([t.row for t in batch.step()])
+    assert seen[:3] == [[], [], [short_id]]
+    first_long = next(i for i, rows in enumerate(seen) if long_id in rows)
+    assert first_long <= 2 * 6  # the long one still lands in bounded time
+    assert all(short_id in rows for rows in seen[3:])  # the short row decodes on every step
+
+
+def test_an_interrupted_step_stops_after_one_layer_and_a_cancelled_prefill_stops(deep):
+    batch = _batch(deep)
+    prompt = deep.tokenizer.encode("hello world hello")
+    row = batch.add(prompt, [GREEDY])[0]
+    layers = []
+    original = deep.model.run_layers
+
+    def counting(*args):
+        layers.append(tuple(args[-1]))
+        return original(*args)
+
+    deep.model.run_layers = counting
+    try:
+        assert batch.step(lambda: True) == []  # a request waits: one layer, then the step ends
+        assert layers == [(0,)]
+        batch.remove(row)  # its only row left: the rest of its prefill is not run
+        assert batch.step() == [] and layers == [(0,)] and batch.rows == 0
+    finally:
+        del deep.model.run_layers

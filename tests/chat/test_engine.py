@@ -10,9 +10,11 @@ import pytest
 from glmgym.chat.batch import TokenOut
 from glmgym.chat.config import GenerationConfig
 from glmgym.chat.engine import Chunk, Done, Draining, Engine, EngineObserver, Failed, QueueFull, cut_at_stop
+from glmgym.chat.prefill import PrefillScheduler
 from glmgym.errors import GlmgymError
 
 EOS, GMASK, SOP = 1, 2, 3
+FAKE_LAYERS = 4
 
 
 class FakeTokenizer:
@@ -53,9 +55,11 @@ class FakeBot:
 
 
 class FakeBatch:
-    """Each row answers its prompt's words, one per step, then <eop>; the first token comes on the
-    first step after `add` (its prefill). A prompt with 'fail' is refused by `add`; a step with a
-    'crash' row raises."""
+    """Each row answers its prompt's words, one per step, then <eop>. Prompts go through
+    `FAKE_LAYERS` pretend layers under the real `PrefillScheduler`: the rows added before a step
+    form one prefill group there, and a row's first token comes on the step its group finishes
+    (with the default chunk, the first step after `add`). A prompt with 'fail' is refused by
+    `add`; a step with a 'crash' row raises. `on_layer(group)` runs after each layer."""
 
     def __init__(self, bot, max_rows, chunk) -> None:
         self.bot, self.max_rows = bot, max_rows
@@ -64,6 +68,12 @@ class FakeBatch:
         self.steps: list[list[int]] = []
         self.removed: list[int] = []
         self.next_id = 0
+        self.prefill = PrefillScheduler(FAKE_LAYERS, chunk)
+        self.waiting: list[int] = []  # rows added since the last step
+        self.lengths: dict[int, int] = {}  # row -> prompt tokens
+        self.groups: dict[int, list[int]] = {}  # prefill group -> its rows
+        self.layers: list[tuple[int, ...]] = []  # per step: the group of each layer run
+        self.on_layer = None
 
     @property
     def rows(self):
@@ -75,7 +85,7 @@ class FakeBatch:
 
     @property
     def decoding(self):
-        return self.rows
+        return self.rows - len(self.waiting) - sum(map(len, self.groups.values()))
 
     def add(self, prompt, cfgs, logprobs=None):
         text = self.bot.tokenizer.decode(prompt)
@@ -87,20 +97,41 @@ class FakeBatch:
         ids = []
         for _ in cfgs:
             self.rows_[self.next_id] = [t for t in prompt if t >= 10] + [EOS]
+            self.lengths[self.next_id] = len(prompt)
             ids.append(self.next_id)
             self.next_id += 1
+        self.waiting += ids
         return ids
 
     def remove(self, row):
         self.removed.append(row)
         self.rows_.pop(row, None)
+        self.waiting = [r for r in self.waiting if r != row]
+        for g, rows in list(self.groups.items()):
+            rows[:] = [r for r in rows if r != row]
+            if not rows:
+                del self.groups[g]
+                self.prefill.remove(g)
 
-    def step(self):
+    def _layer(self, group):
+        self.layers[-1] += (group,)
+        if self.on_layer is not None:
+            self.on_layer(group)
+
+    def step(self, interrupt=None):
         self.steps.append(sorted(self.rows_))
         if any("crash" in self.bot.tokenizer.decode(t) for t in self.rows_.values()):
             raise RuntimeError("boom")
+        if self.waiting:  # like RunningBatch: padded to the longest prompt
+            g = min(self.waiting)
+            self.groups[g], self.waiting = self.waiting, []
+            self.prefill.add(g, len(self.groups[g]) * max(self.lengths[r] for r in self.groups[g]))
+        prefilling = {r for rows in self.groups.values() for r in rows}
+        decoding = [r for r in self.rows_ if r not in prefilling]
+        self.layers.append(())
+        landed = [r for g in self.prefill.step(self._layer, interrupt) for r in self.groups.pop(g)]
         return [TokenOut(r, toks.pop(0), -0.5, ((toks[0] if toks else EOS, -0.5),))
-                for r, toks in self.rows_.items()]
+                for r, toks in self.rows_.items() if r in decoding or r in landed]
 
 
 class Recorder(EngineObserver):
@@ -340,3 +371,50 @@ def test_bad_engine_sizes_and_stop_cutting():
         _engine(request_timeout=0)
     assert cut_at_stop("abc<x>def<y>", ("<y>", "<x>", "")) == ("abc", True)
     assert cut_at_stop("abc", ("z",)) == ("abc", False)
+
+
+def test_a_short_request_arriving_during_a_long_prefill_goes_next():
+    async def main():
+        engine = _engine(max_batch=4, prefill_chunk=16)
+        long = _submit(engine, " ".join(f"w{i}" for i in range(30)))  # 32 tokens: 2 layers a step
+        fake, arrived = engine.backend, []
+        # the short request arrives while the first step runs the long prompt's first layer
+        fake.on_layer = lambda group: arrived or arrived.append(_submit(engine, "quick"))
+        await _ticks(engine)
+        fake.on_layer = None
+        await _ticks(engine)  # the short prompt's whole prefill, then its first token
+        after_short = [_drain(long), _drain(arrived[0])]
+        await _ticks(engine, 3)
+        return fake.layers, after_short, _drain(long)
+
+    layers, (long_before, short), long_after = asyncio.run(main())
+    # the long prompt's step ends after the layer in progress (one of the two it had); the short
+    # prompt (row 1) goes through all four layers on the next step, which stops there (the rest of
+    # the long one does not fit in its budget); the long one goes on at the step after
+    assert layers == [(0,), (1, 1, 1, 1), (0, 0), (0,), ()]
+    assert long_before == [] and _texts(short) == ["quick"]
+    assert _texts(long_after)[0] == "w0"
+
+
+def test_a_stream_of_short_requests_does_not_starve_a_long_prefill():
+    async def main():
+        engine = _engine(max_batch=8, prefill_chunk=16)
+        long = _submit(engine, " ".join(f"w{i}" for i in range(62)))  # 64 tokens: 1 layer a step
+        shorts, firsts, long_first = [], {}, None
+        for tick in range(1, 16):
+            if tick > 1:  # a new short request before every step from the second on
+                shorts.append((tick, _submit(engine, f"s{tick}")))
+            await _ticks(engine)
+            if long_first is None and _texts(_drain(long)):
+                long_first = tick
+            for submitted, job in shorts:
+                if submitted not in firsts and _texts(_drain(job)):
+                    firsts[submitted] = tick
+        return long_first, firsts, len(shorts)
+
+    long_first, firsts, n = asyncio.run(main())
+    # the long prompt advances at least every other step: its 4 layers in at most 8 steps
+    assert long_first is not None and long_first <= 2 * FAKE_LAYERS
+    # ... and every short one still gets its first token within a few steps of arriving
+    assert len(firsts) >= n - 2
+    assert max(first - submitted for submitted, first in firsts.items()) <= 3

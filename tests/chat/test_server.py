@@ -1,6 +1,7 @@
 """`glmgym chat serve` on a tiny random model, loopback only."""
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -395,9 +396,9 @@ def _slow_steps(monkeypatch, engine, seconds=0.05):
     """`seconds` per batch step: a long answer is still running when its client leaves."""
     real = engine.backend.step
 
-    def slow():
+    def slow(interrupt=None):
         time.sleep(seconds)
-        return real()
+        return real(interrupt)
 
     monkeypatch.setattr(engine.backend, "step", slow)
 
@@ -442,9 +443,9 @@ def test_requests_join_the_running_batch_and_answer_as_alone(bot, monkeypatch):
     real = engine.backend.step
     gate = threading.Event()
 
-    def gated():  # the first step waits until every request has arrived
+    def gated(interrupt=None):  # the first step waits until every request has arrived
         gate.wait(10)
-        return real()
+        return real(interrupt)
 
     def body(i):  # greedy: deterministic, so batched and lone answers must agree
         options = [{"temperature": 0}, {"temperature": 0, "top_p": 0.3}, {"temperature": 0, "stop": "zz"},
@@ -569,3 +570,84 @@ def test_serve_without_the_serve_extras_says_what_to_install(monkeypatch, capsys
                         lambda name, *a: None if name == "gradio" else real(name, *a))
     assert main(["chat", "serve", "--model", "random:tiny"]) == 2
     assert "pip install 'glmgym[serve]'" in capsys.readouterr().err
+
+
+def _assemble_stream(body: str) -> dict:
+    """A streamed response (server-sent events) folded into the shape of the plain one, as a
+    client library does: texts and logprob lists joined per choice, the last finish reason."""
+    choices: dict[int, dict] = {}
+    usage = None
+    events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    for data in map(json.loads, events[:-1]):
+        assert "error" not in data, data
+        usage = data.get("usage") or usage
+        for c in data["choices"]:
+            got = choices.setdefault(c["index"], {"index": c["index"], "text": "", "finish_reason": None,
+                                                  "logprobs": None})
+            got["text"] += c.get("text") or (c.get("delta") or {}).get("content") or ""
+            got["finish_reason"] = c["finish_reason"] or got["finish_reason"]
+            if c.get("logprobs"):
+                if got["logprobs"] is None:
+                    got["logprobs"] = {k: [] for k in c["logprobs"]}
+                for k, v in c["logprobs"].items():
+                    got["logprobs"][k] += v
+    return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
+
+
+def _plain_shape(body: dict) -> dict:
+    """A plain response in the fields `_assemble_stream` gives."""
+    choices = [{"index": c["index"], "text": c["text"] if "text" in c else c["message"]["content"],
+                "finish_reason": c["finish_reason"], "logprobs": c["logprobs"]} for c in body["choices"]]
+    return {"choices": choices, "usage": body["usage"]}
+
+
+@pytest.fixture(scope="module")
+def deep_bot():
+    """A tiny model six layers deep: with a small --prefill-chunk, prompts take one, two or six
+    prefill steps."""
+    from glmgym.chat.session import ChatGLM
+    from glmgym.chat.tiny import build_tiny
+
+    model, tokenizer = build_tiny(seed=1, num_layers=6)
+    return ChatGLM(model, tokenizer, "random:deep")
+
+
+@pytest.mark.parametrize(("repeats", "steps"), [(1, 1), (5, 2), (100, 6)])
+def test_plain_and_streamed_answers_are_equal_field_by_field(deep_bot, monkeypatch, repeats, steps):
+    from fastapi.testclient import TestClient
+
+    import glmgym.chat.server as server
+
+    # the plain path watches for a disconnect while it waits: a watch that fires between any two
+    # events must not end the answer early (it did: empty answers after a prefill longer than 0.5 s)
+    monkeypatch.setattr(server, "DISCONNECT_POLL_S", 0.001)
+    text = " ".join(["hello world"] * repeats)
+    # prefill steps at --prefill-chunk 8: layers per step = 8 * 6 // prompt tokens
+    assert -(-6 // max(1, 8 * 6 // len(deep_bot.tokenizer.encode(text)))) == steps
+    chat = {"messages": [{"role": "user", "content": text}], "max_tokens": 6, "n": 2, "seed": 5,
+            "temperature": 0.9, "logprobs": True, "top_logprobs": 2,
+            "stream_options": {"include_usage": True}}
+    completion = {"prompt": text, "max_tokens": 5, "n": 2, "seed": 3, "logprobs": 2, "stop": ["\x00"],
+                  "stream_options": {"include_usage": True}}
+    with TestClient(build_app(deep_bot, ui=False, prefill_chunk=8)) as c:
+        for route, body in (("/v1/chat/completions", chat), ("/v1/completions", completion)):
+            plain = c.post(route, json=body)
+            assert plain.status_code == 200, plain.text
+            streamed = c.post(route, json={**body, "stream": True})
+            assert streamed.status_code == 200
+            got, want = _assemble_stream(streamed.text), _plain_shape(plain.json())
+            assert got == want
+            usage = want["usage"]
+            assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+            for choice in want["choices"]:
+                assert choice["text"] and choice["finish_reason"] in ("stop", "length")
+        # a stop string cuts both paths at the same place
+        full = _plain_shape(c.post("/v1/chat/completions", json={**chat, "n": 1}).json())
+        stop = full["choices"][0]["text"][1:3]
+        cut = {**chat, "n": 1, "stop": [stop]}
+        plain = _plain_shape(c.post("/v1/chat/completions", json=cut).json())
+        assert plain == _assemble_stream(c.post("/v1/chat/completions", json={**cut, "stream": True}).text)
+        whole = full["choices"][0]["text"]
+        assert plain["choices"][0]["finish_reason"] == "stop"
+        assert plain["choices"][0]["text"] == whole[: whole.index(stop)]

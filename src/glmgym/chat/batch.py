@@ -3,18 +3,21 @@
 A `RunningBatch` owns one KV cache of `[layers, rows, heads, slots, head_dim]` and three kinds of
 row: waiting for their prompt to run, prefilling, and decoding. Each `step()`:
 
-1. takes the waiting rows into one prefill group (their prompts padded on the right to one length)
-   when no group is in flight, and runs the group through a few layers: about `prefill_chunk`
-   prompt tokens' worth of work, so that a long prompt holds up the decoding rows for at most one
-   chunk per step. The chunks are cut between layers, not between tokens: GLM's prompt attends
-   both ways, so a token chunk would change the keys and values of the tokens before it;
+1. gathers the rows that arrived since the last step into a new prefill group (their prompts
+   padded on the right to one length);
 2. decodes one token for every decoding row, each at its own cache slot (`start` per row);
-3. when a group has gone through every layer, copies each row's keys and values into the cache
+3. advances one prefill group by a few layers, as `PrefillScheduler` decides (shortest remaining
+   first, no starvation, at most `prefill_chunk` prompt tokens' worth of work per step, cut short
+   after any layer when a request is waiting). Prefill is cut between layers, not between tokens:
+   GLM's prompt attends both ways, so a token chunk would change the keys and values of the
+   tokens before it;
+4. when a group has gone through every layer, copies each row's keys and values into the cache
    (only its real tokens: no padding is kept) and samples its first token.
 
 A row that leaves frees its cache slot at once: the last row moves into it (a copy of its keys
-and values, no recompute), so the decoding rows are always `cache[:, :n]`. The cache grows in
-rows and slots as needed and is released when the batch is empty.
+and values, no recompute), so the decoding rows are always `cache[:, :n]`; a prompt group whose
+rows all left stops prefilling. The cache grows in rows and slots as needed and is released when
+the batch is empty.
 
 Sampling options are per row (`RowSampling`), and a seeded row draws from its own generator, so
 its answer does not depend on what else is in the batch.
@@ -23,6 +26,7 @@ its answer does not depend on what else is in the batch.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +34,7 @@ import torch
 from glmgym.chat.config import GenerationConfig
 from glmgym.chat.generate import RowSampling, sample
 from glmgym.chat.model import GLMModel, KVCache
+from glmgym.chat.prefill import PrefillScheduler
 from glmgym.errors import GlmgymError
 
 __all__ = ["RunningBatch", "TokenOut"]
@@ -65,7 +70,7 @@ class _Row:
         return len(self.prompt) - 2  # [gMASK] sits just before <sop>, the last prompt token
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the scheduler's key
 class _Group:
     """Prompts in flight through the layers: hidden states between chunks."""
 
@@ -101,7 +106,8 @@ class RunningBatch:
         self.max_slots = model.prefix_len + model.config.max_sequence_length
         self._ids = itertools.count()
         self._waiting: list[list[_Row]] = []  # rows of one prompt (n > 1 shares a prefill)
-        self._group: _Group | None = None
+        self._prefill: PrefillScheduler[_Group] = PrefillScheduler(model.config.num_layers, prefill_chunk)
+        self._groups: list[_Group] = []  # in flight, in arrival order
         self._decoding: list[_Row] = []  # row i lives in cache slot i
         self._cache: KVCache | None = None
         self._options: tuple[tuple[int, ...], RowSampling | None] = ((), None)  # of the last rows sampled
@@ -111,7 +117,7 @@ class RunningBatch:
     @property
     def rows(self) -> int:
         """Rows waiting, prefilling or decoding."""
-        prefilling = sum(len(rows) for rows, _ in self._group.members) if self._group else 0
+        prefilling = sum(len(rows) for g in self._groups for rows, _ in g.members)
         return sum(map(len, self._waiting)) + prefilling + len(self._decoding)
 
     @property
@@ -157,10 +163,13 @@ class RunningBatch:
         for rows in self._waiting:
             rows[:] = [r for r in rows if r.id != row_id]
         self._waiting = [rows for rows in self._waiting if rows]
-        if self._group is not None:
+        for g in list(self._groups):
             # the prompt stays in the group's tensors (they are shared); its row does not land
-            for rows, _ in self._group.members:
+            for rows, _ in g.members:
                 rows[:] = [r for r in rows if r.id != row_id]
+            if not any(rows for rows, _ in g.members):  # nobody waits for it: stop its prefill
+                self._groups.remove(g)
+                self._prefill.remove(g)
         for i, row in enumerate(self._decoding):
             if row.id == row_id:
                 last = len(self._decoding) - 1
@@ -177,13 +186,18 @@ class RunningBatch:
     # -- the step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[TokenOut]:
-        """One prefill chunk (if prompts are waiting) and one decoding step; the new tokens."""
-        if self._group is None and self._waiting:
+    def step(self, interrupt: Callable[[], bool] | None = None) -> list[TokenOut]:
+        """One decoding step and a few layers of one prefill group; the new tokens.
+
+        Args:
+            interrupt: asked between prefill layers; True (say, a request waits to join) ends the
+                step's prefill there, after at least one layer.
+        """
+        if self._waiting:
             self._start_group()
         out = self._decode() if self._decoding else []
-        if self._group is not None:
-            out += self._advance_group()
+        for g in self._prefill.step(self._run_layer, interrupt):
+            out += self._land(g)
         return out
 
     def _start_group(self) -> None:
@@ -203,24 +217,25 @@ class RunningBatch:
         cache = KVCache.empty(self.model.config, G, P + T, self.dtype, self.device)
         if P:
             cache.k[:, :, :, :P], cache.v[:, :, :, :P] = self.model.prefix_kv(G, self.dtype)
-        self._group = _Group(
+        group = _Group(
             members=[(rows, len(p)) for rows, p in zip(waiting, prompts)],
             h=self.model.transformer.word_embeddings(ids.to(self.device)),
             position_ids=torch.stack([pos, block], 1).to(self.device),
             mask=(~allowed)[:, None].to(self.device),
             cache=cache,
         )
+        self._groups.append(group)
+        self._prefill.add(group, G * T)
 
-    def _advance_group(self) -> list[TokenOut]:
-        g, L = self._group, self.model.config.num_layers
-        G, T = g.h.shape[:2]
-        per_chunk = max(1, self.prefill_chunk * L // (G * T))  # layers worth prefill_chunk tokens
-        layers = range(g.next_layer, min(L, g.next_layer + per_chunk))
+    def _run_layer(self, g: _Group) -> None:
+        layers = range(g.next_layer, g.next_layer + 1)
         g.h = self.model.run_layers(g.h, g.position_ids, g.mask, g.cache, self.model.prefix_len, layers)
         g.next_layer = layers.stop
-        if g.next_layer < L:
-            return []
-        self._group = None
+
+    def _land(self, g: _Group) -> list[TokenOut]:
+        """`g` has gone through every layer: its rows start decoding with their first token."""
+        self._groups.remove(g)
+        G = g.h.shape[0]
         landed = [(gi, row) for gi, (rows, _) in enumerate(g.members) for row in rows]
         if not landed:
             return []

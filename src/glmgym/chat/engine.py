@@ -6,8 +6,10 @@ One worker thread owns the model. On every tick it
 2. admits waiting requests in arrival order while the running batch has free rows (a request
    with `n` answers takes `n` rows; the head of the queue is never overtaken, so no request
    starves);
-3. runs one step of the `RunningBatch`: a chunk of the newest prompts' prefill and one decoding
-   step for every running row, whatever each row's options;
+3. runs one step of the `RunningBatch`: one decoding step for every running row, whatever each
+   row's options, and a few layers of one prompt's prefill (shortest remaining first, see
+   `PrefillScheduler`); the step's prefill stops at the next layer when a request arrives that
+   could join, so that it joins on the next tick instead of waiting for a long prefill to end;
 4. turns each row's new token into text (the reference's post-processing, stop strings, token
    limits) and sends it to the request's event queue; finished rows leave the batch at once.
 
@@ -325,7 +327,7 @@ class Engine:
         if not self._running:
             return
         try:
-            outs = self.backend.step()
+            outs = self.backend.step(self._joinable)
         except GlmgymError as exc:
             self._fail_all(str(exc), 400)
             return
@@ -337,6 +339,11 @@ class Engine:
         for out in outs:
             if out.row in self._running:
                 self._deliver(out, now)
+
+    def _joinable(self) -> bool:
+        """A request waits that the running batch has room for (asked between prefill layers)."""
+        queue = self._queue
+        return bool(queue) and len(queue[0].gens) <= self.backend.free_rows
 
     def _expire(self, now: float) -> None:
         with self._ready:

@@ -211,6 +211,10 @@ def _check_auth(api_key: str | None):
     return check
 
 
+DISCONNECT_POLL_S = 0.5
+"""How often a non-streamed request checks whether its client has left."""
+
+
 @dataclass
 class _Answer:
     """What one of a call's answers has become, from its events."""
@@ -218,6 +222,14 @@ class _Answer:
     reply: Reply | None = None
     finish_reason: str | None = None
     tokens: list[TokenOut] = field(default_factory=list)
+
+    def take(self, event: Chunk | Done) -> None:
+        """Fold one event of this answer in (the streamed and the plain paths both use this)."""
+        if isinstance(event, Chunk):
+            self.reply = event.reply
+            self.tokens += event.logprobs
+        else:
+            self.finish_reason = event.finish_reason
 
 
 async def _events(jobs: list[Job], total: int) -> AsyncIterator[Chunk | Done]:
@@ -305,28 +317,27 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
                            "service_unavailable", headers={"Retry-After": "5"}) from None
 
     async def gather(jobs: list[Job], total: int, request: Request) -> list[_Answer]:
-        """Wait for every answer; a client that has gone (checked twice a second) cancels the jobs."""
+        """Wait for every answer; a client that has gone (checked every `DISCONNECT_POLL_S`)
+        cancels the jobs.
+
+        One task reads the events to the end while this one watches the client: a timeout on the
+        read itself would cancel the event generator and end it early (empty answers).
+        """
         answers = [_Answer() for _ in range(total)]
-        stream = _events(jobs, total)
-        checked = time.monotonic()
+
+        async def collect() -> None:
+            async for event in _events(jobs, total):
+                answers[event.index].take(event)
+
+        reader = asyncio.ensure_future(collect())
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(anext(stream), timeout=0.5)
-                except TimeoutError:
-                    event = None
-                except StopAsyncIteration:
-                    return answers
-                if time.monotonic() - checked >= 0.5:
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        raise ApiError(499, "client disconnected")
-                if isinstance(event, Chunk):
-                    answers[event.index].reply = event.reply
-                    answers[event.index].tokens += event.logprobs
-                elif isinstance(event, Done):
-                    answers[event.index].finish_reason = event.finish_reason
+            while not (await asyncio.wait({reader}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():
+                    raise ApiError(499, "client disconnected")
+            reader.result()  # a failed job: its ApiError
+            return answers
         finally:
+            reader.cancel()
             for job in jobs:
                 job.cancel()
 
@@ -501,16 +512,14 @@ async def _sse(jobs: list[Job], total: int, stop: tuple[str, ...], chunk, usage_
     try:
         async for event in _events(jobs, total):
             a = answers[event.index]
+            a.take(event)
             if isinstance(event, Chunk):
-                a.reply = event.reply
-                a.tokens += event.logprobs
                 pending[event.index] += event.logprobs
                 text = streamer.delta(event.index, event.reply.response)
                 if text or (pending[event.index] and not streamer.hold):
                     yield chunk(event.index, text, pending[event.index], None)
                     pending[event.index] = []
             else:
-                a.finish_reason = event.finish_reason
                 text = streamer.delta(event.index, a.reply.response if a.reply else "", final=True)
                 yield chunk(event.index, text, pending[event.index], _reason(event.finish_reason))
                 pending[event.index] = []

@@ -35,15 +35,18 @@ def tiny_corpus(lines: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
-def build_tiny(seed: int = 0, vocab_size: int = 1000) -> tuple[GLMModel, ChatGLMTokenizer]:
-    """A random tiny GLM (preset `tiny`) and a tokenizer trained on `tiny_corpus()`."""
+def build_tiny(seed: int = 0, vocab_size: int = 1000, num_layers: int | None = None
+               ) -> tuple[GLMModel, ChatGLMTokenizer]:
+    """A random tiny GLM (preset `tiny`, or `num_layers` deep) and a tokenizer trained on
+    `tiny_corpus()`."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = ChatGLMTokenizer(train_sentencepiece(tiny_corpus(seed=seed), Path(tmp) / "tiny",
                                                          vocab_size=vocab_size))
     cfg = dataclasses.replace(
         PRESETS["tiny"], vocab_size=max(PRESETS["tiny"].vocab_size, tokenizer.vocab_size),
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, mask_token_id=tokenizer.mask_id,
-        gmask_token_id=tokenizer.gmask_id, pad_token_id=tokenizer.pad_id)
+        gmask_token_id=tokenizer.gmask_id, pad_token_id=tokenizer.pad_id,
+        num_layers=num_layers or PRESETS["tiny"].num_layers)
     torch.manual_seed(seed)
     model = GLMModel(cfg)
     for name, p in model.named_parameters():  # N(0, 0.02) like the reference's init
