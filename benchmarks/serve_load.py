@@ -75,12 +75,15 @@ def _free_port() -> int:
 LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 20  # 723 tokens on the tiny tokenizer
 
 
-async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int, content: str | None = None) -> dict:
+async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int, content: str | None = None,
+                      logprobs: bool = False) -> dict:
+    """One streamed chat completion. `ttft`: the first chunk with text; with `logprobs`, also
+    `first_token_s`: the first chunk with a token (a token can decode to no text yet)."""
     content = f"Tell me about topic {i}." if content is None else content
-    body = {"model": "m", "messages": [{"role": "user", "content": content}],
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "logprobs": logprobs,
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first = None
+    first = first_token = None
     usage = None
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
@@ -93,49 +96,71 @@ async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int, conten
                 return {"status": "stream error", "message": chunk["error"]["message"]}
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - t0
-    return {"status": 200, "ttft": first, "seconds": time.perf_counter() - t0,
+            elif chunk["choices"]:
+                choice = chunk["choices"][0]
+                if first_token is None and (choice["delta"].get("content") or choice.get("logprobs")):
+                    first_token = time.perf_counter() - t0
+                if first is None and choice["delta"].get("content"):
+                    first = time.perf_counter() - t0
+    return {"status": 200, "ttft": first, "first_token_s": first_token, "seconds": time.perf_counter() - t0,
             "tokens": usage["completion_tokens"] if usage else 0,
             "prompt_tokens": usage["prompt_tokens"] if usage else 0}
 
 
+async def plain_vs_streamed(client: httpx.AsyncClient, content: str) -> dict:
+    """The same seeded request non-streamed and streamed: content, finish reason and usage."""
+    body = {"model": "m", "max_tokens": 8, "temperature": 1.0, "seed": 7,
+            "messages": [{"role": "user", "content": content}]}
+    plain = (await client.post("/v1/chat/completions", json=body)).json()
+    got = {"content": plain["choices"][0]["message"]["content"],
+           "finish_reason": plain["choices"][0]["finish_reason"], "usage": plain["usage"]}
+    streamed = {"content": "", "finish_reason": None, "usage": None}
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                streamed["usage"] = chunk.get("usage") or streamed["usage"]
+                for c in chunk["choices"]:
+                    streamed["content"] += c["delta"].get("content") or ""
+                    streamed["finish_reason"] = c["finish_reason"] or streamed["finish_reason"]
+    return {"plain": got, "streamed": streamed, "equal": got == streamed}
+
+
 async def short_under_long(url: str, rounds: int) -> dict:
-    """A short request's time to first token alone and sent 0.3 s after a long prompt; and a
-    non-streamed answer to a 74-token prompt against the streamed one (greedy, 4 tokens)."""
+    """A short request's time to first token alone and sent 0.3 s after a long prompt (medians);
+    and non-streamed answers against streamed ones for prompts of 74 and 723 tokens."""
     alone, under, long_done, long_prompt = [], [], [], 0
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         await one_request(client, 10_000, 4)  # warm-up
         for r in range(rounds):
-            alone.append((await one_request(client, r, 4))["ttft"])
+            alone.append(await one_request(client, r, 4, logprobs=True))
             long_task = asyncio.create_task(one_request(client, 0, 4, LONG_PROMPT))
             await asyncio.sleep(0.3)
-            under.append((await one_request(client, 100 + r, 4))["ttft"])
+            under.append(await one_request(client, 100 + r, 4, logprobs=True))
             long_r = await long_task
             long_done.append(long_r["seconds"])
             long_prompt = long_r["prompt_tokens"]
-        body = {"model": "m", "max_tokens": 4, "temperature": 0,
-                "messages": [{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 2}]}
-        plain = (await client.post("/v1/chat/completions", json=body)).json()
-        text, usage = "", None
-        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        async with client.stream("POST", "/v1/chat/completions", json=streamed) as resp:
-            async for line in resp.aiter_lines():
-                if line.startswith("data: {"):
-                    chunk = json.loads(line[6:])
-                    usage = chunk.get("usage") or usage
-                    text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
-    a, u = float(np.median(alone)), float(np.median(under))
+        checks = {}
+        for repeats in (2, 20):
+            text = "the quick brown fox jumps over the lazy dog " * repeats
+            check = await plain_vs_streamed(client, text)
+            checks[str(check["plain"]["usage"]["prompt_tokens"])] = check
+
+    def median(runs: list[dict], key: str) -> float | None:
+        values = [r[key] for r in runs if r[key] is not None]
+        return float(np.median(values)) if values else None
+
+    a, u = median(alone, "first_token_s"), median(under, "first_token_s")
     return {"rounds": rounds, "long_prompt_tokens": long_prompt, "short_sent_after_s": 0.3,
-            "ttft_alone_s": a, "ttft_under_long_s": u, "ratio": u / a,
-            "ttft_alone_per_round": alone, "ttft_under_long_per_round": under,
+            "first_token_alone_s": a, "first_token_under_long_s": u, "ratio": u / a,
+            "first_text_alone_s": median(alone, "ttft"), "first_text_under_long_s": median(under, "ttft"),
+            "first_token_alone_per_round": [r["first_token_s"] for r in alone],
+            "first_token_under_long_per_round": [r["first_token_s"] for r in under],
+            "first_text_alone_per_round": [r["ttft"] for r in alone],
+            "first_text_under_long_per_round": [r["ttft"] for r in under],
             "long_request_seconds_per_round": long_done,
-            "plain_vs_streamed": {"prompt_tokens": plain["usage"]["prompt_tokens"],
-                                  "plain_content": plain["choices"][0]["message"]["content"],
-                                  "plain_usage": plain["usage"], "streamed_content": text,
-                                  "streamed_usage": usage,
-                                  "equal": plain["choices"][0]["message"]["content"] == text
-                                  and plain["usage"] == usage}}
+            "plain_vs_streamed": checks}
 
 
 async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
@@ -289,9 +314,10 @@ def main() -> None:
         for label, src, max_batch in variants:
             with Server(model, max_queue, max_batch, src) as server:
                 r = asyncio.run(short_under_long(server.url, args.short_under_long))
-            print(f"{label} mid short under a {r['long_prompt_tokens']}-token prompt: TTFT "
-                  f"{r['ttft_under_long_s']:.3f} s vs {r['ttft_alone_s']:.3f} s alone ({r['ratio']:.2f}x); "
-                  f"plain == streamed: {r['plain_vs_streamed']['equal']}", flush=True)
+            equal = {n: c["equal"] for n, c in r["plain_vs_streamed"].items()}
+            print(f"{label} mid short under a {r['long_prompt_tokens']}-token prompt: first token "
+                  f"{r['first_token_under_long_s']:.3f} s vs {r['first_token_alone_s']:.3f} s alone "
+                  f"({r['ratio']:.2f}x); plain == streamed by prompt tokens: {equal}", flush=True)
             result.setdefault("short_under_long", {})[label] = r
     if args.soak_seconds:
         with Server(str(write_mid_model(work / "mid")), max_queue, args.max_batch) as server:
