@@ -107,6 +107,7 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
     if done != args.steps:  # (a run that finished training but not its evaluation skips this)
         train(TrainConfig(dataset=f"d4rl:{path}", env=env_id, steps=args.steps, warmup_steps=args.warmup,
                           seed=seed, eval_episodes=0, save_every=min(1_000, args.steps), out=str(run_dir),
+                          windows=args.windows,
                           progress=False, resume=resume))
     # training time from the log (each record: steps/s since the previous one), so that the
     # parts of a resumed run add up and checkpoint writes are left out
@@ -206,6 +207,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="glmgym DT and BC seeds")
     p.add_argument("--d3rlpy-seeds", type=int, nargs="+", default=[0, 1], help="d3rlpy DT seeds")
     p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--windows", choices=("start", "end"), default="start",
+                   help="glmgym DT's training windows (TrainConfig.windows)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--d3rlpy-python", default=None, help="python of a venv with d3rlpy")
     p.add_argument("--runs", default="benchmarks/runs", help="where glmgym's runs go")
@@ -216,6 +219,7 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.exists() else {}
     result.setdefault("datasets", {})
     runs_root = Path(args.runs)
+    tag = "" if args.windows == "start" else f"{args.windows}-"  # run folders of each window cut
 
     def save() -> None:
         result["average"] = average(result["datasets"])
@@ -235,12 +239,13 @@ def main() -> None:
         setting = {"dataset_file": path.name, "dataset_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                    "env_id": env_id, "steps": args.steps, "warmup": args.warmup,
                    "episodes": args.episodes, "targets": targets,
+                   **({"windows": args.windows} if args.windows != "start" else {}),
                    "reference_scores": {"min": ref.min, "max": ref.max, "source": ref.source}}
         entry = result["datasets"].get(name, {})
         if entry.get("config") != setting:
             if entry:
                 print(f"{name}: cached runs are for other data or settings; starting over")
-            for stale in runs_root.glob(f"{name}-glmgym-dt-seed*"):  # nor resume their checkpoints
+            for stale in runs_root.glob(f"{name}-glmgym-dt-{tag}seed*"):  # nor resume their checkpoints
                 shutil.rmtree(stale)
             entry = {"config": setting, "runs": {}}
         result["datasets"][name] = entry
@@ -252,7 +257,7 @@ def main() -> None:
         for method, seed in todo:  # each result cached at once
             print(f"{name}: {method} seed {seed}", flush=True)
             if method == "glmgym_dt":
-                run_dir = runs_root / f"{name}-glmgym-dt-seed{seed}"
+                run_dir = runs_root / f"{name}-glmgym-dt-{tag}seed{seed}"
                 r = run_glmgym(path, env_id, args, seed, targets, ref, run_dir)
             else:
                 r = run_d3rlpy(path, env_id, args, "dt" if method == "d3rlpy_dt" else "bc", seed, targets)

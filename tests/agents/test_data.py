@@ -184,3 +184,34 @@ def test_offline_dataset_validates_shapes():
     with pytest.raises(GlmgymError, match="2-D"):
         OfflineDataset("x", np.zeros(3, np.float32), np.zeros((3, 1), np.float32), np.zeros(3, np.float32),
                        np.zeros(3, bool), np.zeros(3, bool))
+
+
+def test_windows_ending_at_a_uniform_transition_cover_episode_starts_like_their_middle(tmp_path):
+    ds = load_d4rl(write_d4rl(tmp_path / "x.hdf5", lengths=[3, 25, 8, 40]))
+    K = 10
+    mean, std = ds.state_stats()
+    ends = WindowSampler(ds, K, mean, std, 100.0, 1000, np.random.default_rng(0), windows="end")
+    starts = WindowSampler(ds, K, mean, std, 100.0, 1000, np.random.default_rng(0), windows="start")
+    for sampler in (ends, starts):
+        batch = sampler.sample(4000)
+        real = batch.attention_mask == 1
+        # left padding only, and one episode per window: timesteps rise by one over the real steps
+        assert (np.diff(batch.attention_mask, axis=1) >= 0).all()
+        gaps = np.diff(batch.timesteps, axis=1)[real[:, 1:] & real[:, :-1]]
+        assert (gaps == 1).all()
+        sampler.coverage = np.bincount(batch.timesteps[real], minlength=40) / real.sum()
+    # each window ends at a transition drawn uniformly: the last slot's timestep is uniform over
+    # the episodes' steps, so step 0 (in 4 episodes) ends about 4/76 of the windows
+    last = ends.sample(20000).timesteps[:, -1]
+    assert np.mean(last == 0) == pytest.approx(4 / 76, abs=0.01)
+    # step t lies in min(K, L - t) "end" windows of an episode of length L, against min(t + 1, K)
+    # "start" windows: an episode's first steps are trained as often as its middle only with "end"
+    t = np.arange(40)
+    inside = t[None, :] < ds.lengths[:, None]  # [episodes, 40]
+    expected = {"end": (np.minimum(K, ds.lengths[:, None] - t[None, :]) * inside).sum(0),
+                "start": (np.minimum(t[None, :] + 1, K) * inside).sum(0)}
+    for name, sampler in (("end", ends), ("start", starts)):
+        np.testing.assert_allclose(sampler.coverage, expected[name] / expected[name].sum(), atol=0.006)
+    assert ends.coverage[0] > 2.5 * starts.coverage[0]
+    with pytest.raises(GlmgymError, match="windows"):
+        WindowSampler(ds, K, mean, std, 100.0, 1000, np.random.default_rng(0), windows="middle")

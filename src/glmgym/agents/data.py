@@ -392,10 +392,16 @@ class WindowBatch:
 
 
 class WindowSampler:
-    """Sample K-step windows as in the reference implementation (kzl/decision-transformer).
+    """Sample K-step windows, left-padded to K steps.
 
-    An episode is drawn with probability proportional to its length, a start uniformly within it;
-    the window covers [start, min(start + K, end)) and is left-padded to K steps.
+    `windows="start"` cuts them as the reference implementation (kzl/decision-transformer) does:
+    an episode is drawn with probability proportional to its length, a start uniformly within it,
+    and the window covers [start, min(start + K, end)). Step t of an episode then lies in
+    min(t + 1, K) windows, so an episode's first steps are trained about 1/K as often as its
+    middle. `windows="end"` cuts them as d3rlpy does: a transition drawn uniformly over the data
+    (the same episode weights) ends the window, which covers [max(episode start, t - K + 1), t];
+    step t lies in min(K, L - t) windows, and the first steps, where only the return-to-go tells
+    the behaviours in the data apart, are trained as often as the middle.
 
     Deviation: the reference pads states with zeros *before* normalizing them; we normalize the
     dataset once and pad with zeros afterwards. Padded tokens are masked, so no real prediction
@@ -411,11 +417,16 @@ class WindowSampler:
         reward_scale: float,
         max_ep_len: int,
         rng: np.random.Generator,
+        windows: str = "start",
     ) -> None:
+        if windows not in ("start", "end"):
+            raise GlmgymError(f"windows must be 'start' or 'end', not {windows!r}")
         self.K = context_len
         self.rng = rng
+        self.windows = windows
         self.starts, self.lengths = dataset.starts, dataset.lengths
         self.probs = self.lengths / self.lengths.sum()
+        self.cum_lengths = np.cumsum(self.lengths)
         self.states = ((dataset.observations - state_mean) / state_std).astype(np.float32)
         self.actions = dataset.actions
         self.rtg = returns_to_go(dataset.rewards, self.starts, self.lengths) / np.float32(reward_scale)
@@ -427,10 +438,18 @@ class WindowSampler:
     def sample(self, batch_size: int) -> WindowBatch:
         """Draw `batch_size` windows; vectorized over the batch."""
         K = self.K
-        ep = self.rng.choice(len(self.lengths), size=batch_size, p=self.probs)
-        length = self.lengths[ep]
-        start = (self.rng.random(batch_size) * length).astype(np.int64)  # uniform in [0, length)
-        n_real = np.minimum(K, length - start)  # steps in the window
+        if self.windows == "end":
+            # a transition drawn uniformly over the episodes' steps: episode ep, step t within it
+            k = self.rng.integers(0, self.cum_lengths[-1], size=batch_size)
+            ep = np.searchsorted(self.cum_lengths, k, side="right")
+            t = k - (self.cum_lengths[ep] - self.lengths[ep])
+            n_real = np.minimum(K, t + 1)
+            start = t - n_real + 1  # within the episode
+        else:
+            ep = self.rng.choice(len(self.lengths), size=batch_size, p=self.probs)
+            length = self.lengths[ep]
+            start = (self.rng.random(batch_size) * length).astype(np.int64)  # uniform in [0, length)
+            n_real = np.minimum(K, length - start)  # steps in the window
         pad = K - n_real
         j = np.arange(K)[None, :]  # [1, K]
         real = j >= pad[:, None]  # [B, K]

@@ -269,7 +269,7 @@ def train(cfg: TrainConfig) -> Path:
     if step >= cfg.steps:
         raise GlmgymError(f"the run is already at step {step}; pass a larger --steps to continue it")
     sampler = WindowSampler(dataset, cfg.context_len, state_mean, state_std, cfg.reward_scale,
-                            cfg.max_ep_len, rng)
+                            cfg.max_ep_len, rng, cfg.windows)
     train_model: torch.nn.Module = model
     if ddp.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
