@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from glmgym import __version__
 from glmgym._dataclass_cli import add_dataclass_arguments, dataclass_from_namespace
@@ -41,7 +42,7 @@ def _agent_evaluate(args: argparse.Namespace) -> int:
     from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint
     from glmgym.agents.config import EvalConfig
     from glmgym.agents.envs import RefScores, reference_scores
-    from glmgym.agents.evaluate import evaluate, format_report
+    from glmgym.agents.evaluate import conditioning, evaluate, format_report, sweep_targets
     from glmgym.devices import resolve_device
 
     cfg = dataclass_from_namespace(EvalConfig, args)
@@ -58,6 +59,8 @@ def _agent_evaluate(args: argparse.Namespace) -> int:
             stacklevel=1,
         )
     targets = cfg.target_returns or extras.get("target_returns")
+    if cfg.sweep:
+        targets = sweep_targets(extras, cfg.sweep)
     if not targets:
         raise GlmgymError(f"{ckpt_dir} records no target returns; pass --target-return R")
     policy = ckpt.policy()
@@ -65,9 +68,16 @@ def _agent_evaluate(args: argparse.Namespace) -> int:
     ref = RefScores(**recorded) if recorded and not cfg.env else reference_scores(env_id)
     report = evaluate(policy, env_id, targets, episodes=cfg.episodes, seed=cfg.seed, ref=ref)
     report["checkpoint"] = str(ckpt_dir)
+    if len(targets) > 1:
+        report["conditioning"] = conditioning(report)
     print(format_report(report))
     if cfg.json:
         atomic_write_json(cfg.json, report)
+    if cfg.plot:
+        from glmgym.agents.report import plot_return_vs_target
+
+        mean = (extras.get("dataset_returns") or {}).get("mean")
+        print(f"plot: {plot_return_vs_target(report, Path(cfg.plot), mean)}")
     return 0
 
 

@@ -75,3 +75,27 @@ def test_the_model_takes_each_behaviour_when_asked_for_its_return(tmp_path, wind
     # path's it goes right (a target in between has no behaviour of its own in these data)
     assert left == pytest.approx(LEFT, abs=2.5)
     assert right == pytest.approx(RIGHT, abs=2.5)
+
+
+def test_evaluate_sweep_reports_the_slope_and_spread_and_draws_the_curve(tmp_path, capsys):
+    import json
+
+    from glmgym.cli import main
+
+    data = _two_mode_file(tmp_path / "two_paths.hdf5")
+    run = train(TrainConfig(dataset=f"d4rl:{data}", env=ENV_ID, steps=400, warmup_steps=40, batch_size=32,
+                            hidden_size=32, n_layer=1, context_len=5, learning_rate=1e-3, reward_scale=10.0,
+                            max_ep_len=STEPS, windows="end", eval_episodes=0, progress=False,
+                            precision="fp32", out=str(tmp_path / "run")))
+    report_file, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    assert main(["agent", "evaluate", "--checkpoint", str(run), "--sweep", "5", "--episodes", "2",
+                 "--json", str(report_file), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "return conditioning: slope" in out and png.stat().st_size > 1000
+    c = json.loads(report_file.read_text())["conditioning"]
+    # five targets from the data's worst return (12.5 less the noise) to 1.25x its best
+    assert len(c["targets"]) == 5 and c["targets"][0] == pytest.approx(LEFT, abs=1.0)
+    assert c["targets"][-1] == pytest.approx(1.25 * RIGHT, abs=1.5)
+    assert c["spread"] > 20 and c["slope"] > 0.4  # from the left path's return up to the right's
+    assert main(["agent", "evaluate", "--checkpoint", str(run), "--sweep", "1"]) == 2
+    assert "--sweep N needs N >= 2" in capsys.readouterr().err

@@ -233,6 +233,12 @@ class EvalConfig:
         default=None, metadata={"flag": "--target-return", "metavar": "R"}
     )
     """Returns to condition on; default: those recorded in the checkpoint."""
+    sweep: int | None = field(default=None, metadata={"metavar": "N"})
+    """Instead of --target-return: N targets evenly spaced from the training data's worst episode
+    return to 1.25x its best (as recorded in the checkpoint), with the slope and spread of the
+    achieved return against the target."""
+    plot: str | None = field(default=None, metadata={"metavar": "PNG"})
+    """Also draw the achieved return against the target return to PNG."""
     seed: int = 0
     """Seed of the first episode; episode i uses seed + i."""
     json: str | None = field(default=None, metadata={"metavar": "FILE"})
@@ -245,3 +251,5 @@ class EvalConfig:
             raise GlmgymError("--checkpoint DIR is required")
         if self.episodes <= 0:
             raise GlmgymError(f"--episodes must be positive, got {self.episodes}")
+        if self.sweep is not None and (self.sweep < 2 or self.target_returns):
+            raise GlmgymError("--sweep N needs N >= 2 and no --target-return")

@@ -20,7 +20,7 @@ from glmgym.agents.envs import RefScores, make_vector_env, normalized_score
 from glmgym.agents.model import DecisionTransformer
 from glmgym.errors import GlmgymError
 
-__all__ = ["Policy", "evaluate", "format_report", "rollout"]
+__all__ = ["Policy", "conditioning", "evaluate", "format_report", "rollout", "sweep_targets"]
 
 
 @dataclass
@@ -215,6 +215,37 @@ def evaluate(
     }
 
 
+def sweep_targets(extras: dict[str, Any], n: int) -> list[float]:
+    """`n` target returns from the training data's worst episode return to 1.25x its best, from a
+    checkpoint's recorded `dataset_returns` (or, for older checkpoints, from its reference scores:
+    random to 1.25x expert).
+
+    Raises:
+        GlmgymError: the checkpoint records neither.
+    """
+    recorded = extras.get("dataset_returns") or {}
+    low, high = recorded.get("min"), recorded.get("max")
+    if low is None or high is None:
+        ref = extras.get("ref_scores") or {}
+        low, high = ref.get("min"), ref.get("max")
+    if low is None or high is None:
+        raise GlmgymError("the checkpoint records neither its data's returns nor reference scores: "
+                          "pass --target-return R ... instead of --sweep")
+    return [float(t) for t in np.round(np.linspace(low, 1.25 * high, n), 1)]
+
+
+def conditioning(report: dict[str, Any]) -> dict[str, float]:
+    """How much the achieved return follows the target over an `evaluate()` report's targets:
+    `slope` (least squares, achieved return per unit of target) and `spread` (achieved at the
+    highest target minus achieved at the lowest)."""
+    res = sorted(report["results"], key=lambda r: r["target_return"])
+    x = np.array([r["target_return"] for r in res])
+    y = np.array([r["return_mean"] for r in res])
+    slope = float(np.polyfit(x, y, 1)[0]) if len(res) > 1 and np.ptp(x) > 0 else 0.0
+    return {"slope": slope, "spread": float(y[-1] - y[0]),
+            "targets": [float(t) for t in x], "achieved": [float(v) for v in y]}
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A readable table of an `evaluate()` report."""
     ref = report.get("reference_scores")
@@ -233,5 +264,9 @@ def format_report(report: dict[str, Any]) -> str:
         if ref:
             row += f" {e['normalized_mean']:>8.1f} ± {e['normalized_std']:<5.1f}"
         lines.append(row)
+    if "conditioning" in report:
+        c = report["conditioning"]
+        lines.append(f"return conditioning: slope {c['slope']:.2f} (achieved return per unit of target), "
+                     f"spread {c['spread']:.1f} from the lowest target to the highest")
     lines.append(f"{report['env_steps_per_s']:.0f} env steps/s, {report['seconds']:.1f} s")
     return "\n".join(lines)

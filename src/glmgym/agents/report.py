@@ -10,7 +10,7 @@ from typing import Any
 from glmgym._io import atomic_write_text
 from glmgym.errors import import_extra
 
-__all__ = ["write_report"]
+__all__ = ["plot_return_vs_target", "write_report"]
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -22,6 +22,30 @@ def _save(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     tmp.replace(path)
+
+
+def plot_return_vs_target(sweep: dict[str, Any], path: Path, dataset_mean: float | None = None) -> Path:
+    """Draw the achieved return (mean ± std over episodes) against the target return of an
+    `evaluate()` report to the PNG `path` (written atomically)."""
+    matplotlib = import_extra("matplotlib", "agents")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = sorted(sweep["results"], key=lambda r: r["target_return"])
+    x = [r["target_return"] for r in res]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.errorbar(x, [r["return_mean"] for r in res], yerr=[r["return_std"] for r in res],
+                marker="o", capsize=3, label="achieved (mean ± std)")
+    lim = [min(0, min(x)), max(x) * 1.05]
+    ax.plot(lim, lim, "k--", lw=0.8, label="achieved = target")
+    if dataset_mean is not None:
+        ax.axhline(dataset_mean, color="gray", ls=":", label="dataset mean")
+    ax.set(xlabel="target return", ylabel="episode return", title="return conditioning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+    return path
 
 
 def write_report(run_dir: Path, sweep: dict[str, Any] | None = None,
@@ -70,20 +94,8 @@ def write_report(run_dir: Path, sweep: dict[str, Any] | None = None,
         images.append(("Evaluation during training", "score.png"))
 
     if sweep:
-        res = sorted(sweep["results"], key=lambda r: r["target_return"])
-        x = [r["target_return"] for r in res]
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.errorbar(x, [r["return_mean"] for r in res], yerr=[r["return_std"] for r in res],
-                    marker="o", capsize=3, label="achieved (mean ± std)")
-        lim = [0, max(x) * 1.05]
-        ax.plot(lim, lim, "k--", lw=0.8, label="achieved = target")
-        if dataset:
-            ax.axhline(dataset["return_mean"], color="gray", ls=":", label="dataset mean")
-        ax.set(xlabel="target return", ylabel="episode return", title="return conditioning")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        _save(fig, run_dir / "return_vs_target.png")
-        plt.close(fig)
+        plot_return_vs_target(sweep, run_dir / "return_vs_target.png",
+                              dataset["return_mean"] if dataset else None)
         images.append(("Achieved return versus target return", "return_vs_target.png"))
 
     lines = [f"# Decision Transformer run: {config['dataset']}", ""]

@@ -251,11 +251,13 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.batch_size % ddp.world:
         raise GlmgymError(f"--batch-size {cfg.batch_size} is not divisible by {ddp.world} processes")
     state_mean, state_std = dataset.state_stats()
+    returns = dataset.episode_returns()
     extras = {
         "env_id": run.env_id, "dataset": dataset.name, "dataset_source": dataset.source,
         "state_mean": state_mean, "state_std": state_std, "reward_scale": cfg.reward_scale,
         "target_returns": list(run.targets), "context_len": cfg.context_len, "max_ep_len": cfg.max_ep_len,
         "ref_scores": None if run.ref is None else dataclasses.asdict(run.ref),
+        "dataset_returns": {k: float(getattr(returns, k)()) for k in ("min", "mean", "max")},
     }
     model, params = _build_model(cfg, dataset, device)
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
