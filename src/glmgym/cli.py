@@ -146,7 +146,10 @@ def _chat_merge_lora(args: argparse.Namespace) -> int:
     from glmgym.chat.terminal import MergeLoraConfig
 
     cfg = dataclass_from_namespace(MergeLoraConfig, args)
-    print(f"wrote {merge_lora_checkpoint(cfg.model, cfg.lora, cfg.out)}")
+    import torch
+
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    print(f"wrote {merge_lora_checkpoint(cfg.model, cfg.lora, cfg.out, dtype)}")
     return 0
 
 

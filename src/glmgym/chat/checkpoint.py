@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -252,9 +253,11 @@ def _release_freed_memory() -> None:
 
 
 def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
-               max_shard_bytes: int = 2 * 2**30, tokenizer=None) -> Path:
+               max_shard_bytes: int = 2 * 2**30, tokenizer=None, base_dir: Path | None = None) -> Path:
     """Write `model` in THUDM's layout (config.json, shards and an index), atomically; with a
-    `ChatGLMTokenizer`, also its `ice_text.model` (and `tokenizer_config.json` for v1.0's offset)."""
+    `ChatGLMTokenizer`, also its `ice_text.model` (and `tokenizer_config.json` for v1.0's offset).
+    With `base_dir`, the folder the model came from: its files other than weights are copied
+    (never imported) and its config.json keys that glmgym's config lacks (`auto_map`, ...) kept."""
     from glmgym._io import atomic_dir, atomic_write_json
 
     if model.config.quantization_bit:
@@ -264,7 +267,16 @@ def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     state["lm_head.weight"] = state["lm_head.weight"].clone()  # stored untied, like THUDM's files
     with atomic_dir(out_dir) as tmp:
-        atomic_write_json(tmp / "config.json", model.config.to_dict())
+        config = model.config.to_dict()
+        if base_dir is not None:
+            for f in sorted(base_dir.iterdir()):
+                if f.is_file() and not f.name.startswith(".") and f.name != "config.json" \
+                        and not f.name.endswith(_WEIGHT_SUFFIXES):
+                    shutil.copy2(f, tmp / f.name)
+            if (base_dir / "config.json").is_file():
+                config = {**json.loads((base_dir / "config.json").read_text()), **config}
+        config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+        atomic_write_json(tmp / "config.json", config)
         writer = _ShardWriter(tmp, max_shard_bytes, safetensors)
         for name, t in state.items():
             writer.add(name, t)
@@ -338,8 +350,6 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_s
     Raises:
         GlmgymError: an unreadable or already quantized source, or impossible options.
     """
-    import shutil
-
     from glmgym._io import atomic_dir, atomic_write_json
     from glmgym.chat.quantize import QuantSpec, quantize_weight
 
@@ -373,15 +383,36 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_s
     return Path(out_dir)
 
 
+_WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".index.json")
+
+
 def merge_lora_checkpoint(model: str | Path, lora: str | Path, out_dir: str | Path,
-                          dtype: torch.dtype = torch.float16) -> Path:
+                          dtype: torch.dtype | None = None) -> Path:
     """Write a plain float checkpoint of `model` with the LoRA adapter `lora` merged in (what
-    `glmgym chat quantize` then takes). Merges in fp32, writes `dtype` (THUDM's files are fp16).
+    `glmgym chat quantize` then takes), usable wherever the base folder was: the base's other
+    files come along as files (its config.json keys glmgym does not use, such as `auto_map`;
+    tokenizer files; its own `*.py`, copied, never imported), and the weights are written in the
+    base's format (`.safetensors`, or `.bin` shards for a base that has only those).
+
+    Args:
+        model: the float base: a directory, hub id (local cache) or random:tiny.
+        lora: the PEFT adapter directory.
+        out_dir: the new folder (written atomically).
+        dtype: the weights' dtype (default: the base's `torch_dtype`, else fp16 as THUDM's).
 
     Raises:
         GlmgymError: a quantized base, or an adapter that does not fit the model.
     """
     from glmgym.chat.session import load
 
-    bot = load(str(model), dtype=torch.float32, device="cpu", lora=lora)
-    return save_model(bot.model.to(dtype), out_dir, tokenizer=bot.tokenizer)
+    base_dir = None if str(model) == "random:tiny" else resolve_model_dir(str(model))
+    base_config: dict = {}
+    if base_dir is not None and (base_dir / "config.json").is_file():
+        base_config = json.loads((base_dir / "config.json").read_text())
+    if dtype is None:
+        dtype = getattr(torch, str(base_config.get("torch_dtype", "float16")), torch.float16)
+    bot = load(str(model), dtype=torch.float32, device="cpu", lora=lora)  # merged in fp32
+    safetensors = base_dir is None or any(base_dir.glob("*.safetensors")) or not any(base_dir.glob("*.bin"))
+    out = save_model(bot.model.to(dtype), out_dir, safetensors=safetensors, tokenizer=bot.tokenizer,
+                     base_dir=base_dir)
+    return out

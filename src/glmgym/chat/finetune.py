@@ -168,9 +168,9 @@ def _save(path: Path, cfg: FinetuneConfig, bot, optimizer_state: dict, scheduler
             torch.save(_state_for(model, "ptuning"), tmp / "pytorch_model.bin")
             (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         elif cfg.method == "lora":
-            from safetensors.torch import save_file
+            from glmgym.chat.adapters import save_lora_weights
 
-            save_file(_state_for(model, "lora"), str(tmp / "adapter_model.safetensors"))
+            save_lora_weights(tmp, _state_for(model, "lora"))
             _lora_config(cfg, bot).save_pretrained(str(tmp))
         else:
             save_model(model, tmp, tokenizer=bot.tokenizer)
@@ -489,9 +489,11 @@ def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler, gr
     if cfg.method == "ptuning":
         weights = torch.load(ckpt / "pytorch_model.bin", map_location="cpu", weights_only=True)
     elif cfg.method == "lora":
-        from safetensors.torch import load_file
+        from glmgym.chat.adapters import read_lora_adapter
 
-        weights = load_file(str(ckpt / "adapter_model.safetensors"))
+        lora = read_lora_adapter(ckpt)
+        weights = {f"base_model.model.{name}.lora_{part}.weight": t
+                   for name, ab in lora.pairs.items() for part, t in zip("AB", ab)}
     else:
         from glmgym.chat.checkpoint import load_model
 

@@ -251,11 +251,13 @@ class GLMModel(nn.Module):
         cfg = self.config
         enc = self.transformer.prefix_encoder
         tokens = torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)
-        kv = enc(tokens).half()  # the reference rounds the prefix to fp16 (get_prompt)
+        # the reference casts the prefix to the model's compute dtype (get_prompt's `dtype`, the
+        # input embeddings' dtype): an fp32 model keeps an fp32 prefix
+        kv = enc(tokens).to(dtype)
         # [P, layers * 2 * H * d] -> [layers * 2, H, P, d] -> keys, values of [layers, H, P, d]
         kv = kv.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, cfg.head_dim)
         kv = F.dropout(kv, 0.1, self.training)  # the reference's prefix dropout (training only)
-        kv = kv.permute(1, 2, 0, 3).to(dtype)
+        kv = kv.permute(1, 2, 0, 3)
         k, v = kv[0::2], kv[1::2]
         return k.unsqueeze(1).expand(-1, batch, -1, -1, -1), v.unsqueeze(1).expand(-1, batch, -1, -1, -1)
 

@@ -152,6 +152,9 @@ class MergeLoraConfig:
     model: str = field(default="", metadata={"required": True, "metavar": "SRC"})
     """Float base checkpoint directory or hub id (from the local cache)."""
     lora: str = field(default="", metadata={"required": True, "metavar": "DIR"})
-    """PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    """PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors or .bin)."""
     out: str = field(default="", metadata={"required": True, "metavar": "DIR"})
-    """Output directory (written atomically): a plain fp16 checkpoint with the tokenizer."""
+    """Output directory (written atomically): a plain float checkpoint with the base's other files
+    (config keys such as auto_map, tokenizer files, its *.py)."""
+    dtype: str | None = field(default=None, metadata={"choices": ("float16", "bfloat16", "float32")})
+    """The merged weights' dtype; default: the base's."""
