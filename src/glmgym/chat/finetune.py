@@ -13,7 +13,7 @@ What a checkpoint holds, in the format users already have:
 
 - P-Tuning v2: `pytorch_model.bin` with only `transformer.prefix_encoder.*` (THUDM's key names,
   loadable by THUDM's code) and `config.json` with `pre_seq_len` / `prefix_projection`;
-- LoRA: PEFT's `adapter_config.json` + `adapter_model.safetensors` (keys
+- LoRA: PEFT's `adapter_config.json` + `adapter_model.safetensors` and `.bin` (the same tensors; keys
   `base_model.model.transformer.layers.N.attention.query_key_value.lora_A.weight`), loadable with
   `peft.PeftModel.from_pretrained` on the official model;
 - full: a plain checkpoint (`glmgym chat --model OUT/checkpoint-N`);
