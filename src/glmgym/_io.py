@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: a reader never sees a half-written output."""
+"""Atomic file and directory writes (a reader never sees a half-written output), and JSON reads
+that fail with one clear error."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write_json", "atomic_write_text", "fix_mode"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_json", "atomic_write_text", "fix_mode", "read_json"]
 
 
 def fix_mode(path: str | Path, directory: bool = False) -> None:
@@ -48,6 +49,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temp file in the same directory and a rename."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object in `path`.
+
+    Raises:
+        GlmgymError: the file is missing, unreadable, not JSON, or not a JSON object; the message
+            names the file.
+    """
+    from glmgym.errors import GlmgymError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GlmgymError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GlmgymError(f"{path} is not a readable JSON file: {exc}") from None
+    if not isinstance(data, dict):
+        raise GlmgymError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:

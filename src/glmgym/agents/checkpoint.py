@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from glmgym._io import atomic_dir, atomic_write_json, fix_mode
+from glmgym._io import atomic_dir, atomic_write_json, fix_mode, read_json
 from glmgym.agents.config import DTConfig
 from glmgym.agents.model import DecisionTransformer
 from glmgym.errors import GlmgymError
@@ -174,7 +174,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if not cfg_file.is_file():
         raise GlmgymError(f"{path} is not a checkpoint directory: it has no config.json")
     try:
-        config = DTConfig.from_dict(json.loads(cfg_file.read_text()))
+        config = DTConfig.from_dict(read_json(cfg_file))
     except json.JSONDecodeError as exc:
         raise GlmgymError(f"{cfg_file} is not valid JSON: {exc}") from None
     state = from_hf_state_dict(read_state_dict(path))
@@ -199,7 +199,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     extras_file = path / EXTRAS_FILE
     if extras_file.is_file():
         try:
-            extras = json.loads(extras_file.read_text())
+            extras = read_json(extras_file)
         except json.JSONDecodeError as exc:
             raise GlmgymError(f"{extras_file} is not valid JSON: {exc}") from None
         for key in ("state_mean", "state_std"):

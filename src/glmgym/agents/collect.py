@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from glmgym._io import atomic_dir, atomic_path, atomic_write_json
+from glmgym._io import atomic_dir, atomic_path, atomic_write_json, read_json
 from glmgym.agents.data import OfflineDataset, load_d4rl
 from glmgym.agents.envs import env_family, make_vector_env
 from glmgym.agents.rollouts import ActFn, check_spaces, run_episodes, uniform_policy
@@ -338,7 +338,7 @@ def _open_state(cfg: CollectConfig, out: Path) -> dict[str, Any]:
             raise GlmgymError(f"{out} already holds files that are not a glmgym collection; "
                               "use another --out")
         return {"settings": settings, "snapshots": [], "trained_steps": 0, "done": {}}
-    state = json.loads(state_path.read_text())
+    state = read_json(state_path)
     state["settings"].pop("steps", None)
     if state.get("train_done") and state.get("sac_steps", cfg.steps) != cfg.steps:
         raise GlmgymError(f"{out}: SAC training finished at {state['sac_steps']} steps; "
@@ -489,7 +489,7 @@ def save_record(run: str | Path, dest: str | Path) -> Path:
     run, dest = Path(run), Path(dest)
     if not (run / STATE_FILE).is_file():
         raise GlmgymError(f"{run} is not a glmgym collection (no {STATE_FILE})")
-    state = json.loads((run / STATE_FILE).read_text())
+    state = read_json(run / STATE_FILE)
     if not state.get("train_done") or "medium_snapshot" not in state:
         raise GlmgymError(f"{run}: SAC training has not finished; rerun its collect command first")
     if dest.exists():

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from glmgym._io import atomic_path
+from glmgym._io import atomic_path, read_json
 from glmgym.errors import GlmgymError, import_extra
 
 __all__ = ["PRETRAINED_ROOT", "PlayConfig", "camera_options", "play", "pretrained_agent", "pretrained_agents"]
@@ -60,7 +59,7 @@ def pretrained_agents() -> dict[str, Path]:
     """The agents shipped with glmgym: {env id: checkpoint directory}."""
     agents = {}
     for extras in sorted(PRETRAINED_ROOT.glob("*/glmgym.json")):
-        env_id = json.loads(extras.read_text()).get("env_id")
+        env_id = read_json(extras).get("env_id")
         if env_id:
             agents[env_id] = extras.parent
     return agents

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from glmgym._io import atomic_write_text
+from glmgym._io import atomic_write_text, read_json
 from glmgym.errors import import_extra
 
 __all__ = ["plot_return_vs_target", "write_report"]
@@ -62,7 +62,7 @@ def write_report(run_dir: Path, sweep: dict[str, Any] | None = None,
     import matplotlib.pyplot as plt
 
     records = _records(run_dir)
-    config = json.loads((run_dir / "train_config.json").read_text())
+    config = read_json(run_dir / "train_config.json")
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [r for r in records if r.get("event") == "eval"]
     images = []
@@ -114,7 +114,7 @@ def write_report(run_dir: Path, sweep: dict[str, Any] | None = None,
         lines.append(f"- mean training speed: {speed:.1f} steps/s")
     final_eval = run_dir / "eval.json"
     if final_eval.exists():
-        report = json.loads(final_eval.read_text())
+        report = read_json(final_eval)
         ref = report.get("reference_scores")
         lines += ["", "## Final evaluation", ""]
         if ref:

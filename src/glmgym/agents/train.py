@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from glmgym._dataclass_cli import resumed
-from glmgym._io import atomic_write_json, atomic_write_text
+from glmgym._io import atomic_write_json, atomic_write_text, read_json
 from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glmgym.agents.config import DTConfig, TrainConfig
 from glmgym.agents.data import OfflineDataset, WindowBatch, WindowSampler, load_dataset
@@ -89,7 +89,7 @@ def _merge_resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     saved_file = run_dir / "train_config.json"
     if not saved_file.is_file():
         raise GlmgymError(f"cannot resume: {saved_file} is missing")
-    merged = resumed(cfg, json.loads(saved_file.read_text()), (*_RESUMABLE_OVERRIDES, "resume", "out"))
+    merged = resumed(cfg, read_json(saved_file), (*_RESUMABLE_OVERRIDES, "resume", "out"))
     return dataclasses.replace(merged, out=str(run_dir), resume=cfg.resume)
 
 
@@ -113,6 +113,7 @@ def _check_inputs(cfg: TrainConfig) -> _Inputs:
         resume_ckpt = latest_checkpoint(cfg.resume)
         if not (resume_ckpt / TRAINER_STATE_JSON).is_file():
             raise GlmgymError(f"{resume_ckpt} has no trainer state: it cannot be resumed")
+        read_json(resume_ckpt / TRAINER_STATE_JSON)  # a broken one: say so before anything runs
         cfg = _merge_resume_config(cfg, resume_ckpt.parent.parent)
     dataset = load_dataset(cfg.dataset, download=cfg.download)
     env_id = cfg.env or env_id_for_dataset(dataset.name, dataset.env_id)
@@ -355,7 +356,7 @@ def train_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer, sc
 
 
 def _load_trainer_state(ckpt: Path, model, optimizer, scheduler, rng, ddp: ProcessGroup, device) -> int:
-    state_json = json.loads((ckpt / TRAINER_STATE_JSON).read_text())
+    state_json = read_json(ckpt / TRAINER_STATE_JSON)
     if state_json.get("world_size", 1) != ddp.world:
         raise GlmgymError(f"{ckpt} was written by {state_json.get('world_size')} processes; "
                           f"resume it with the same number (now {ddp.world})")

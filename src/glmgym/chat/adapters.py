@@ -9,13 +9,13 @@ float base with `quantize=` instead, which merges first and quantizes after.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from glmgym._io import read_json
 from glmgym.chat.model import GLMModel, PrefixEncoder
 from glmgym.errors import GlmgymError
 
@@ -42,7 +42,7 @@ def load_ptuning(model: GLMModel, checkpoint: str | Path) -> GLMModel:
         raise GlmgymError(f"{weights_file} holds no transformer.prefix_encoder.embedding.weight")
     pre_seq_len = prefix["embedding.weight"].shape[0]
     config_file = path / "config.json"
-    saved = _read_json(config_file) if config_file.is_file() else {}
+    saved = read_json(config_file) if config_file.is_file() else {}
     if saved.get("pre_seq_len") not in (None, pre_seq_len):
         raise GlmgymError(f"{config_file} says pre_seq_len {saved['pre_seq_len']}, the weights {pre_seq_len}")
     cfg = model.config
@@ -92,16 +92,6 @@ def save_lora_weights(out_dir: str | Path, tensors: dict[str, torch.Tensor]) -> 
     torch.save(tensors, out / ADAPTER_WEIGHTS[1])
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GlmgymError(f"{path} is not a readable JSON file: {exc}") from None
-    if not isinstance(data, dict):
-        raise GlmgymError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
-
-
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a .bin file through `torch.load(weights_only=True)`."""
     try:
@@ -134,7 +124,7 @@ def read_lora_adapter(adapter: str | Path) -> LoraAdapter:
         ptuning = (path / "pytorch_model.bin").is_file() and not config_file.is_file()
         what = "a P-Tuning checkpoint (use --ptuning-checkpoint)" if ptuning else "not a LoRA adapter"
         raise GlmgymError(f"{path} is {what}: {ADAPTER_CONFIG} and {' or '.join(ADAPTER_WEIGHTS)} expected")
-    config = _read_json(config_file)
+    config = read_json(config_file)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise GlmgymError(f"{config_file}: peft_type {config['peft_type']!r} is not LORA")
     for key in ("r", "lora_alpha"):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from glmgym._io import read_json
 from glmgym.chat.config import GLMConfig
 from glmgym.chat.model import GLMModel, RotaryEmbedding
 from glmgym.devices import cpu_capability, native_bf16
@@ -80,7 +81,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
         index = model_dir / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = read_json(index)["weight_map"]
             except (json.JSONDecodeError, KeyError) as exc:
                 raise GlmgymError(f"{index} is malformed: {exc}") from None
             files = sorted({model_dir / f for f in weight_map.values()})
@@ -258,7 +259,7 @@ def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
     `ChatGLMTokenizer`, also its `ice_text.model` (and `tokenizer_config.json` for v1.0's offset).
     With `base_dir`, the folder the model came from: its files other than weights are copied
     (never imported) and its config.json keys that glmgym's config lacks (`auto_map`, ...) kept."""
-    from glmgym._io import atomic_dir, atomic_write_json
+    from glmgym._io import atomic_dir, atomic_write_json, read_json
 
     if model.config.quantization_bit:
         raise GlmgymError("a quantized model in memory holds kernel-specific tensors; write quantized "
@@ -274,7 +275,7 @@ def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
                         and not f.name.endswith(_WEIGHT_SUFFIXES):
                     shutil.copy2(f, tmp / f.name)
             if (base_dir / "config.json").is_file():
-                config = {**json.loads((base_dir / "config.json").read_text()), **config}
+                config = {**read_json(base_dir / "config.json"), **config}
         config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
         atomic_write_json(tmp / "config.json", config)
         writer = _ShardWriter(tmp, max_shard_bytes, safetensors)
@@ -361,8 +362,11 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_s
                           "quantize a float (fp16/bf16/fp32) checkpoint")
     targets = _quantized_modules(config, spec)
     files = _weight_files(model_dir)
+    with torch.device("meta"):  # the names a checkpoint of this config must hold
+        expected = {k for k in GLMModel(config).state_dict() if not k.startswith("lm_head.")}
     with atomic_dir(out_dir) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
+        seen: set[str] = set()
         for path in files:
             for name, tensor in _read_shard(path):
                 if name.endswith(_IGNORED_SUFFIXES) or name.startswith("lm_head."):
@@ -373,6 +377,12 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_s
                         writer.add(f"{module}.{key}", value)
                 else:
                     writer.add(name, tensor.clone())  # detach from the source mmap
+                seen.add(name)
+        missing, unexpected = sorted(expected - seen), sorted(seen - expected)
+        if missing or unexpected:
+            parts = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                     for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+            raise GlmgymError(f"the weights in {model_dir} do not match its config.json: {'; '.join(parts)}")
         writer.close()
         config.quantization_bit, config.quantization_group_size = spec.bits, spec.group_size
         config.quantization_embeddings = spec.embeddings
@@ -408,7 +418,7 @@ def merge_lora_checkpoint(model: str | Path, lora: str | Path, out_dir: str | Pa
     base_dir = None if str(model) == "random:tiny" else resolve_model_dir(str(model))
     base_config: dict = {}
     if base_dir is not None and (base_dir / "config.json").is_file():
-        base_config = json.loads((base_dir / "config.json").read_text())
+        base_config = read_json(base_dir / "config.json")
     if dtype is None:
         dtype = getattr(torch, str(base_config.get("torch_dtype", "float16")), torch.float16)
     bot = load(str(model), dtype=torch.float32, device="cpu", lora=lora)  # merged in fp32

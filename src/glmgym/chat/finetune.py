@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmgym._io import read_json
 from glmgym.distributed import ProcessGroup
 from glmgym.errors import GlmgymError, import_extra
 
@@ -295,7 +296,7 @@ def _resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
         raise GlmgymError(f"cannot resume {run_dir}: it has no finetune_config.json or no checkpoint")
     from glmgym._dataclass_cli import resumed
 
-    merged = resumed(cfg, json.loads(saved_file.read_text()), _RESUMABLE)
+    merged = resumed(cfg, read_json(saved_file), _RESUMABLE)
     return dataclasses.replace(merged, out=str(run_dir), resume=cfg.resume), ckpts[-1]
 
 
@@ -482,7 +483,7 @@ def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler, gr
     (step, losses)."""
     import torch
 
-    state = json.loads((ckpt / TRAINER_STATE_JSON).read_text())
+    state = read_json(ckpt / TRAINER_STATE_JSON)
     if state.get("world_size", 1) != group.world:
         raise GlmgymError(f"{ckpt} was written by {state.get('world_size', 1)} processes; resume it "
                           f"with the same number (now {group.world})")

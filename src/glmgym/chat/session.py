@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from glmgym._io import read_json
 from glmgym.chat.generate import GenerationConfig, generate
 from glmgym.chat.model import GLMModel
 from glmgym.chat.tokenizer import ChatGLMTokenizer
@@ -220,14 +221,13 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
 
 def load_tokenizer(model_dir: str | Path) -> ChatGLMTokenizer:
     """The tokenizer of a checkpoint directory (ice_text.model; v1.0's id offset from config)."""
-    import json
 
     model_dir = Path(model_dir)
     offset = None
     tok_cfg = model_dir / "tokenizer_config.json"
     if tok_cfg.is_file():
-        offset = json.loads(tok_cfg.read_text()).get("num_image_tokens")
+        offset = read_json(tok_cfg).get("num_image_tokens")
     if offset is None:  # v1.0 configs put <sop> at 150004 (20000 image tokens in front)
-        cfg = json.loads((model_dir / "config.json").read_text())
+        cfg = read_json(model_dir / "config.json")
         offset = 20000 if cfg.get("bos_token_id") == 150004 else 0
     return ChatGLMTokenizer(model_dir / "ice_text.model", num_image_tokens=int(offset))
