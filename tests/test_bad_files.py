@@ -66,6 +66,14 @@ def good(tmp_path_factory):
         "".join(json.dumps({"content": f"q {i}", "summary": "a"}) + "\n" for i in range(3))
     )
     save_file({"x": torch.zeros(2)}, str(root / "other.safetensors"))
+    from glmgym.chat.checkpoint import quantize_checkpoint
+    from glmgym.chat.finetune import FinetuneConfig, finetune
+
+    quantize_checkpoint(root / "model", root / "model-int8", 8)
+    save_model(bot.model, root / "model-sharded", max_shard_bytes=200_000, tokenizer=bot.tokenizer)
+    finetune(FinetuneConfig(model="random:tiny", train_file=str(root / "chat.json"), prompt_column="content",
+                            response_column="summary", method="lora", steps=1, save_every=1, progress=False,
+                            out=str(root / "finetune")))
     return root
 
 
@@ -195,11 +203,41 @@ READERS = {
         "trainer_state.json",
         lambda d, out: ["agent", "train", "--resume", str(d), "--steps", "3", "--no-progress"],
     ),
+    "agent run config": (
+        "agent",
+        "train_config.json",
+        lambda d, out: ["agent", "train", "--resume", str(d), "--steps", "3", "--no-progress"],
+    ),
+    "fine-tuning resume state": (
+        "finetune",
+        "trainer_state.json",
+        lambda d, out: ["chat", "finetune", "--resume", str(d), "--model", "random:tiny", "--train-file",
+                        json.loads((d / "finetune_config.json").read_text())["train_file"], "--steps", "2",
+                        "--no-progress"],
+    ),
+    "evaluation data": (
+        "chat.json",
+        None,
+        lambda f, out: ["chat", "evaluate", "--model", "random:tiny", "--file", str(f), "--prompt-column",
+                        "content", "--response-column", "summary", "--max-target-length", "2",
+                        "--out", str(out)],
+    ),
+    "quantized weights": (
+        "model-int8",
+        "model.safetensors",
+        lambda d, out: ["chat", "--model", str(d), "--prompt", "hi", "--max-length", "24"],
+    ),
+    "shard index": (
+        "model-sharded",
+        "model.safetensors.index.json",
+        lambda d, out: ["chat", "--model", str(d), "--prompt", "hi", "--max-length", "24"],
+    ),
 }
 
 FAULTS = ("missing", "empty", "truncated", "wrong kind")
 # a P-Tuning checkpoint's config.json is optional (the prefix's length comes from its weights)
-OPTIONAL = {("P-Tuning config", "missing")}
+# and a sharded checkpoint without its index loads every shard it finds
+OPTIONAL = {("P-Tuning config", "missing"), ("shard index", "missing")}
 
 
 def _break(path: Path, fault: str, good_root: Path) -> None:

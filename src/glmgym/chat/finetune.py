@@ -291,9 +291,13 @@ def _resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
     run_dir = Path(cfg.resume)
     saved_file = run_dir / "finetune_config.json"
     ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    ckpts = [c for c in ckpts if (c / TRAINER_STATE_JSON).is_file()]
-    if not saved_file.is_file() or not ckpts:
-        raise GlmgymError(f"cannot resume {run_dir}: it has no finetune_config.json or no checkpoint")
+    if not saved_file.is_file():
+        raise GlmgymError(f"cannot resume {run_dir}: it has no finetune_config.json (not a fine-tuning run)")
+    if not ckpts:
+        raise GlmgymError(f"cannot resume {run_dir}: it has no checkpoint-N folder yet")
+    if not (ckpts[-1] / TRAINER_STATE_JSON).is_file():
+        raise GlmgymError(f"cannot resume from {ckpts[-1]}: its {TRAINER_STATE_JSON} is missing")
+    read_json(ckpts[-1] / TRAINER_STATE_JSON)  # a broken one: say so before anything runs
     from glmgym._dataclass_cli import resumed
 
     merged = resumed(cfg, read_json(saved_file), _RESUMABLE)
