@@ -40,6 +40,10 @@ PROMPT = "hello world, what is a policy"
 # run in the official stack's Python: argv[1] = work dir (holds base/, lora/, pt-*/, ids.json)
 OFFICIAL_SIDE = r'''
 import json, sys, torch
+try:  # PEFT 0.21 reads torch.distributed.tensor without importing it
+    import torch.distributed.tensor
+except ImportError:
+    pass
 from pathlib import Path
 import transformers, peft
 from transformers import AutoConfig, AutoModel
