@@ -13,9 +13,9 @@ On a small random ChatGLM-6B (the tiny preset, saved in THUDM's layout with the 
 3. compares those logits with glmgym's (`load(..., lora=...)` merged, `ptuning_checkpoint=...`),
    and glmgym's logits for THUDM's prefix with the official model's.
 
-    python3 -m venv /tmp/oldpeft && /tmp/oldpeft/bin/pip install torch==2.13.0 transformers==4.27.1 \\
+    python3 -m venv ../oldpeft && ../oldpeft/bin/pip install torch==2.13.0 transformers==4.27.1 \\
         peft==0.3.0 "accelerate<0.21" "setuptools<70" sentencepiece "numpy<2"
-    python benchmarks/compat_official.py --official-dir DIR --python /tmp/oldpeft/bin/python
+    python benchmarks/compat_official.py --official-dir DIR --python ../oldpeft/bin/python
 
 `--official-dir` holds THUDM's `modeling_chatglm.py`, `configuration_chatglm.py`,
 `quantization.py` and `tokenization_chatglm.py` (from the THUDM/chatglm-6b model repository);
