@@ -6,8 +6,8 @@ row: waiting for their prompt to run, prefilling, and decoding. Each `step()`:
 1. gathers the rows that arrived since the last step into a new prefill group (their prompts
    padded on the right to one length);
 2. decodes one token for every decoding row, each at its own cache slot (`start` per row);
-3. advances one prefill group by a few layers, as `PrefillScheduler` decides (shortest remaining
-   first, no starvation, at most `prefill_chunk` prompt tokens' worth of work per step, cut short
+3. runs a few layers of the prefill groups in flight, as `PrefillScheduler` decides (shortest
+   remaining first, no starvation, at most `prefill_chunk` prompt tokens' worth of work per step, cut short
    after any layer when a request is waiting). Prefill is cut between layers, not between tokens:
    GLM's prompt attends both ways, so a token chunk would change the keys and values of the
    tokens before it;
@@ -187,7 +187,7 @@ class RunningBatch:
 
     @torch.inference_mode()
     def step(self, interrupt: Callable[[], bool] | None = None) -> list[TokenOut]:
-        """One decoding step and a few layers of one prefill group; the new tokens.
+        """One decoding step and a few layers of the prefill groups in flight; the new tokens.
 
         Args:
             interrupt: asked between prefill layers; True (say, a request waits to join) ends the

@@ -7,7 +7,7 @@ One worker thread owns the model. On every tick it
    with `n` answers takes `n` rows; the head of the queue is never overtaken, so no request
    starves);
 3. runs one step of the `RunningBatch`: one decoding step for every running row, whatever each
-   row's options, and a few layers of one prompt's prefill (shortest remaining first, see
+   row's options, and a few layers of the prompts' prefill (shortest remaining first, see
    `PrefillScheduler`); the step's prefill stops at the next layer when a request arrives that
    could join, so that it joins on the next tick instead of waiting for a long prefill to end;
 4. turns each row's new token into text (the reference's post-processing, stop strings, token
