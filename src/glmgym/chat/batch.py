@@ -7,10 +7,10 @@ row: waiting for their prompt to run, prefilling, and decoding. Each `step()`:
    padded on the right to one length);
 2. decodes one token for every decoding row, each at its own cache slot (`start` per row);
 3. runs a few layers of the prefill groups in flight, as `PrefillScheduler` decides (shortest
-   remaining first, no starvation, at most `prefill_chunk` prompt tokens' worth of work per step, cut short
-   after any layer when a request is waiting). Prefill is cut between layers, not between tokens:
-   GLM's prompt attends both ways, so a token chunk would change the keys and values of the
-   tokens before it;
+   remaining first, no starvation, at most `prefill_chunk` prompt tokens' worth of work per
+   step, cut short after any layer when a request is waiting). Prefill is cut between layers,
+   not between tokens: GLM's prompt attends both ways, so a token chunk would change the keys
+   and values of the tokens before it;
 4. when a group has gone through every layer, copies each row's keys and values into the cache
    (only its real tokens: no padding is kept) and samples its first token.
 
