@@ -82,156 +82,74 @@ def _agent_ckpt(root: Path) -> Path:
 
 
 # reader: (artifact to copy, the file in it to break, argv given the copy and an output path)
+# the commands that read each kind of file, given the (broken) copy and an output path
+def _quantize(d, out):
+    return ["chat", "quantize", "--model", str(d), "--bits", "8", "--out", str(out)]
+
+
+def _chat(d, out):
+    return ["chat", "--model", str(d), "--prompt", "hi", "--max-length", "24"]
+
+
+def _merge(d, out):
+    return ["chat", "merge-lora", "--model", "random:tiny", "--lora", str(d), "--out", str(out)]
+
+
+def _ptuning(d, out):
+    return ["chat", "--model", "random:tiny", "--ptuning-checkpoint", str(d), "--prompt", "hi",
+            "--max-length", "24"]
+
+
+def _finetune(f, out):
+    return ["chat", "finetune", "--model", "random:tiny", "--train-file", str(f), "--prompt-column",
+            "content", "--response-column", "summary", "--steps", "1", "--no-progress", "--out", str(out)]
+
+
+def _finetune_resume(d, out):
+    train_file = json.loads((d / "finetune_config.json").read_text())["train_file"]
+    return ["chat", "finetune", "--resume", str(d), "--model", "random:tiny", "--train-file", train_file,
+            "--steps", "2", "--no-progress"]
+
+
+def _chat_evaluate(f, out):
+    return ["chat", "evaluate", "--model", "random:tiny", "--file", str(f), "--prompt-column", "content",
+            "--response-column", "summary", "--max-target-length", "2", "--out", str(out)]
+
+
+def _agent_train(f, out):
+    return ["agent", "train", "--dataset", f"d4rl:{f}", "--env", "Hopper-v5", "--steps", "1",
+            "--eval-episodes", "0", "--no-progress", "--out", str(out)]
+
+
+def _agent_evaluate(d, out):
+    return ["agent", "evaluate", "--checkpoint", str(_agent_ckpt(d)), "--episodes", "1"]
+
+
+def _agent_resume(d, out):
+    return ["agent", "train", "--resume", str(d), "--steps", "3", "--no-progress"]
+
+
+# reader: (artifact to copy, the file in it to break (None: the artifact itself), its command)
 READERS = {
-    "model config.json": (
-        "model",
-        "config.json",
-        lambda d, out: ["chat", "quantize", "--model", str(d), "--bits", "8", "--out", str(out)],
-    ),
-    "model safetensors": (
-        "model",
-        "model.safetensors",
-        lambda d, out: ["chat", "quantize", "--model", str(d), "--bits", "8", "--out", str(out)],
-    ),
-    "model .bin shard": (
-        "model-bin",
-        "pytorch_model.bin",
-        lambda d, out: ["chat", "--model", str(d), "--prompt", "hi", "--max-length", "24"],
-    ),
-    "tokenizer model": (
-        "model",
-        "ice_text.model",
-        lambda d, out: ["chat", "--model", str(d), "--prompt", "hi", "--max-length", "24"],
-    ),
-    "LoRA config": (
-        "lora",
-        "adapter_config.json",
-        lambda d, out: ["chat", "merge-lora", "--model", "random:tiny", "--lora", str(d), "--out", str(out)],
-    ),
-    "LoRA weights": (
-        "lora",
-        "adapter_model.safetensors",
-        lambda d, out: ["chat", "merge-lora", "--model", "random:tiny", "--lora", str(d), "--out", str(out)],
-    ),
-    "P-Tuning weights": (
-        "ptuning",
-        "pytorch_model.bin",
-        lambda d, out: [
-            "chat",
-            "--model",
-            "random:tiny",
-            "--ptuning-checkpoint",
-            str(d),
-            "--prompt",
-            "hi",
-            "--max-length",
-            "24",
-        ],
-    ),
-    "P-Tuning config": (
-        "ptuning",
-        "config.json",
-        lambda d, out: [
-            "chat",
-            "--model",
-            "random:tiny",
-            "--ptuning-checkpoint",
-            str(d),
-            "--prompt",
-            "hi",
-            "--max-length",
-            "24",
-        ],
-    ),
-    "fine-tuning data": (
-        "chat.json",
-        None,
-        lambda f, out: [
-            "chat",
-            "finetune",
-            "--model",
-            "random:tiny",
-            "--train-file",
-            str(f),
-            "--prompt-column",
-            "content",
-            "--response-column",
-            "summary",
-            "--steps",
-            "1",
-            "--no-progress",
-            "--out",
-            str(out),
-        ],
-    ),
-    "agent dataset": (
-        "data.hdf5",
-        None,
-        lambda f, out: [
-            "agent",
-            "train",
-            "--dataset",
-            f"d4rl:{f}",
-            "--env",
-            "Hopper-v5",
-            "--steps",
-            "1",
-            "--eval-episodes",
-            "0",
-            "--no-progress",
-            "--out",
-            str(out),
-        ],
-    ),
-    "agent config.json": (
-        "agent",
-        "config.json",
-        lambda d, out: ["agent", "evaluate", "--checkpoint", str(_agent_ckpt(d)), "--episodes", "1"],
-    ),
-    "agent weights": (
-        "agent",
-        "model.safetensors",
-        lambda d, out: ["agent", "evaluate", "--checkpoint", str(_agent_ckpt(d)), "--episodes", "1"],
-    ),
-    "agent glmgym.json": (
-        "agent",
-        "glmgym.json",
-        lambda d, out: ["agent", "evaluate", "--checkpoint", str(_agent_ckpt(d)), "--episodes", "1"],
-    ),
-    "agent trainer state": (
-        "agent",
-        "trainer_state.json",
-        lambda d, out: ["agent", "train", "--resume", str(d), "--steps", "3", "--no-progress"],
-    ),
-    "agent run config": (
-        "agent",
-        "train_config.json",
-        lambda d, out: ["agent", "train", "--resume", str(d), "--steps", "3", "--no-progress"],
-    ),
-    "fine-tuning resume state": (
-        "finetune",
-        "trainer_state.json",
-        lambda d, out: ["chat", "finetune", "--resume", str(d), "--model", "random:tiny", "--train-file",
-                        json.loads((d / "finetune_config.json").read_text())["train_file"], "--steps", "2",
-                        "--no-progress"],
-    ),
-    "evaluation data": (
-        "chat.json",
-        None,
-        lambda f, out: ["chat", "evaluate", "--model", "random:tiny", "--file", str(f), "--prompt-column",
-                        "content", "--response-column", "summary", "--max-target-length", "2",
-                        "--out", str(out)],
-    ),
-    "quantized weights": (
-        "model-int8",
-        "model.safetensors",
-        lambda d, out: ["chat", "--model", str(d), "--prompt", "hi", "--max-length", "24"],
-    ),
-    "shard index": (
-        "model-sharded",
-        "model.safetensors.index.json",
-        lambda d, out: ["chat", "--model", str(d), "--prompt", "hi", "--max-length", "24"],
-    ),
+    "model config.json": ("model", "config.json", _quantize),
+    "model safetensors": ("model", "model.safetensors", _quantize),
+    "model .bin shard": ("model-bin", "pytorch_model.bin", _chat),
+    "tokenizer model": ("model", "ice_text.model", _chat),
+    "LoRA config": ("lora", "adapter_config.json", _merge),
+    "LoRA weights": ("lora", "adapter_model.safetensors", _merge),
+    "P-Tuning weights": ("ptuning", "pytorch_model.bin", _ptuning),
+    "P-Tuning config": ("ptuning", "config.json", _ptuning),
+    "fine-tuning data": ("chat.json", None, _finetune),
+    "agent dataset": ("data.hdf5", None, _agent_train),
+    "agent config.json": ("agent", "config.json", _agent_evaluate),
+    "agent weights": ("agent", "model.safetensors", _agent_evaluate),
+    "agent glmgym.json": ("agent", "glmgym.json", _agent_evaluate),
+    "agent trainer state": ("agent", "trainer_state.json", _agent_resume),
+    "agent run config": ("agent", "train_config.json", _agent_resume),
+    "fine-tuning resume state": ("finetune", "trainer_state.json", _finetune_resume),
+    "evaluation data": ("chat.json", None, _chat_evaluate),
+    "quantized weights": ("model-int8", "model.safetensors", _chat),
+    "shard index": ("model-sharded", "model.safetensors.index.json", _chat),
 }
 
 FAULTS = ("missing", "empty", "truncated", "wrong kind")
@@ -286,100 +204,26 @@ def test_wrong_keys_and_shapes(good, tmp_path, capsys):
     """Files of the right kind whose contents do not fit."""
     from safetensors.torch import load_file, save_file
 
-    cases = []
-    model = tmp_path / "model"
-    shutil.copytree(good / "model", model)
-    state = load_file(str(model / "model.safetensors"))
-    save_file(
-        {k + "_renamed" if "layers.0." in k else k: v for k, v in state.items()},
-        str(model / "model.safetensors"),
-    )
-    cases.append(
-        (
-            ["chat", "quantize", "--model", str(model), "--bits", "8", "--out", str(tmp_path / "q")],
-            "do not match its config.json",
-        )
-    )
-    shaped = tmp_path / "shaped"
-    shutil.copytree(good / "model", shaped)
-    save_file(
-        {k: (v[:-1] if k.endswith("final_layernorm.weight") else v) for k, v in state.items()},
-        str(shaped / "model.safetensors"),
-    )
-    cases.append((["chat", "--model", str(shaped), "--prompt", "hi"], "final_layernorm"))
-    data = tmp_path / "short-actions.hdf5"
+    state = load_file(str(good / "model" / "model.safetensors"))
+    model, shaped = tmp_path / "model", tmp_path / "shaped"
+    for folder, tensors in ((model, {k + "_renamed" if "layers.0." in k else k: v for k, v in state.items()}),
+                            (shaped, {k: v[:-1] if k.endswith("final_layernorm.weight") else v
+                                      for k, v in state.items()})):
+        shutil.copytree(good / "model", folder)
+        save_file(tensors, str(folder / "model.safetensors"))
+    data, nokey = tmp_path / "short-actions.hdf5", tmp_path / "no-rewards.hdf5"
     write_d4rl(data, actions=np.zeros((5, 3), np.float32))
-    cases.append(
-        (
-            [
-                "agent",
-                "train",
-                "--dataset",
-                f"d4rl:{data}",
-                "--env",
-                "Hopper-v5",
-                "--steps",
-                "1",
-                "--eval-episodes",
-                "0",
-                "--no-progress",
-                "--out",
-                str(tmp_path / "run"),
-            ],
-            "actions",
-        )
-    )
-    nokey = tmp_path / "no-rewards.hdf5"
     write_d4rl(nokey, rewards=None)
-    cases.append(
-        (
-            [
-                "agent",
-                "train",
-                "--dataset",
-                f"d4rl:{nokey}",
-                "--env",
-                "Hopper-v5",
-                "--steps",
-                "1",
-                "--eval-episodes",
-                "0",
-                "--no-progress",
-                "--out",
-                str(tmp_path / "run2"),
-            ],
-            "rewards",
-        )
-    )
     cols = tmp_path / "columns.json"
     cols.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    cases.append(
-        (
-            [
-                "chat",
-                "finetune",
-                "--model",
-                "random:tiny",
-                "--train-file",
-                str(cols),
-                "--prompt-column",
-                "content",
-                "--response-column",
-                "summary",
-                "--steps",
-                "1",
-                "--no-progress",
-                "--out",
-                str(tmp_path / "ft"),
-            ],
-            "content",
-        )
-    )
+    cases = [(_quantize(model, tmp_path / "q"), "do not match its config.json"),
+             (_chat(shaped, None), "final_layernorm"),
+             (_agent_train(data, tmp_path / "run"), "actions"),
+             (_agent_train(nokey, tmp_path / "run2"), "rewards"),
+             (_finetune(cols, tmp_path / "ft"), "content")]
     for argv, fragment in cases:
         capsys.readouterr()
         rc = main(argv)
-        err = [
-            line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("glmgym: error:")
-        ]
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glmgym: error:")]
         assert rc == 2 and len(err) == 1 and fragment in err[0], (argv, err)
     assert not any((tmp_path / n).exists() for n in ("q", "run", "run2", "ft"))
