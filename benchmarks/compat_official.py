@@ -141,7 +141,7 @@ def main() -> None:
     for name, ckpt in outputs.items():
         shutil.copytree(ckpt, work / name)
     written = sorted(f.name for f in (work / "lora").iterdir())
-    from glmgym.chat.checkpoint import merge_lora_checkpoint
+    from glmgym.chat.session import merge_lora_checkpoint
 
     merge_lora_checkpoint(base, work / "lora", work / "merged", torch.float32)  # the base's *.py come along
     proc = subprocess.run([args.python, "-c", OFFICIAL_SIDE, str(work)], capture_output=True, text=True)

@@ -40,7 +40,7 @@ import numpy as np
 
 from _machine import cpu_kind  # beside this script (sys.path[0])
 from glmgym._io import atomic_write_json
-from glmgym.agents import TrainConfig, load_checkpoint, train
+from glmgym.agents import Policy, TrainConfig, train
 from glmgym.agents.checkpoint import latest_checkpoint
 from glmgym.agents.collect import _concat_files, write_d4rl_hdf5
 from glmgym.agents.data import embedded_datasets, load_dataset
@@ -114,7 +114,7 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
     records = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines() if ln.strip()]
     steps = [(r["step"], r["steps_per_s"]) for r in records if "steps_per_s" in r]
     seconds = sum((s - prev) / rate for (prev, _), (s, rate) in zip([(0, 0.0), *steps], steps))
-    policy = load_checkpoint(latest_checkpoint(run_dir)).policy()
+    policy = Policy.from_pretrained(run_dir)
     report = evaluate(policy, env_id, targets, episodes=args.episodes, seed=seed, ref=ref)
     return {"train_seconds": seconds, "resumed": resume is not None,
             "returns": {str(r["target_return"]): r["returns"] for r in report["results"]}}

@@ -67,8 +67,8 @@ def test_overrides_win_over_parsed_values():
 
 
 def test_resumed_keeps_the_runs_options_and_refuses_changes():
-    from glmgym._dataclass_cli import resumed
     from glmgym.errors import GlmgymError
+    from glmgym.runs import resumed
 
     saved = {"name": "run", "times": 5, "scale": None, "loud": True, "targets": [1.0, 2.0], "mode": "b"}
     cfg = resumed(Options(name="run"), saved, ("times",))  # nothing else given: the run's values

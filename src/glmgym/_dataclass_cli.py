@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any
 
-__all__ = ["add_dataclass_arguments", "dataclass_from_namespace", "field_docs", "resumed"]
+__all__ = ["add_dataclass_arguments", "dataclass_from_namespace", "field_docs"]
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -88,30 +88,3 @@ def dataclass_from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any
         if isinstance(values.get(f.name), list):
             values[f.name] = tuple(values[f.name])
     return cls(**values)
-
-
-def resumed(cfg: Any, saved: dict[str, Any], changeable: tuple[str, ...]) -> Any:
-    """`cfg` continuing a run whose options were `saved` (its JSON dump).
-
-    Options left at their default keep the run's value; those named in `changeable` may take a new
-    one; changing any other option would change the run's math and is refused.
-
-    Raises:
-        GlmgymError: an option outside `changeable` differs from the run's.
-    """
-    from glmgym.errors import GlmgymError
-
-    cls = type(cfg)
-    defaults = cls()
-    merged = dict(saved)
-    for f in dataclasses.fields(cls):
-        given = getattr(cfg, f.name)
-        if given == getattr(defaults, f.name):
-            continue  # not given: the run's value stays
-        given = list(given) if isinstance(given, tuple) else given  # as JSON stored it
-        if f.name in changeable:
-            merged[f.name] = given
-        elif given != saved.get(f.name):
-            raise GlmgymError(f"cannot change --{f.name.replace('_', '-')} when resuming "
-                              f"(the run used {saved.get(f.name)!r})")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})

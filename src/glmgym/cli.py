@@ -24,13 +24,21 @@ from pathlib import Path
 
 from glmgym import __version__
 from glmgym._dataclass_cli import add_dataclass_arguments, dataclass_from_namespace
+from glmgym.agents.config import CollectConfig, EvalConfig, PlayConfig, TrainConfig
+from glmgym.chat.config import (
+    ChatCLIConfig,
+    ChatEvalConfig,
+    FinetuneConfig,
+    MergeLoraConfig,
+    QuantizeConfig,
+    ServeConfig,
+)
 from glmgym.errors import GlmgymError
 
 __all__ = ["build_parser", "main"]
 
 
 def _agent_train(args: argparse.Namespace) -> int:
-    from glmgym.agents.config import TrainConfig
     from glmgym.agents.train import train
 
     train(dataclass_from_namespace(TrainConfig, args))
@@ -39,16 +47,16 @@ def _agent_train(args: argparse.Namespace) -> int:
 
 def _agent_evaluate(args: argparse.Namespace) -> int:
     from glmgym._io import atomic_write_json
-    from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint
-    from glmgym.agents.config import EvalConfig
+    from glmgym.agents.checkpoint import latest_checkpoint
     from glmgym.agents.envs import RefScores, reference_scores
     from glmgym.agents.evaluate import conditioning, evaluate, format_report, sweep_targets
+    from glmgym.agents.policy import Policy
     from glmgym.devices import resolve_device
 
     cfg = dataclass_from_namespace(EvalConfig, args)
     ckpt_dir = latest_checkpoint(cfg.checkpoint)
-    ckpt = load_checkpoint(ckpt_dir, device=resolve_device(cfg.device))
-    extras = ckpt.extras
+    policy = Policy.from_pretrained(ckpt_dir, device=resolve_device(cfg.device))
+    extras = policy.extras
     env_id = cfg.env or extras.get("env_id")
     if not env_id:
         raise GlmgymError(f"{ckpt_dir} does not record its environment; pass --env ENV_ID")
@@ -63,7 +71,6 @@ def _agent_evaluate(args: argparse.Namespace) -> int:
         targets = sweep_targets(extras, cfg.sweep)
     if not targets:
         raise GlmgymError(f"{ckpt_dir} records no target returns; pass --target-return R")
-    policy = ckpt.policy()
     recorded = extras.get("ref_scores")
     ref = RefScores(**recorded) if recorded and not cfg.env else reference_scores(env_id)
     report = evaluate(policy, env_id, targets, episodes=cfg.episodes, seed=cfg.seed, ref=ref)
@@ -82,7 +89,7 @@ def _agent_evaluate(args: argparse.Namespace) -> int:
 
 
 def _agent_collect(args: argparse.Namespace) -> int:
-    from glmgym.agents.collect import CollectConfig, collect
+    from glmgym.agents.collect import collect
 
     cfg = dataclass_from_namespace(CollectConfig, args)
     for level, path in collect(cfg).items():
@@ -101,7 +108,7 @@ def _agent_datasets(args: argparse.Namespace) -> int:
 
 
 def _agent_play(args: argparse.Namespace) -> int:
-    from glmgym.agents.play import PlayConfig, play
+    from glmgym.agents.play import play
 
     result = play(dataclass_from_namespace(PlayConfig, args))
     returns = ", ".join(f"{r:.1f}" for r in result["returns"])
@@ -111,14 +118,13 @@ def _agent_play(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from glmgym.chat.terminal import ChatCLIConfig, run_chat
+    from glmgym.chat.terminal import run_chat
 
     return run_chat(dataclass_from_namespace(ChatCLIConfig, args))
 
 
 def _chat_quantize(args: argparse.Namespace) -> int:
     from glmgym.chat.checkpoint import quantize_checkpoint
-    from glmgym.chat.terminal import QuantizeConfig
 
     cfg = dataclass_from_namespace(QuantizeConfig, args)
     out = quantize_checkpoint(cfg.model, cfg.out, cfg.bits, cfg.group_size, cfg.embeddings)
@@ -127,14 +133,14 @@ def _chat_quantize(args: argparse.Namespace) -> int:
 
 
 def _chat_finetune(args: argparse.Namespace) -> int:
-    from glmgym.chat.finetune import FinetuneConfig, finetune
+    from glmgym.chat.finetune import finetune
 
     finetune(dataclass_from_namespace(FinetuneConfig, args))
     return 0
 
 
 def _chat_evaluate(args: argparse.Namespace) -> int:
-    from glmgym.chat.predict import ChatEvalConfig, evaluate_generation, format_results
+    from glmgym.chat.predict import evaluate_generation, format_results
 
     cfg = dataclass_from_namespace(ChatEvalConfig, args)
     print(format_results(evaluate_generation(cfg), cfg.out))
@@ -142,8 +148,7 @@ def _chat_evaluate(args: argparse.Namespace) -> int:
 
 
 def _chat_merge_lora(args: argparse.Namespace) -> int:
-    from glmgym.chat.checkpoint import merge_lora_checkpoint
-    from glmgym.chat.terminal import MergeLoraConfig
+    from glmgym.chat.session import merge_lora_checkpoint
 
     cfg = dataclass_from_namespace(MergeLoraConfig, args)
     import torch
@@ -154,7 +159,7 @@ def _chat_merge_lora(args: argparse.Namespace) -> int:
 
 
 def _chat_serve(args: argparse.Namespace) -> int:
-    from glmgym.chat.server import ServeConfig, serve
+    from glmgym.chat.server import serve
 
     return serve(dataclass_from_namespace(ServeConfig, args))
 
@@ -170,13 +175,6 @@ def _command(subparsers, name: str, func, config: type | None = None, **texts) -
 
 def build_parser() -> argparse.ArgumentParser:
     """The full `glmgym` argument parser."""
-    from glmgym.agents.collect import CollectConfig
-    from glmgym.agents.config import EvalConfig, TrainConfig
-    from glmgym.agents.play import PlayConfig
-    from glmgym.chat.finetune import FinetuneConfig
-    from glmgym.chat.predict import ChatEvalConfig
-    from glmgym.chat.server import ServeConfig
-    from glmgym.chat.terminal import ChatCLIConfig, MergeLoraConfig, QuantizeConfig
 
     parser = argparse.ArgumentParser(
         prog="glmgym",

@@ -9,12 +9,14 @@ import torch
 
 from glmgym.errors import GlmgymError
 
-__all__ = ["cpu_capability", "native_bf16", "resolve_device"]
+__all__ = ["cpu_capability", "native_bf16", "resolve_device", "set_threads"]
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda (this process's local rank under torchrun) when available, else cpu."""
-    if name == "auto":
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The one device resolver: 'auto' (or None) -> cuda (this process's local rank under torchrun)
+    when available, else cpu; anything else is checked (an unknown name, or CUDA where there is
+    none, raises GlmgymError)."""
+    if name is None or name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
@@ -25,6 +27,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GlmgymError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+def set_threads(threads: int | None) -> None:
+    """Use `threads` CPU threads (None keeps PyTorch's default, one per physical core)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise GlmgymError(f"--threads must be at least 1, not {threads}")
+    torch.set_num_threads(threads)
 
 
 def cpu_capability() -> str:

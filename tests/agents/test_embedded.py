@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from glmgym.agents import TrainConfig, load_checkpoint, load_dataset
+from glmgym.agents import Policy, TrainConfig, load_dataset
 from glmgym.agents.catalog import format_catalog, list_datasets
 from glmgym.agents.config import PRESETS
 from glmgym.agents.data import embedded_datasets
@@ -48,7 +48,7 @@ def test_embedded_datasets_have_the_documented_shapes():
 
 
 def test_pretrained_agent_loads_with_its_extras():
-    ckpt = load_checkpoint(pretrained_agent("Hopper-v5"))
+    ckpt = Policy.from_pretrained(pretrained_agent("Hopper-v5"))
     cfg = ckpt.model.config
     assert (cfg.state_dim, cfg.act_dim, cfg.hidden_size, cfg.n_layer) == (11, 3, 128, 3)
     assert ckpt.extras["env_id"] == "Hopper-v5"
@@ -63,7 +63,7 @@ def test_every_shipped_agent_loads_and_matches_its_env():
     agents = pretrained_agents()
     assert "Hopper-v5" in agents
     for env_id, path in agents.items():
-        ckpt = load_checkpoint(path)
+        ckpt = Policy.from_pretrained(path)
         envs = make_vector_env(env_id, 1)
         try:
             assert ckpt.model.config.state_dim == envs.single_observation_space.shape[0]
@@ -99,14 +99,13 @@ def test_train_without_arguments_uses_the_embedded_dataset(capsys, tmp_path):
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n.endswith("-medium") and not n.startswith("hopper")])
 def test_train_on_each_shipped_env_needs_no_other_option(name, tmp_path):
     """`glmgym agent train --dataset embedded:<env>-medium` infers the env and its target returns."""
-    from glmgym.agents.checkpoint import latest_checkpoint
     from glmgym.agents.train import default_target_returns
 
     rc = main(["agent", "train", "--dataset", f"embedded:{name}", "--steps", "3", "--eval-episodes", "0",
                "--no-progress", "--hidden-size", "32"])
     assert rc == 0
     (run,) = (tmp_path / "runs").iterdir()
-    ckpt = load_checkpoint(latest_checkpoint(run))
+    ckpt = Policy.from_pretrained(run)
     state_dim, act_dim, env_id, *_ = FAMILIES[name.split("-")[0]]
     assert ckpt.extras["env_id"] == env_id
     assert (ckpt.model.config.state_dim, ckpt.model.config.act_dim) == (state_dim, act_dim)

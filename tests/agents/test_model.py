@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from glmgym.agents import DecisionTransformer, DTConfig
-from glmgym.agents.checkpoint import EXTRAS_FILE, load_checkpoint, to_hf_state_dict
+from glmgym.agents import DecisionTransformer, DTConfig, Policy
+from glmgym.agents.checkpoint import EXTRAS_FILE, to_hf_state_dict
 from glmgym.errors import GlmgymError
 
 STATE, ACT = 11, 3
@@ -71,7 +71,7 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path):
     assert (got[mask.bool()] - expected[mask.bool()]).abs().max() <= 1e-5
     # tensor names and Conv1D layout ([in, out]) are HF's
     hf_state = hf.state_dict()
-    for name, tensor in to_hf_state_dict(ours).items():
+    for name, tensor in to_hf_state_dict(ours.state_dict()).items():
         assert hf_state[name].shape == tensor.shape, name
 
 
@@ -79,7 +79,7 @@ def test_round_trip_preserves_weights_and_extras(tmp_path):
     model = DecisionTransformer(DTConfig(state_dim=STATE, act_dim=ACT, hidden_size=32, max_ep_len=50))
     extras = {"state_mean": [0.5] * STATE, "state_std": [2.0] * STATE, "env_id": "Hopper-v5"}
     model.save_pretrained(tmp_path / "c", extras=extras)
-    ckpt = load_checkpoint(tmp_path / "c")
+    ckpt = Policy.from_pretrained(tmp_path / "c")
     for (n1, t1), (n2, t2) in zip(model.state_dict().items(), ckpt.model.state_dict().items()):
         assert n1 == n2 and torch.equal(t1, t2)
     assert ckpt.extras["env_id"] == "Hopper-v5"
@@ -92,7 +92,7 @@ def test_pytorch_model_bin_is_loaded_with_weights_only(tmp_path):
     d = tmp_path / "bin"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(model.config.to_dict()))
-    torch.save(to_hf_state_dict(model), d / "pytorch_model.bin")
+    torch.save(to_hf_state_dict(model.state_dict()), d / "pytorch_model.bin")
     loaded = DecisionTransformer.from_pretrained(d)
     assert torch.equal(loaded.embed_state.weight, model.embed_state.weight)
     assert torch.equal(loaded.encoder.h[0].attn.c_attn.weight, model.encoder.h[0].attn.c_attn.weight)
@@ -109,26 +109,26 @@ def test_checkpoint_needing_pickled_code_is_refused(tmp_path):
     (d / "config.json").write_text(json.dumps(DTConfig(state_dim=STATE, act_dim=ACT).to_dict()))
     torch.save({"x": _Payload()}, d / "pytorch_model.bin")
     with pytest.raises(GlmgymError, match="refusing to load"):
-        load_checkpoint(d)
+        Policy.from_pretrained(d)
 
 
 def test_bad_checkpoint_directories(tmp_path):
     with pytest.raises(GlmgymError, match="does not exist"):
-        load_checkpoint(tmp_path / "absent")
+        Policy.from_pretrained(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
     with pytest.raises(GlmgymError, match=r"no config\.json"):
-        load_checkpoint(tmp_path / "empty")
+        Policy.from_pretrained(tmp_path / "empty")
     model = DecisionTransformer(DTConfig(state_dim=STATE, act_dim=ACT, hidden_size=32))
     model.save_pretrained(tmp_path / "c")
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     cfg["hidden_size"] = 64
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(GlmgymError, match=r"do not match config\.json"):
-        load_checkpoint(tmp_path / "c")
+        Policy.from_pretrained(tmp_path / "c")
     cfg.update(hidden_size=32, scale_attn_by_inverse_layer_idx=True)
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(GlmgymError, match="supports False only"):
-        load_checkpoint(tmp_path / "c")
+        Policy.from_pretrained(tmp_path / "c")
 
 
 def test_predictions_are_causal():
@@ -148,14 +148,12 @@ def test_predictions_are_causal():
 def test_save_is_atomic_and_keeps_the_old_checkpoint_on_failure(tmp_path, monkeypatch):
     model = DecisionTransformer(DTConfig(state_dim=STATE, act_dim=ACT, hidden_size=32))
     model.save_pretrained(tmp_path / "c", extras={"v": 1})
-    import glmgym.agents.checkpoint as ck
-
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
     with pytest.raises(OSError):
-        ck.save_checkpoint(model, tmp_path / "c", extras={"v": 2})
+        model.save_pretrained(tmp_path / "c", extras={"v": 2})
     assert json.loads((tmp_path / "c" / EXTRAS_FILE).read_text()) == {"v": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp dirs left behind
 

@@ -22,3 +22,16 @@ def test_random_datasets_are_seeded_and_whole_episodes():
     assert np.all(np.abs(a.actions) <= 1.0)  # inside Hopper's action box
     with pytest.raises(GlmgymError, match="must be positive"):
         collect_random("Hopper-v5", episodes=0)
+
+
+def test_random_specs_are_generated_by_open_dataset_not_loaded():
+    from glmgym.agents.data import load_dataset
+    from glmgym.agents.rollouts import open_dataset
+
+    ds = open_dataset("random:Hopper-v5:2")
+    assert ds.num_episodes == 2 and ds.source == "random:Hopper-v5:2"
+    assert open_dataset("embedded:hopper-medium").name == "hopper-medium"  # the rest: load_dataset's
+    with pytest.raises(GlmgymError, match="EPISODES must be an integer"):
+        open_dataset("random:Hopper-v5:many")
+    with pytest.raises(GlmgymError, match="not loaded"):
+        load_dataset("random:Hopper-v5")

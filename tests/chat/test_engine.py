@@ -39,7 +39,7 @@ class FakeTokenizer:
 
 @dataclass
 class _Config:
-    max_sequence_length: int = 64
+    max_sequence_length: int = 128
 
 
 class FakeBot:
@@ -49,9 +49,6 @@ class FakeBot:
 
     def config(self, gen):
         return GenerationConfig(**gen)
-
-    def fit_prompt(self, query, history, cfg, trim=True):
-        return self.tokenizer.encode(query), list(history)
 
 
 class FakeBatch:

@@ -52,9 +52,9 @@ def _wait_idle(engine, timeout=20.0):
 
 
 def test_messages_map_onto_chatglm_history():
-    from glmgym.chat.server import _models
+    from glmgym.chat.openai_api import request_models
 
-    Message = _models()[0]
+    Message = request_models()["Message"]
     msgs = [Message(role="system", content="Be brief."), Message(role="user", content="Hi"),
             Message(role="assistant", content="Hello!"), Message(role="user", content="Who are you?")]
     query, history = to_chatglm(msgs)

@@ -10,6 +10,10 @@ A directory holds:
 
 Loading accepts `model.safetensors` or `pytorch_model.bin`; the latter only through
 `torch.load(weights_only=True)`, so a checkpoint can never run code.
+
+This module reads and writes the files only; it builds no model. `DecisionTransformer.
+from_pretrained` builds the network from them and `Policy.from_pretrained` the agent (network plus
+state normalization): the one way to load an agent.
 """
 
 from __future__ import annotations
@@ -26,17 +30,17 @@ import torch
 
 from glmgym._io import atomic_dir, atomic_write_json, fix_mode, read_json
 from glmgym.agents.config import DTConfig
-from glmgym.agents.model import DecisionTransformer
 from glmgym.errors import GlmgymError
 
 __all__ = [
     "EXTRAS_FILE",
-    "Checkpoint",
+    "CheckpointFiles",
     "from_hf_state_dict",
     "latest_checkpoint",
-    "load_checkpoint",
-    "save_checkpoint",
+    "read_checkpoint",
+    "read_state_dict",
     "to_hf_state_dict",
+    "write_checkpoint",
 ]
 
 EXTRAS_FILE = "glmgym.json"
@@ -46,36 +50,23 @@ _IGNORED = re.compile(r"^encoder\.h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 @dataclass
-class Checkpoint:
-    """A loaded checkpoint: the model and the glmgym extras (empty for a bare HF directory)."""
+class CheckpointFiles:
+    """What a checkpoint directory holds, read and checked, before any model is built."""
 
-    model: DecisionTransformer
+    path: Path
+    """The checkpoint directory."""
+    config: DTConfig
+    """`config.json`."""
+    state: dict[str, torch.Tensor]
+    """Weights in glmgym's layout (`from_hf_state_dict` applied)."""
     extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def state_mean(self) -> np.ndarray:
-        """State normalization mean (zeros, i.e. identity, when the checkpoint has none)."""
-        return np.asarray(self.extras.get("state_mean", np.zeros(self.model.config.state_dim)),
-                          dtype=np.float32)
-
-    @property
-    def state_std(self) -> np.ndarray:
-        """State normalization std (ones when the checkpoint has none)."""
-        return np.asarray(self.extras.get("state_std", np.ones(self.model.config.state_dim)),
-                          dtype=np.float32)
-
-    def policy(self):
-        """The model with what it needs to act (defaults for a bare HF directory: rtg/1000, K=20)."""
-        from glmgym.agents.evaluate import Policy
-
-        return Policy(self.model, self.state_mean, self.state_std,
-                      float(self.extras.get("reward_scale", 1000.0)), int(self.extras.get("context_len", 20)))
+    """`glmgym.json` (empty for a bare transformers directory)."""
 
 
-def to_hf_state_dict(model: DecisionTransformer) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """glmgym parameters -> HF tensor names and layouts (Conv1D weights as [in, out])."""
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         t = tensor.detach().cpu()
         out[name] = (t.t() if _CONV1D.match(name) else t).contiguous()
     return out
@@ -90,17 +81,19 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     }
 
 
-def save_checkpoint(
-    model: DecisionTransformer,
+def write_checkpoint(
     path: str | Path,
+    config: DTConfig,
+    state: dict[str, torch.Tensor],
     extras: dict[str, Any] | None = None,
     extra_files: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (the old one, if any, is replaced whole).
 
     Args:
-        model: the model to save (any device; a DDP wrapper must be unwrapped first).
         path: the directory to write.
+        config: the model's configuration (`config.json`).
+        state: the model's state dict, glmgym layout, any device.
         extras: JSON-serializable glmgym data (numpy arrays become lists).
         extra_files: more files to put in the directory: name -> JSON data, or a callable that
             receives the destination path and writes it.
@@ -109,8 +102,8 @@ def save_checkpoint(
 
     path = Path(path)
     with atomic_dir(path) as tmp:
-        atomic_write_json(tmp / "config.json", model.config.to_dict())
-        save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", config.to_dict())
+        save_file(to_hf_state_dict(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         fix_mode(tmp / "model.safetensors")
         if extras is not None:
             atomic_write_json(tmp / EXTRAS_FILE, _jsonable(extras))
@@ -161,11 +154,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise GlmgymError(f"{path} has no model.safetensors or pytorch_model.bin")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint directory written by glmgym or by transformers' `save_pretrained`.
+def read_checkpoint(path: str | Path) -> CheckpointFiles:
+    """Read a checkpoint directory written by glmgym or by transformers' `save_pretrained`.
 
     Raises:
-        GlmgymError: the directory, `config.json` or the weights are missing or malformed.
+        GlmgymError: the directory, `config.json`, the weights or `glmgym.json` are missing or
+            malformed.
     """
     path = Path(path)
     if not path.is_dir():
@@ -178,23 +172,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     except json.JSONDecodeError as exc:
         raise GlmgymError(f"{cfg_file} is not valid JSON: {exc}") from None
     state = from_hf_state_dict(read_state_dict(path))
-    with torch.device("meta"):
-        model = DecisionTransformer(config)
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise GlmgymError(
-            f"weights in {path} do not match config.json: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
-    for name, ref in model.state_dict().items():
-        if tuple(state[name].shape) != tuple(ref.shape):
-            raise GlmgymError(
-                f"weights in {path} do not match config.json: {name} has shape "
-                f"{tuple(state[name].shape)}, expected {tuple(ref.shape)}"
-            )
-    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-    model = model.to(device).eval()
     extras: dict[str, Any] = {}
     extras_file = path / EXTRAS_FILE
     if extras_file.is_file():
@@ -206,7 +183,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             if key in extras and len(extras[key]) != config.state_dim:
                 raise GlmgymError(f"{extras_file}: {key} has {len(extras[key])} entries, "
                                   f"state_dim is {config.state_dim}")
-    return Checkpoint(model=model, extras=extras)
+    return CheckpointFiles(path, config, state, extras)
 
 
 def latest_checkpoint(path: str | Path) -> Path:

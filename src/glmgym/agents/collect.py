@@ -25,13 +25,13 @@ import contextlib
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from glmgym._io import atomic_dir, atomic_path, atomic_write_json, read_json
+from glmgym.agents.config import LEVELS, CollectConfig
 from glmgym.agents.data import OfflineDataset, load_d4rl
 from glmgym.agents.envs import env_family, make_vector_env
 from glmgym.agents.rollouts import ActFn, check_spaces, run_episodes, uniform_policy
@@ -39,59 +39,7 @@ from glmgym.errors import GlmgymError, import_extra
 
 __all__ = ["LEVELS", "CollectConfig", "collect", "save_record", "write_d4rl_hdf5"]
 
-LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 STATE_FILE = "collect_state.json"
-
-@dataclass
-class CollectConfig:
-    """Options of `glmgym agent collect`."""
-
-    env: str = "Hopper-v5"
-    """Gymnasium env id (Box observations and actions)."""
-    levels: str = "medium,medium-replay,expert"
-    """Comma-separated dataset levels: random, medium, medium-replay, expert, medium-expert."""
-    steps: int = 1_000_000
-    """SAC training steps (environment steps) for the expert."""
-    dataset_steps: int = 1_000_000
-    """Transitions per collected dataset (whole episodes, at least this many)."""
-    snapshot_every: int = 10_000
-    """Save and score a policy snapshot every N training steps (medium candidates)."""
-    snapshot_episodes: int = 5
-    """Episodes that score each snapshot."""
-    ref_episodes: int = 100
-    """Episodes for the random and expert reference returns."""
-    learning_starts: int = 10_000
-    """Uniform-random steps before SAC starts learning."""
-    seed: int = 0
-    """Seed of SAC, the environments and the random policy."""
-    out: str | None = None
-    """Output directory; default: datasets/<env>. Rerun with the same options to resume."""
-    minari: bool = False
-    """Also write each dataset to the local Minari store as glmgym/<env>/<level>-v0."""
-    num_envs: int = 8
-    """Environments stepped together when collecting datasets."""
-    progress: bool = True
-    """Show progress bars."""
-
-    def level_list(self) -> list[str]:
-        """The requested levels, validated."""
-        levels = [x.strip() for x in self.levels.split(",") if x.strip()]
-        bad = [x for x in levels if x not in LEVELS]
-        if bad or not levels:
-            raise GlmgymError(
-                f"unknown level(s) {', '.join(bad) or '(none)'}; choose from {', '.join(LEVELS)}"
-            )
-        return levels
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "dataset_steps", "snapshot_every", "snapshot_episodes", "ref_episodes",
-                     "num_envs"):
-            if getattr(self, name) <= 0:
-                raise GlmgymError(f"--{name.replace('_', '-')} must be positive")
-        if self.learning_starts < 0:
-            raise GlmgymError("--learning-starts must be >= 0")
-        self.level_list()
-
 
 # ---------------------------------------------------------------------------------------------
 # Files

@@ -2,8 +2,10 @@
 
 `DTConfig` mirrors Hugging Face's `DecisionTransformerConfig` field for field (same names, same
 meaning, same defaults), so a `config.json` written by either library loads in the other.
-`TrainConfig` and `EvalConfig` are the entry points of `glmgym agent train` / `evaluate`; the CLI
-is generated from them, so their defaults are the only defaults.
+`TrainConfig`, `EvalConfig`, `CollectConfig` and `PlayConfig` are the options of `glmgym agent
+train` / `evaluate` / `collect` / `play`; the CLI is generated from them, so their defaults are the
+only defaults. This module is the pillar's one config home and imports no torch (`glmgym --help`
+stays light).
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from typing import Any
 
 from glmgym.errors import GlmgymError
 
-__all__ = ["ACTIVATIONS", "PRESETS", "DTConfig", "EvalConfig", "TrainConfig"]
+__all__ = [
+    "ACTIVATIONS", "LEVELS", "PRESETS", "CollectConfig", "DTConfig", "EvalConfig", "PlayConfig",
+    "TrainConfig",
+]
+
+LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+"""Dataset levels `glmgym agent collect` makes (D4RL's names)."""
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "tanh", "silu")
 
@@ -253,3 +261,81 @@ class EvalConfig:
             raise GlmgymError(f"--episodes must be positive, got {self.episodes}")
         if self.sweep is not None and (self.sweep < 2 or self.target_returns):
             raise GlmgymError("--sweep N needs N >= 2 and no --target-return")
+
+
+@dataclass
+class CollectConfig:
+    """Options of `glmgym agent collect`."""
+
+    env: str = "Hopper-v5"
+    """Gymnasium env id (Box observations and actions)."""
+    levels: str = "medium,medium-replay,expert"
+    """Comma-separated dataset levels: random, medium, medium-replay, expert, medium-expert."""
+    steps: int = 1_000_000
+    """SAC training steps (environment steps) for the expert."""
+    dataset_steps: int = 1_000_000
+    """Transitions per collected dataset (whole episodes, at least this many)."""
+    snapshot_every: int = 10_000
+    """Save and score a policy snapshot every N training steps (medium candidates)."""
+    snapshot_episodes: int = 5
+    """Episodes that score each snapshot."""
+    ref_episodes: int = 100
+    """Episodes for the random and expert reference returns."""
+    learning_starts: int = 10_000
+    """Uniform-random steps before SAC starts learning."""
+    seed: int = 0
+    """Seed of SAC, the environments and the random policy."""
+    out: str | None = None
+    """Output directory; default: datasets/<env>. Rerun with the same options to resume."""
+    minari: bool = False
+    """Also write each dataset to the local Minari store as glmgym/<env>/<level>-v0."""
+    num_envs: int = 8
+    """Environments stepped together when collecting datasets."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def level_list(self) -> list[str]:
+        """The requested levels, validated."""
+        levels = [x.strip() for x in self.levels.split(",") if x.strip()]
+        bad = [x for x in levels if x not in LEVELS]
+        if bad or not levels:
+            raise GlmgymError(
+                f"unknown level(s) {', '.join(bad) or '(none)'}; choose from {', '.join(LEVELS)}"
+            )
+        return levels
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "dataset_steps", "snapshot_every", "snapshot_episodes", "ref_episodes",
+                     "num_envs"):
+            if getattr(self, name) <= 0:
+                raise GlmgymError(f"--{name.replace('_', '-')} must be positive")
+        if self.learning_starts < 0:
+            raise GlmgymError("--learning-starts must be >= 0")
+        self.level_list()
+
+
+@dataclass
+class PlayConfig:
+    """Options of `glmgym agent play`."""
+
+    video: str = field(default="", metadata={"metavar": "FILE"})
+    """Output video (.mp4, .gif, ...); default: play-<env id>.mp4 in the current directory."""
+    checkpoint: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Checkpoint or run directory; default: the shipped pretrained agent of --env (Hopper-v5)."""
+    episodes: int = 1
+    """Episodes to play one after the other."""
+    target_return: float | None = field(default=None, metadata={"metavar": "R"})
+    """Return to condition on; default: the first target recorded in the checkpoint."""
+    env: str | None = None
+    """Gymnasium env id; default: the one recorded in the checkpoint. Without --checkpoint it
+    picks the shipped agent of that env."""
+    seed: int = 0
+    """Seed of the first episode."""
+    fps: int = 30
+    """Frames per second of the video (frames are taken every env_fps / fps steps)."""
+    size: int = 480
+    """Width and height of the frames in pixels."""
+
+    def __post_init__(self) -> None:
+        if self.episodes <= 0 or self.fps <= 0 or self.size < 16:
+            raise GlmgymError("--episodes and --fps must be positive and --size at least 16")

@@ -9,56 +9,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from glmgym.agents.envs import RefScores, make_vector_env, normalized_score
-from glmgym.agents.model import DecisionTransformer
+from glmgym.agents.policy import Policy
 from glmgym.errors import GlmgymError
 
-__all__ = ["Policy", "conditioning", "evaluate", "format_report", "rollout", "sweep_targets"]
-
-
-@dataclass
-class Policy:
-    """A model plus what it needs to act: normalization, reward scale and context length."""
-
-    model: DecisionTransformer
-    """The trained model (put in eval mode by the rollout)."""
-    state_mean: np.ndarray
-    """[state_dim] mean used to normalize observations."""
-    state_std: np.ndarray
-    """[state_dim] std used to normalize observations."""
-    reward_scale: float = 1000.0
-    """Returns-to-go are divided by this."""
-    context_len: int = 20
-    """K: the model sees the last K steps."""
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the model's parameters."""
-        return next(self.model.parameters()).device
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Policy:
-        """A checkpoint as a ready policy: the model with the state normalization, reward scale and
-        context length it was trained with (`DecisionTransformer.from_pretrained` gives the bare
-        network, which expects normalized states).
-
-        Args:
-            path: a checkpoint directory, or a run directory (its newest checkpoint).
-            device: where the model runs.
-
-        Raises:
-            GlmgymError: no checkpoint there, or a malformed one.
-        """
-        from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint
-
-        return load_checkpoint(latest_checkpoint(path), device=device).policy()
+__all__ = ["conditioning", "evaluate", "format_report", "rollout", "sweep_targets"]
 
 
 def rollout(

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmgym.agents.checkpoint import CheckpointFiles, read_checkpoint, write_checkpoint
 from glmgym.agents.config import DTConfig
+from glmgym.errors import GlmgymError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -286,16 +288,39 @@ class DecisionTransformer(nn.Module):
 
         The network expects normalized states; `Policy.from_pretrained` loads it together with the
         checkpoint's state mean/std, reward scale and context length, ready for `evaluate`.
+
+        Raises:
+            GlmgymError: missing or malformed files, or weights that do not fit `config.json`.
         """
-        from glmgym.agents.checkpoint import load_checkpoint
+        return cls.from_checkpoint_files(read_checkpoint(path), device)
 
-        return load_checkpoint(path, device=device).model
+    @classmethod
+    def from_checkpoint_files(cls, files: CheckpointFiles,
+                              device: str | torch.device = "cpu") -> DecisionTransformer:
+        """Build the network from files `read_checkpoint` has read (names and shapes checked)."""
+        with torch.device("meta"):
+            model = cls(files.config)
+        expected, state = model.state_dict(), files.state
+        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+        if missing or unexpected:
+            raise GlmgymError(
+                f"weights in {files.path} do not match config.json: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        for name, ref in expected.items():
+            if tuple(state[name].shape) != tuple(ref.shape):
+                raise GlmgymError(
+                    f"weights in {files.path} do not match config.json: {name} has shape "
+                    f"{tuple(state[name].shape)}, expected {tuple(ref.shape)}"
+                )
+        model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+        return model.to(device).eval()
 
-    def save_pretrained(self, path: str | Path, extras: dict | None = None) -> None:
-        """Write `config.json` + `model.safetensors` in HF layout (atomically)."""
-        from glmgym.agents.checkpoint import save_checkpoint
-
-        save_checkpoint(self, path, extras=extras)
+    def save_pretrained(self, path: str | Path, extras: dict | None = None,
+                        extra_files: dict | None = None) -> Path:
+        """Write `config.json` + `model.safetensors` in HF layout (atomically); see
+        `write_checkpoint` for `extras` (`glmgym.json`) and `extra_files`."""
+        return write_checkpoint(path, self.config, self.state_dict(), extras, extra_files)
 
 
 def _attention_bias(attention_mask: torch.Tensor | None, K: int, device: torch.device):

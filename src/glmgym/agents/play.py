@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from glmgym._io import atomic_path, read_json
+from glmgym.agents.config import PlayConfig
 from glmgym.errors import GlmgymError, import_extra
 
 __all__ = ["PRETRAINED_ROOT", "PlayConfig", "camera_options", "play", "pretrained_agent", "pretrained_agents"]
 
 PRETRAINED_ROOT = Path(__file__).parent / "embedded" / "pretrained"
 DEFAULT_ENV = "Hopper-v5"
-
-
-@dataclass
-class PlayConfig:
-    """Options of `glmgym agent play`."""
-
-    video: str = field(default="", metadata={"metavar": "FILE"})
-    """Output video (.mp4, .gif, ...); default: play-<env id>.mp4 in the current directory."""
-    checkpoint: str | None = field(default=None, metadata={"metavar": "DIR"})
-    """Checkpoint or run directory; default: the shipped pretrained agent of --env (Hopper-v5)."""
-    episodes: int = 1
-    """Episodes to play one after the other."""
-    target_return: float | None = field(default=None, metadata={"metavar": "R"})
-    """Return to condition on; default: the first target recorded in the checkpoint."""
-    env: str | None = None
-    """Gymnasium env id; default: the one recorded in the checkpoint. Without --checkpoint it
-    picks the shipped agent of that env."""
-    seed: int = 0
-    """Seed of the first episode."""
-    fps: int = 30
-    """Frames per second of the video (frames are taken every env_fps / fps steps)."""
-    size: int = 480
-    """Width and height of the frames in pixels."""
-
-    def __post_init__(self) -> None:
-        if self.episodes <= 0 or self.fps <= 0 or self.size < 16:
-            raise GlmgymError("--episodes and --fps must be positive and --size at least 16")
 
 
 def camera_options(env_id: str) -> dict:
@@ -79,23 +52,19 @@ def play(cfg: PlayConfig) -> dict:
     os.environ.setdefault("MUJOCO_GL", "egl")
     imageio = import_extra("imageio.v2", "agents")
 
-    from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint
     from glmgym.agents.evaluate import rollout
+    from glmgym.agents.policy import Policy
 
-    if cfg.checkpoint:
-        ckpt_dir = latest_checkpoint(cfg.checkpoint)
-    else:
-        ckpt_dir = pretrained_agent(cfg.env or DEFAULT_ENV)
-    ckpt = load_checkpoint(ckpt_dir)
-    env_id = cfg.env or ckpt.extras.get("env_id")
+    ckpt_dir = cfg.checkpoint or pretrained_agent(cfg.env or DEFAULT_ENV)
+    policy = Policy.from_pretrained(ckpt_dir)
+    env_id = cfg.env or policy.extras.get("env_id")
     if not env_id:
         raise GlmgymError(f"{ckpt_dir} does not record its environment; pass --env ENV_ID")
     target = cfg.target_return
     if target is None:
-        target = (ckpt.extras.get("target_returns") or [None])[0]
+        target = (policy.extras.get("target_returns") or [None])[0]
     if target is None:
         raise GlmgymError(f"{ckpt_dir} records no target return; pass --target-return R")
-    policy = ckpt.policy()
     video = Path(cfg.video or f"play-{env_id}.mp4")
     video.parent.mkdir(parents=True, exist_ok=True)
     frames: list = []

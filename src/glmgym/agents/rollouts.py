@@ -1,7 +1,7 @@
 """Recorded episodes of any policy in batched Gymnasium envs, and the random-policy datasets.
 
 `run_episodes` is the one place that steps environments to record D4RL-layout transitions: the
-SAC collection (`collect.py`) and the `random:ENV_ID` dataset specs (`data.py`) both use it.
+SAC collection (`collect.py`) and the `random:ENV_ID` dataset specs (`open_dataset`) both use it.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from glmgym.agents.data import OfflineDataset
+from glmgym.agents.data import OfflineDataset, load_dataset
 from glmgym.agents.envs import make_vector_env
 from glmgym.errors import GlmgymError
 
-__all__ = ["ActFn", "check_spaces", "collect_random", "run_episodes", "uniform_policy"]
+__all__ = ["ActFn", "check_spaces", "collect_random", "open_dataset", "run_episodes", "uniform_policy"]
 
 ActFn = Callable[[np.ndarray], np.ndarray]
 """A batched policy: observations [n, obs_dim] -> actions [n, act_dim]."""
@@ -131,3 +131,21 @@ def collect_random(env_id: str, episodes: int = 100, seed: int = 0, num_envs: in
         source=f"random:{env_id}:{episodes}",
         metadata={"policy": "uniform random", "seed": seed, "episodes": episodes},
     )
+
+
+def open_dataset(spec: str, download: bool = False) -> OfflineDataset:
+    """Any dataset spec: `random:ENV_ID[:EPISODES]` is generated here, the rest is
+    `data.load_dataset`'s (its grammar).
+
+    Raises:
+        GlmgymError: a malformed spec, or what `load_dataset` / `collect_random` raise.
+    """
+    scheme, _, rest = spec.partition(":")
+    if scheme != "random":
+        return load_dataset(spec, download=download)
+    env_id, _, n = rest.partition(":")
+    try:
+        episodes = int(n) if n else 100
+    except ValueError:
+        raise GlmgymError(f"random:{rest}: EPISODES must be an integer") from None
+    return collect_random(env_id, episodes=episodes)

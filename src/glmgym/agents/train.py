@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from glmgym._dataclass_cli import resumed
-from glmgym._io import atomic_write_json, atomic_write_text, read_json
-from glmgym.agents.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from glmgym._io import atomic_write_json, atomic_write_text
+from glmgym.agents.checkpoint import latest_checkpoint
 from glmgym.agents.config import DTConfig, TrainConfig
-from glmgym.agents.data import OfflineDataset, WindowBatch, WindowSampler, load_dataset
+from glmgym.agents.data import OfflineDataset, WindowBatch, WindowSampler
 from glmgym.agents.envs import (
     D4RL_REF_SCORES,
     PAPER_TARGET_RETURNS,
@@ -40,16 +39,24 @@ from glmgym.agents.envs import (
     make_vector_env,
     reference_scores,
 )
-from glmgym.agents.evaluate import Policy, evaluate, format_report
+from glmgym.agents.evaluate import evaluate, format_report
 from glmgym.agents.model import DecisionTransformer
-from glmgym.devices import native_bf16, resolve_device
+from glmgym.agents.policy import Policy
+from glmgym.agents.rollouts import open_dataset
+from glmgym.devices import resolve_device
 from glmgym.distributed import ProcessGroup
 from glmgym.errors import GlmgymError
+from glmgym.runs import (
+    TRAINER_STATE_JSON,
+    TRAINER_STATE_PT,
+    check_world_size,
+    new_run_dir,
+    resume_config,
+    use_bf16,
+)
 
 __all__ = ["default_target_returns", "make_optimizer", "train", "train_step"]
 
-TRAINER_STATE_JSON = "trainer_state.json"
-TRAINER_STATE_PT = "trainer_state.pt"
 # Options that may change when resuming; any other difference would silently change the run.
 _RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_episodes", "save_every", "log_every",
                         "progress", "device", "target_returns")
@@ -85,14 +92,6 @@ def default_target_returns(env_id: str, dataset: OfflineDataset) -> tuple[float,
     return (best, best / 2)
 
 
-def _merge_resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    saved_file = run_dir / "train_config.json"
-    if not saved_file.is_file():
-        raise GlmgymError(f"cannot resume: {saved_file} is missing")
-    merged = resumed(cfg, read_json(saved_file), (*_RESUMABLE_OVERRIDES, "resume", "out"))
-    return dataclasses.replace(merged, out=str(run_dir), resume=cfg.resume)
-
-
 @dataclasses.dataclass
 class _Inputs:
     """What `train` checks before it writes anything."""
@@ -111,11 +110,9 @@ def _check_inputs(cfg: TrainConfig) -> _Inputs:
     resume_ckpt: Path | None = None
     if cfg.resume:
         resume_ckpt = latest_checkpoint(cfg.resume)
-        if not (resume_ckpt / TRAINER_STATE_JSON).is_file():
-            raise GlmgymError(f"{resume_ckpt} has no trainer state: it cannot be resumed")
-        read_json(resume_ckpt / TRAINER_STATE_JSON)  # a broken one: say so before anything runs
-        cfg = _merge_resume_config(cfg, resume_ckpt.parent.parent)
-    dataset = load_dataset(cfg.dataset, download=cfg.download)
+        run = resume_ckpt.parent.parent
+        cfg = resume_config(cfg, run, "train_config.json", resume_ckpt, _RESUMABLE_OVERRIDES)
+    dataset = open_dataset(cfg.dataset, download=cfg.download)
     env_id = cfg.env or env_id_for_dataset(dataset.name, dataset.env_id)
     if cfg.eval_episodes > 0 or cfg.env:
         probe = make_vector_env(env_id, 1)
@@ -126,10 +123,7 @@ def _check_inputs(cfg: TrainConfig) -> _Inputs:
                 f"dataset {dataset.name} has states of size {dataset.state_dim} and actions of size "
                 f"{dataset.act_dim}, but {env_id} has {obs_shape} and {act_shape}; pass the right --env"
             )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"dt-{dataset.name.replace('/', '-')}-{stamp}"
-    if resume_ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
-        raise GlmgymError(f"{run_dir} already holds files; pick another --out or pass --resume {run_dir}")
+    run_dir = new_run_dir(cfg.out, f"dt-{dataset.name.replace('/', '-')}", resume_ckpt is not None)
     targets = cfg.target_returns or default_target_returns(env_id, dataset)
     return _Inputs(cfg, resume_ckpt, dataset, env_id, run_dir, tuple(targets),
                    reference_scores(env_id, dataset.metadata))
@@ -209,7 +203,7 @@ def _save(path: Path, step: int, model, optimizer, scheduler, rng, ddp: ProcessG
     if ddp.main:
         pt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
               "torch_rng": [s["torch_rng"] for s in states], "cuda_rng": [s["cuda_rng"] for s in states]}
-        save_checkpoint(model, path, extras=extras, extra_files={
+        model.save_pretrained(path, extras=extras, extra_files={
             TRAINER_STATE_JSON: {"step": step, "world_size": ddp.world,
                                  "numpy_rng": [s["numpy_rng"] for s in states]},
             TRAINER_STATE_PT: lambda p: torch.save(pt, p),
@@ -277,7 +271,7 @@ def train(cfg: TrainConfig) -> Path:
     if ddp.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
+    bf16 = use_bf16(cfg.precision, device)
     log = _RunLog(run, ddp.main, step if run.resume_ckpt is not None else None)
     policy = Policy(model, state_mean, state_std, cfg.reward_scale, cfg.context_len)
 
@@ -285,7 +279,7 @@ def train(cfg: TrainConfig) -> Path:
     if ddp.main:
         print(f"training on {dataset.name} ({dataset.num_episodes} episodes, "
               f"{dataset.num_transitions} transitions), env {run.env_id}, device {device}, "
-              f"{'bf16 autocast' if use_bf16 else 'fp32'}, {ddp.world} process(es) -> {run.run_dir}")
+              f"{'bf16 autocast' if bf16 else 'fp32'}, {ddp.world} process(es) -> {run.run_dir}")
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and ddp.main),
                desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 15.0)
@@ -293,7 +287,7 @@ def train(cfg: TrainConfig) -> Path:
     try:
         while step < cfg.steps:
             loss = train_step(train_model, params, optimizer, scheduler,
-                              sampler.sample(cfg.batch_size // ddp.world), device, use_bf16, cfg.grad_clip)
+                              sampler.sample(cfg.batch_size // ddp.world), device, bf16, cfg.grad_clip)
             step += 1
             steps_since += 1
             bar.update(1)
@@ -356,11 +350,8 @@ def train_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer, sc
 
 
 def _load_trainer_state(ckpt: Path, model, optimizer, scheduler, rng, ddp: ProcessGroup, device) -> int:
-    state_json = read_json(ckpt / TRAINER_STATE_JSON)
-    if state_json.get("world_size", 1) != ddp.world:
-        raise GlmgymError(f"{ckpt} was written by {state_json.get('world_size')} processes; "
-                          f"resume it with the same number (now {ddp.world})")
-    loaded = load_checkpoint(ckpt, device=device).model
+    state_json = check_world_size(ckpt, ddp.world)
+    loaded = DecisionTransformer.from_pretrained(ckpt, device=device)
     model.load_state_dict(loaded.state_dict())
     pt = torch.load(ckpt / TRAINER_STATE_PT, map_location=device, weights_only=True)
     optimizer.load_state_dict(pt["optimizer"])

@@ -30,6 +30,8 @@ __all__ = ["DTYPES", "default_dtype", "load_model", "quantize_checkpoint", "reso
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".index.json")
+"""Weight files a merged checkpoint does not copy from its base (it writes its own)."""
 _HUB_FILES = ["*.json", "*.model", "*.safetensors", "*.bin"]
 _EMBEDDINGS = "transformer.word_embeddings.weight"
 
@@ -394,35 +396,3 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_s
 
 
 _WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".index.json")
-
-
-def merge_lora_checkpoint(model: str | Path, lora: str | Path, out_dir: str | Path,
-                          dtype: torch.dtype | None = None) -> Path:
-    """Write a plain float checkpoint of `model` with the LoRA adapter `lora` merged in (what
-    `glmgym chat quantize` then takes), usable wherever the base folder was: the base's other
-    files come along as files (its config.json keys glmgym does not use, such as `auto_map`;
-    tokenizer files; its own `*.py`, copied, never imported), and the weights are written in the
-    base's format (`.safetensors`, or `.bin` shards for a base that has only those).
-
-    Args:
-        model: the float base: a directory, hub id (local cache) or random:tiny.
-        lora: the PEFT adapter directory.
-        out_dir: the new folder (written atomically).
-        dtype: the weights' dtype (default: the base's `torch_dtype`, else fp16 as THUDM's).
-
-    Raises:
-        GlmgymError: a quantized base, or an adapter that does not fit the model.
-    """
-    from glmgym.chat.session import load
-
-    base_dir = None if str(model) == "random:tiny" else resolve_model_dir(str(model))
-    base_config: dict = {}
-    if base_dir is not None and (base_dir / "config.json").is_file():
-        base_config = read_json(base_dir / "config.json")
-    if dtype is None:
-        dtype = getattr(torch, str(base_config.get("torch_dtype", "float16")), torch.float16)
-    bot = load(str(model), dtype=torch.float32, device="cpu", lora=lora)  # merged in fp32
-    safetensors = base_dir is None or any(base_dir.glob("*.safetensors")) or not any(base_dir.glob("*.bin"))
-    out = save_model(bot.model.to(dtype), out_dir, safetensors=safetensors, tokenizer=bot.tokenizer,
-                     base_dir=base_dir)
-    return out

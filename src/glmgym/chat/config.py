@@ -1,16 +1,33 @@
-"""`GLMConfig`: the ChatGLM-6B (GLM v1) architecture, read from a checkpoint's `config.json`."""
+"""The chat pillar's configuration home: the architecture (`GLMConfig`, read from a checkpoint's
+`config.json`), decoding (`GenerationConfig`) and every command's options, all torch-free so that
+`glmgym --help` stays light. The model-loading options are declared once, in `ModelOptions`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from glmgym.errors import GlmgymError
 
-__all__ = ["PRESETS", "GLMConfig", "GenerationConfig"]
+__all__ = [
+    "DTYPE_CHOICES",
+    "PRESETS",
+    "ChatCLIConfig",
+    "ChatEvalConfig",
+    "FinetuneConfig",
+    "GLMConfig",
+    "GenerationConfig",
+    "MergeLoraConfig",
+    "ModelOptions",
+    "QuantizeConfig",
+    "ServeConfig",
+]
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+FINETUNE_METHODS = ("ptuning", "lora", "full")
 
 
 @dataclass
@@ -133,6 +150,18 @@ class GenerationConfig:
     seed: int | None = None
     """Seed of the sampler (None: nondeterministic)."""
 
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> GenerationConfig:
+        """A config from keyword options.
+
+        Raises:
+            TypeError: an option that is not a field.
+        """
+        unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        return cls(**options)
+
     def __post_init__(self) -> None:
         if not 0.0 < self.top_p <= 1.0:
             raise GlmgymError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -143,3 +172,226 @@ class GenerationConfig:
             raise GlmgymError("top_k must be >= 0, max_length and max_new_tokens positive")
         if self.repetition_penalty <= 0:
             raise GlmgymError("repetition_penalty must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command options
+
+
+@dataclass
+class ModelOptions:
+    """How a command loads the model (shared by chat, serve and evaluate)."""
+
+    model: str = "THUDM/chatglm-6b"
+    """Checkpoint directory, hub id (from the local cache, or downloaded when online), or
+    random:tiny (a tiny random model: its output is noise)."""
+    dtype: str | None = field(default=None, metadata={"choices": DTYPE_CHOICES})
+    """Weights and compute dtype; default: bfloat16 where the hardware has it, else float32 on CPU."""
+    device: str = "auto"
+    """Torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
+    quantize: int | None = field(default=None, metadata={"choices": (4, 8)})
+    """Quantize the block weights to INT4 or INT8 while loading (quantized checkpoints load as
+    they are)."""
+    threads: int | None = None
+    """CPU threads for PyTorch; default: all physical cores."""
+    ptuning_checkpoint: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """A P-Tuning v2 checkpoint (checkpoint-N/ of `glmgym chat finetune` or THUDM's ptuning)
+    whose prefix is added to the model."""
+    lora: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """A PEFT LoRA adapter, merged into the float weights at load (before --quantize)."""
+
+
+@dataclass
+class ChatCLIConfig(ModelOptions):
+    """Options of `glmgym chat`."""
+
+    prompt: str | None = field(default=None, metadata={"metavar": "TEXT"})
+    """Answer this one message on stdout and exit."""
+    max_length: int = GenerationConfig.max_length
+    """Longest prompt + answer in tokens; older turns are dropped to fit."""
+    top_p: float = GenerationConfig.top_p
+    """Nucleus sampling mass."""
+    temperature: float = GenerationConfig.temperature
+    """Sampling temperature."""
+    seed: int | None = None
+    """Sampling seed, for reproducible answers."""
+
+
+@dataclass
+class ServeConfig(ModelOptions):
+    """Options of `glmgym chat serve`."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; 127.0.0.1 keeps the server local, 0.0.0.0 exposes it."""
+    port: int = 8000
+    """TCP port."""
+    api_key: str | None = field(default=None, metadata={"metavar": "KEY"})
+    """Require `Authorization: Bearer KEY` on the API routes and /metrics, and the key as the web
+    chat's password (default: $GLMGYM_API_KEY; none when unset)."""
+    max_queue: int = 32
+    """Requests waiting or running at once; more get 429 at once."""
+    max_batch: int = 8
+    """Rows decoded together; waiting requests join the running batch between any two steps."""
+    prefill_chunk: int = 512
+    """Prompt tokens' worth of prefill per decoding step: a long prompt holds up the running rows
+    for at most about this much work at a time."""
+    request_timeout: float | None = field(default=None, metadata={"metavar": "SECONDS"})
+    """End a request that runs longer than this (from its arrival) with a 504 error."""
+    drain_seconds: float = 30.0
+    """On SIGTERM or Ctrl-C: seconds to let running requests finish (new ones get 503) before
+    the rest are cancelled and the server exits."""
+    ui: bool = True
+    """Mount the Gradio web chat at /ui."""
+
+
+@dataclass
+class ChatEvalConfig(ModelOptions):
+    """Options of `glmgym chat evaluate`."""
+
+    model: str = field(default="", metadata={"required": True, "metavar": "DIR|ID"})
+    """Checkpoint directory, hub id (from the local cache) or random:tiny."""
+    file: str = field(default="", metadata={"required": True, "metavar": "FILE"})
+    """JSON lines with the prompt and response columns."""
+    out: str = field(default="", metadata={"required": True, "metavar": "DIR"})
+    """Output directory (written atomically)."""
+    prompt_column: str = "content"
+    """Column of the prompt."""
+    response_column: str = "summary"
+    """Column of the reference answer."""
+    history_column: str | None = None
+    """Optional column of earlier [question, answer] turns."""
+    max_source_length: int = 64
+    """Prompt tokens kept."""
+    max_target_length: int = 64
+    """Longest generated answer, in tokens."""
+    batch_size: int = 8
+    """Prompts generated together."""
+    do_sample: bool = True
+    """Sample with top_p 0.7 and temperature 0.95 as the reference; --no-do-sample: greedy."""
+    seed: int = 42
+    """Sampling seed."""
+    limit: int | None = None
+    """Evaluate only the first N examples."""
+
+    def __post_init__(self) -> None:
+        if self.max_source_length < 1 or self.max_target_length < 1 or self.batch_size < 1:
+            raise GlmgymError("--max-source-length, --max-target-length and --batch-size must be positive")
+        if self.limit is not None and self.limit < 1:
+            raise GlmgymError("--limit must be positive")
+
+
+@dataclass
+class FinetuneConfig:
+    """Options of `glmgym chat finetune` (defaults: THUDM's `ptuning/train.sh`)."""
+
+    model: str = field(default="", metadata={"required": True, "metavar": "DIR|ID"})
+    """Base checkpoint directory, hub id (from the local cache) or random:tiny."""
+    train_file: str = field(default="", metadata={"required": True, "metavar": "FILE"})
+    """JSON lines with the prompt and response columns."""
+    prompt_column: str = "content"
+    """Column of the prompt (ADGEN: content; chat data: prompt)."""
+    response_column: str = "summary"
+    """Column of the answer (ADGEN: summary; chat data: response)."""
+    history_column: str | None = None
+    """Optional column of earlier [question, answer] turns (chat data: history)."""
+    validation_file: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """JSON lines like --train-file; its mean loss is logged every --eval-every steps and at the end."""
+    eval_every: int = 0
+    """Log the validation loss every N steps (0: only at the end)."""
+    method: str = field(default="ptuning", metadata={"choices": FINETUNE_METHODS})
+    """ptuning (P-Tuning v2 prefix), lora (adapters on --lora-targets) or full (every weight)."""
+    pre_seq_len: int = 128
+    """P-Tuning v2: prefix length."""
+    prefix_projection: bool = False
+    """P-Tuning v2: an MLP between the prefix embedding and the keys/values."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float = 32.0
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.1
+    """Dropout on the LoRA branch's input."""
+    lora_targets: str = "query_key_value"
+    """Comma-separated module names that get adapters."""
+    quantize: int | None = field(default=None, metadata={"choices": (4, 8)})
+    """Quantize the frozen base to INT4 or INT8 while loading (P-Tuning and LoRA)."""
+    max_source_length: int = 64
+    """Prompt tokens kept (the prompt is cut to max_source_length - 1)."""
+    max_target_length: int = 64
+    """Answer tokens kept (the answer is cut to max_target_length - 2)."""
+    batch_size: int = 1
+    """Examples per forward pass."""
+    grad_accum: int = 16
+    """Forward passes per optimizer step."""
+    learning_rate: float = 2e-2
+    """AdamW learning rate, decayed linearly to 0 (THUDM: 2e-2 for P-Tuning, 1e-4 full)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    steps: int = 3000
+    """Optimizer steps."""
+    save_every: int = 1000
+    """Write a checkpoint every N steps and at the end."""
+    log_every: int = 10
+    """Write a log line every N steps."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~30% slower)."""
+    precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16")})
+    """Compute dtype of the base: auto = bf16 where native, else fp32. Trained weights stay fp32."""
+    device: str = "auto"
+    """Torch device: auto, cpu, cuda, ..."""
+    seed: int = 42
+    """Seed of the data order, the new weights and dropout."""
+    out: str | None = None
+    """Run directory; default: runs/finetune-<method>-<time>."""
+    resume: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Continue the run in DIR exactly where its newest checkpoint stopped."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.method not in FINETUNE_METHODS:
+            raise GlmgymError(f"--method must be one of {', '.join(FINETUNE_METHODS)}, got {self.method!r}")
+        for name in ("pre_seq_len", "lora_rank", "batch_size", "grad_accum", "steps", "save_every",
+                     "log_every"):
+            if getattr(self, name) <= 0:
+                raise GlmgymError(f"--{name.replace('_', '-')} must be positive")
+        if self.eval_every < 0:
+            raise GlmgymError("--eval-every must be >= 0")
+        if self.max_source_length < 2 or self.max_target_length < 3:
+            raise GlmgymError("--max-source-length must be at least 2 and --max-target-length at least 3")
+        if self.learning_rate <= 0 or not 0 <= self.lora_dropout < 1:
+            raise GlmgymError("--learning-rate must be positive and --lora-dropout in [0, 1)")
+        if self.quantize and self.method == "full":
+            raise GlmgymError("--quantize works with --method ptuning or lora; "
+                              "full fine-tuning needs a float base")
+
+
+@dataclass
+class QuantizeConfig:
+    """Options of `glmgym chat quantize`."""
+
+    model: str = field(default="", metadata={"required": True, "metavar": "SRC"})
+    """Float checkpoint directory or hub id (from the local cache)."""
+    bits: int = field(default=4, metadata={"required": True, "choices": (4, 8)})
+    """4 or 8."""
+    out: str = field(default="", metadata={"required": True, "metavar": "DIR"})
+    """Output directory (written atomically)."""
+    group_size: int | None = field(default=None, metadata={"metavar": "G"})
+    """INT4 group size: 32, 64, 128 or 256 (default 128), or 0 for one scale per row (THUDM's
+    scheme, loadable by THUDM's code)."""
+    embeddings: bool = False
+    """Also quantize the word embeddings (and so the tied lm_head), per row."""
+
+
+@dataclass
+class MergeLoraConfig:
+    """Options of `glmgym chat merge-lora`."""
+
+    model: str = field(default="", metadata={"required": True, "metavar": "SRC"})
+    """Float base checkpoint directory or hub id (from the local cache)."""
+    lora: str = field(default="", metadata={"required": True, "metavar": "DIR"})
+    """PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors or .bin)."""
+    out: str = field(default="", metadata={"required": True, "metavar": "DIR"})
+    """Output directory (written atomically): a plain float checkpoint with the base's other files
+    (config keys such as auto_map, tokenizer files, its *.py)."""
+    dtype: str | None = field(default=None, metadata={"choices": ("float16", "bfloat16", "float32")})
+    """The merged weights' dtype; default: the base's."""

@@ -23,14 +23,28 @@ import torch
 
 from glmgym._io import atomic_path
 
-__all__ = ["TILE_ROWS", "attend_decode", "bf16_matmul", "load", "q4_matmul", "q8_matmul", "tile_q4",
-           "unavailable_reason"]
+__all__ = ["TILE_ROWS", "attend_decode", "bf16_matmul", "load", "pack_int4", "q4_matmul", "q8_matmul",
+           "tile_q4", "unavailable_reason", "unpack_int4"]
 
 _SOURCE = Path(__file__).with_name("kernels") / "lowbit_avx2.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
 _reason: str | None = None
 TILE_ROWS = 4  # ROWS in kernels/lowbit_avx2.c: output rows per tile of a q4 weight
 _CHUNK_ROWS = 4096  # rows repacked at a time: bounds the temporaries for embedding-sized weights
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] nibbles (int8 in -8..7, or uint8 in 0..15) -> [N, K/2], even column in the high nibble."""
+    return (q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: int8 input gives signed nibbles, uint8 gives 0..15. [N, K/2] -> [N, K]."""
+    if packed.dtype == torch.int8:
+        high, low = packed >> 4, (packed << 4) >> 4  # arithmetic shifts sign-extend
+    else:
+        high, low = packed >> 4, packed & 0x0F
+    return torch.stack((high, low), dim=-1).flatten(-2)  # [N, K/2, 2] -> [N, K]
 
 
 def _cache_dir() -> Path:
@@ -128,8 +142,6 @@ def tile_q4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         chunk, the TILE_ROWS rows' 64 columns (byte j = column j in the low nibble, column j + 32
         in the high one); `scale`, `zero`: fp32 [T, groups, TILE_ROWS]. Rows past N are zero.
     """
-    from glmgym.chat.quantize import unpack_int4
-
     N, K, R = packed.shape[0], packed.shape[1] * 2, TILE_ROWS
     T = -(-N // R)
     weight = torch.zeros(T * R, K // 2, dtype=torch.uint8)

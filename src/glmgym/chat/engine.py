@@ -31,7 +31,8 @@ from typing import Any
 
 from glmgym.chat.batch import RunningBatch, TokenOut
 from glmgym.chat.config import GenerationConfig
-from glmgym.chat.session import ChatGLM, History, Reply, process_response
+from glmgym.chat.session import ChatGLM
+from glmgym.chat.template import History, IncrementalDecoder, Reply, fit_prompt, process_response
 from glmgym.errors import GlmgymError
 
 __all__ = ["Chunk", "Done", "Draining", "Engine", "EngineObserver", "Failed", "Job", "QueueFull",
@@ -98,10 +99,15 @@ class EngineObserver:
 
 @dataclass
 class _Answer:
+    decoder: IncrementalDecoder
+    """The answer's tokens and their text."""
     row: int | None = None
-    tokens: list[int] = field(default_factory=list)
     last_at: float = 0.0
     done: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.decoder.tokens
 
 
 @dataclass
@@ -181,6 +187,7 @@ class Engine:
         if request_timeout is not None and request_timeout <= 0:
             raise GlmgymError(f"request_timeout must be positive, not {request_timeout}")
         self.bot, self.tokenizer = bot, bot.tokenizer
+        self.context = bot.model.config.max_sequence_length
         self.max_queue, self.max_batch = max_queue, max_batch
         self.request_timeout = request_timeout
         self.observer = observer or EngineObserver()
@@ -253,7 +260,7 @@ class Engine:
         if not 1 <= len(gens) <= self.max_batch:
             raise GlmgymError(f"n must be in 1..{self.max_batch} (--max-batch), not {len(gens)}")
         job = Job(list(prompt), gens, tuple(stop), asyncio.get_running_loop(), query, list(history), raw,
-                  logprobs, first_index, answers=[_Answer() for _ in gens])
+                  logprobs, first_index, answers=[_Answer(IncrementalDecoder(self.tokenizer)) for _ in gens])
         if events is not None:
             job.events = events
         with self._ready:
@@ -267,15 +274,15 @@ class Engine:
 
     def chat(self, query: str, history: History, gen: dict[str, Any], *, n: int = 1,
              stop: tuple[str, ...] = (), trim_history: bool = True, logprobs: int | None = None) -> Job:
-        """Fit a chat turn to the context (`ChatGLM.fit_prompt`) and submit it; `n` answers with
+        """Fit a chat turn to the context (`template.fit_prompt`) and submit it; `n` answers with
         seeds seed, seed + 1, ... when `gen` has a seed.
 
         Raises:
             GlmgymError: bad options, or a prompt that does not fit (and is not trimmed).
             QueueFull, Draining: as `submit`.
         """
-        cfg = self.bot.config(gen)
-        ids, kept = self.bot.fit_prompt(query, history, cfg, trim_history)
+        cfg = GenerationConfig.of(gen)
+        ids, kept = fit_prompt(self.tokenizer, self.context, query, history, cfg, trim_history)
         return self.submit(ids, answer_configs(cfg, n), stop=stop, query=query, history=kept,
                            logprobs=logprobs)
 
@@ -384,22 +391,22 @@ class Engine:
         job, i = self._running[out.row]
         answer = job.answers[i]
         cfg = job.gens[i]
-        answer.tokens.append(out.token)
+        answer.decoder.push(out.token)  # appends the new piece; the answer is not decoded again
         if len(answer.tokens) == 1:
             self.observer.first_token(now - job.submitted)
         else:
             self.observer.next_token(now - answer.last_at)
         answer.last_at = now
         ended = out.token == self.tokenizer.eos_id
-        text = self.tokenizer.decode(answer.tokens)
+        limit = min(cfg.max_length, self.context) - len(job.prompt)
+        if cfg.max_new_tokens is not None:
+            limit = min(limit, cfg.max_new_tokens)
+        text = answer.decoder.finish() if ended or len(answer.tokens) >= limit else answer.decoder.text
         if not job.raw:
             text = process_response(text)
         text, stopped = cut_at_stop(text, job.stop)
         reply = Reply(text, [*job.history, (job.query, text)], len(job.prompt), len(answer.tokens), ended)
         job.emit(Chunk(job.first_index + i, reply, (out,) if job.logprobs is not None else ()), self._outbox)
-        limit = min(cfg.max_length, self.bot.model.config.max_sequence_length) - len(job.prompt)
-        if cfg.max_new_tokens is not None:
-            limit = min(limit, cfg.max_new_tokens)
         if ended or stopped or len(answer.tokens) >= limit:
             answer.done = True
             self._release(answer)

@@ -33,106 +33,25 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glmgym._io import read_json
+from glmgym.chat.config import FinetuneConfig
 from glmgym.distributed import ProcessGroup
 from glmgym.errors import GlmgymError, import_extra
+from glmgym.runs import (
+    TRAINER_STATE_JSON,
+    TRAINER_STATE_PT,
+    check_world_size,
+    new_run_dir,
+    resume_config,
+    use_bf16,
+)
 
 __all__ = ["FinetuneConfig", "finetune"]
 
-TRAINER_STATE_JSON = "trainer_state.json"
-TRAINER_STATE_PT = "trainer_state.pt"
-METHODS = ("ptuning", "lora", "full")
 # options that may change when resuming (anything else would change the run's math)
 _RESUMABLE = ("steps", "save_every", "progress", "device", "out", "resume", "eval_every", "validation_file")
-
-
-@dataclass
-class FinetuneConfig:
-    """Options of `glmgym chat finetune` (defaults: THUDM's `ptuning/train.sh`)."""
-
-    model: str = field(default="", metadata={"required": True, "metavar": "DIR|ID"})
-    """Base checkpoint directory, hub id (from the local cache) or random:tiny."""
-    train_file: str = field(default="", metadata={"required": True, "metavar": "FILE"})
-    """JSON lines with the prompt and response columns."""
-    prompt_column: str = "content"
-    """Column of the prompt (ADGEN: content; chat data: prompt)."""
-    response_column: str = "summary"
-    """Column of the answer (ADGEN: summary; chat data: response)."""
-    history_column: str | None = None
-    """Optional column of earlier [question, answer] turns (chat data: history)."""
-    validation_file: str | None = field(default=None, metadata={"metavar": "FILE"})
-    """JSON lines like --train-file; its mean loss is logged every --eval-every steps and at the end."""
-    eval_every: int = 0
-    """Log the validation loss every N steps (0: only at the end)."""
-    method: str = field(default="ptuning", metadata={"choices": METHODS})
-    """ptuning (P-Tuning v2 prefix), lora (adapters on --lora-targets) or full (every weight)."""
-    pre_seq_len: int = 128
-    """P-Tuning v2: prefix length."""
-    prefix_projection: bool = False
-    """P-Tuning v2: an MLP between the prefix embedding and the keys/values."""
-    lora_rank: int = 8
-    """LoRA rank r."""
-    lora_alpha: float = 32.0
-    """LoRA alpha (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.1
-    """Dropout on the LoRA branch's input."""
-    lora_targets: str = "query_key_value"
-    """Comma-separated module names that get adapters."""
-    quantize: int | None = field(default=None, metadata={"choices": (4, 8)})
-    """Quantize the frozen base to INT4 or INT8 while loading (P-Tuning and LoRA)."""
-    max_source_length: int = 64
-    """Prompt tokens kept (the prompt is cut to max_source_length - 1)."""
-    max_target_length: int = 64
-    """Answer tokens kept (the answer is cut to max_target_length - 2)."""
-    batch_size: int = 1
-    """Examples per forward pass."""
-    grad_accum: int = 16
-    """Forward passes per optimizer step."""
-    learning_rate: float = 2e-2
-    """AdamW learning rate, decayed linearly to 0 (THUDM: 2e-2 for P-Tuning, 1e-4 full)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    steps: int = 3000
-    """Optimizer steps."""
-    save_every: int = 1000
-    """Write a checkpoint every N steps and at the end."""
-    log_every: int = 10
-    """Write a log line every N steps."""
-    gradient_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass (less memory, ~30% slower)."""
-    precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16")})
-    """Compute dtype of the base: auto = bf16 where native, else fp32. Trained weights stay fp32."""
-    device: str = "auto"
-    """Torch device: auto, cpu, cuda, ..."""
-    seed: int = 42
-    """Seed of the data order, the new weights and dropout."""
-    out: str | None = None
-    """Run directory; default: runs/finetune-<method>-<time>."""
-    resume: str | None = field(default=None, metadata={"metavar": "DIR"})
-    """Continue the run in DIR exactly where its newest checkpoint stopped."""
-    progress: bool = True
-    """Show a progress bar."""
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise GlmgymError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("pre_seq_len", "lora_rank", "batch_size", "grad_accum", "steps", "save_every",
-                     "log_every"):
-            if getattr(self, name) <= 0:
-                raise GlmgymError(f"--{name.replace('_', '-')} must be positive")
-        if self.eval_every < 0:
-            raise GlmgymError("--eval-every must be >= 0")
-        if self.max_source_length < 2 or self.max_target_length < 3:
-            raise GlmgymError("--max-source-length must be at least 2 and --max-target-length at least 3")
-        if self.learning_rate <= 0 or not 0 <= self.lora_dropout < 1:
-            raise GlmgymError("--learning-rate must be positive and --lora-dropout in [0, 1)")
-        if self.quantize and self.method == "full":
-            raise GlmgymError("--quantize works with --method ptuning or lora; "
-                              "full fine-tuning needs a float base")
 
 
 def _state_for(model, method: str) -> dict[str, Any]:
@@ -289,19 +208,9 @@ def _plot(run_dir: Path, losses: list[tuple[int, float]]) -> None:
 
 def _resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
     run_dir = Path(cfg.resume)
-    saved_file = run_dir / "finetune_config.json"
     ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if not saved_file.is_file():
-        raise GlmgymError(f"cannot resume {run_dir}: it has no finetune_config.json (not a fine-tuning run)")
-    if not ckpts:
-        raise GlmgymError(f"cannot resume {run_dir}: it has no checkpoint-N folder yet")
-    if not (ckpts[-1] / TRAINER_STATE_JSON).is_file():
-        raise GlmgymError(f"cannot resume from {ckpts[-1]}: its {TRAINER_STATE_JSON} is missing")
-    read_json(ckpts[-1] / TRAINER_STATE_JSON)  # a broken one: say so before anything runs
-    from glmgym._dataclass_cli import resumed
-
-    merged = resumed(cfg, read_json(saved_file), _RESUMABLE)
-    return dataclasses.replace(merged, out=str(run_dir), resume=cfg.resume), ckpts[-1]
+    ckpt = ckpts[-1] if ckpts else None
+    return resume_config(cfg, run_dir, "finetune_config.json", ckpt, _RESUMABLE), ckpt
 
 
 def _validation_loss(model, examples: list, batch_size: int, pad_id: int, length: int, device) -> float:
@@ -374,7 +283,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     from glmgym._io import atomic_write_json
     from glmgym.chat.finetune_data import encode_example, read_examples
     from glmgym.chat.session import load
-    from glmgym.devices import native_bf16, resolve_device
+    from glmgym.devices import resolve_device
 
     resume_ckpt = None
     if cfg.resume:
@@ -383,14 +292,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
     pairs = read_examples(cfg.train_file, cfg.prompt_column, cfg.response_column, cfg.history_column)
     val_pairs = read_examples(cfg.validation_file, cfg.prompt_column, cfg.response_column,
                               cfg.history_column) if cfg.validation_file else []
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"finetune-{cfg.method}-{stamp}"
-    if resume_ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
-        raise GlmgymError(f"{run_dir} already holds files; pick another --out or pass --resume {run_dir}")
+    run_dir = new_run_dir(cfg.out, f"finetune-{cfg.method}", resume_ckpt is not None)
     group = ProcessGroup(device)
     if cfg.batch_size % group.world:
         raise GlmgymError(f"--batch-size {cfg.batch_size} is not divisible by {group.world} processes")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
+    bf16 = use_bf16(cfg.precision, device)
     # a quantized base dequantizes per call (kernels=False): autograd then reaches the inputs
     bot = load(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device,
                quantize=cfg.quantize, kernels=False)
@@ -487,10 +393,7 @@ def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler, gr
     (step, losses)."""
     import torch
 
-    state = read_json(ckpt / TRAINER_STATE_JSON)
-    if state.get("world_size", 1) != group.world:
-        raise GlmgymError(f"{ckpt} was written by {state.get('world_size', 1)} processes; resume it "
-                          f"with the same number (now {group.world})")
+    state = check_world_size(ckpt, group.world)
     if cfg.method == "ptuning":
         weights = torch.load(ckpt / "pytorch_model.bin", map_location="cpu", weights_only=True)
     elif cfg.method == "lora":

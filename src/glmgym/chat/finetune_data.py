@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from glmgym.chat.session import build_prompt
+from glmgym.chat.template import build_prompt
 from glmgym.chat.tokenizer import ChatGLMTokenizer
 from glmgym.errors import GlmgymError
 

@@ -9,58 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from glmgym.errors import GlmgymError
+from glmgym.chat.config import ChatEvalConfig
 
 __all__ = ["ChatEvalConfig", "evaluate_generation", "format_results"]
-
-
-@dataclass
-class ChatEvalConfig:
-    """Options of `glmgym chat evaluate`."""
-
-    model: str = field(default="", metadata={"required": True, "metavar": "DIR|ID"})
-    """Checkpoint directory, hub id (from the local cache) or random:tiny."""
-    file: str = field(default="", metadata={"required": True, "metavar": "FILE"})
-    """JSON lines with the prompt and response columns."""
-    out: str = field(default="", metadata={"required": True, "metavar": "DIR"})
-    """Output directory (written atomically)."""
-    prompt_column: str = "content"
-    """Column of the prompt."""
-    response_column: str = "summary"
-    """Column of the reference answer."""
-    history_column: str | None = None
-    """Optional column of earlier [question, answer] turns."""
-    ptuning_checkpoint: str | None = field(default=None, metadata={"metavar": "DIR"})
-    """A P-Tuning v2 checkpoint to evaluate."""
-    lora: str | None = field(default=None, metadata={"metavar": "DIR"})
-    """A PEFT LoRA adapter to evaluate (merged at load)."""
-    quantize: int | None = field(default=None, metadata={"choices": (4, 8)})
-    """Quantize the block weights while loading."""
-    max_source_length: int = 64
-    """Prompt tokens kept."""
-    max_target_length: int = 64
-    """Longest generated answer, in tokens."""
-    batch_size: int = 8
-    """Prompts generated together."""
-    do_sample: bool = True
-    """Sample with top_p 0.7 and temperature 0.95 as the reference; --no-do-sample: greedy."""
-    seed: int = 42
-    """Sampling seed."""
-    limit: int | None = None
-    """Evaluate only the first N examples."""
-    dtype: str | None = field(default=None, metadata={"choices": ("float32", "bfloat16", "float16")})
-    """Compute dtype (default as glmgym chat)."""
-    device: str | None = None
-    """Torch device (default: cuda when available, else cpu)."""
-
-    def __post_init__(self) -> None:
-        if self.max_source_length < 1 or self.max_target_length < 1 or self.batch_size < 1:
-            raise GlmgymError("--max-source-length, --max-target-length and --batch-size must be positive")
-        if self.limit is not None and self.limit < 1:
-            raise GlmgymError("--limit must be positive")
 
 
 def evaluate_generation(cfg: ChatEvalConfig) -> dict[str, float]:
@@ -68,12 +21,11 @@ def evaluate_generation(cfg: ChatEvalConfig) -> dict[str, float]:
     from glmgym._io import atomic_dir
     from glmgym.chat.finetune_data import read_examples
     from glmgym.chat.metrics import generation_scores
-    from glmgym.chat.session import load
+    from glmgym.chat.session import load_with
 
     pairs = read_examples(cfg.file, cfg.prompt_column, cfg.response_column, cfg.history_column)
     pairs = pairs[: cfg.limit] if cfg.limit else pairs
-    bot = load(cfg.model, dtype=cfg.dtype, device=cfg.device, quantize=cfg.quantize,
-               ptuning_checkpoint=cfg.ptuning_checkpoint, lora=cfg.lora)
+    bot = load_with(cfg)
     tok = bot.tokenizer
     gen = {"max_new_tokens": cfg.max_target_length, "do_sample": cfg.do_sample, "seed": cfg.seed}
     predictions: list[str] = []

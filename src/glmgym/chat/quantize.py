@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from glmgym.chat import cpu_kernels
+from glmgym.chat.cpu_kernels import pack_int4, unpack_int4
 from glmgym.devices import cpu_capability
 from glmgym.errors import GlmgymError
 
@@ -99,20 +101,6 @@ class QuantSpec:
         if not config.quantization_bit:
             return None
         return cls(config.quantization_bit, config.quantization_group_size, config.quantization_embeddings)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """[N, K] nibbles (int8 in -8..7, or uint8 in 0..15) -> [N, K/2], even column in the high nibble."""
-    return (q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int4`: int8 input gives signed nibbles, uint8 gives 0..15. [N, K/2] -> [N, K]."""
-    if packed.dtype == torch.int8:
-        high, low = packed >> 4, (packed << 4) >> 4  # arithmetic shifts sign-extend
-    else:
-        high, low = packed >> 4, packed & 0x0F
-    return torch.stack((high, low), dim=-1).flatten(-2)  # [N, K/2, 2] -> [N, K]
 
 
 _ROWS = 4096  # rows per chunk: bounds the fp32 / int32 temporaries of the embedding-sized weights
@@ -261,8 +249,6 @@ class QuantizedLinear(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.kernel_group_size,
                                                   self.scales_and_zeros)
         elif self.backend == "avx2":
-            from glmgym.chat import cpu_kernels
-
             if self.bits == 4:
                 y = cpu_kernels.q4_matmul(x2, self.weight, self.scale, self.zero, self.out_features,
                                           self.group_size or self.in_features)
@@ -355,8 +341,6 @@ def select_backend(bits: int, in_features: int, out_features: int, group_size: i
         return torch_kernel
     if K % 32 or (bits == 4 and (K % 64 or group_size % 64)):  # the kernels' block and chunk sizes
         return torch_kernel
-    from glmgym.chat import cpu_kernels
-
     if cpu_kernels.load() is None:
         _warn_once(f"INT{bits} layers run PyTorch's generic kernels, about 2x slower on this AVX2 CPU: "
                    f"glmgym's AVX2 kernels are not available ({cpu_kernels.unavailable_reason()})")
@@ -477,8 +461,6 @@ class Bf16DecodeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > self.MAX_ROWS * self.in_features or x.requires_grad:
             return nn.functional.linear(x, self.weight)
-        from glmgym.chat import cpu_kernels
-
         y = cpu_kernels.bf16_matmul(x.reshape(-1, self.in_features), self.weight.detach())
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
@@ -502,8 +484,6 @@ def use_decode_kernels(model: nn.Module, quantized: bool) -> nn.Module:
     if (type(head) is not nn.Linear or head.weight.dtype != torch.bfloat16 or head.weight.device.type != "cpu"
             or head.in_features % 32 or cpu_capability() != "AVX2"):
         return model
-    from glmgym.chat import cpu_kernels
-
     if cpu_kernels.load() is None:
         return model
     if quantized and head.weight is model.transformer.word_embeddings.weight:

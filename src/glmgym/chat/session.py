@@ -6,63 +6,34 @@
 
 from __future__ import annotations
 
-import re
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from glmgym._io import read_json
+from glmgym.chat.checkpoint import DTYPES, load_model, resolve_model_dir, save_model
+from glmgym.chat.config import ModelOptions
 from glmgym.chat.generate import GenerationConfig, generate
 from glmgym.chat.model import GLMModel
+from glmgym.chat.template import (
+    History,
+    HistoryTrimmedWarning,
+    IncrementalDecoder,
+    Reply,
+    build_prompt,
+    fit_prompt,
+    process_response,
+)
 from glmgym.chat.tokenizer import ChatGLMTokenizer
+from glmgym.devices import resolve_device, set_threads
 from glmgym.errors import GlmgymError
 
-__all__ = ["ChatGLM", "HistoryTrimmedWarning", "Reply", "build_prompt", "load", "process_response"]
-
-History = list[tuple[str, str]]
-_PUNCT = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")]
-
-
-class HistoryTrimmedWarning(UserWarning):
-    """The oldest turns of a conversation were dropped to fit the context."""
-
-
-def build_prompt(query: str, history: History | None = None) -> str:
-    """The v1.1 chat prompt: the raw query without history, else numbered rounds."""
-    if not history:
-        return query
-    prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
-    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
-
-
-def process_response(response: str) -> str:
-    """The reference's clean-up: strip, date placeholder, full-width punctuation next to CJK."""
-    response = response.strip().replace("[[训练时间]]", "2023年")
-    for ascii_p, full in _PUNCT:
-        response = re.sub(rf"([\u4e00-\u9fff]){ascii_p}", rf"\1{full}", response)
-        response = re.sub(rf"{ascii_p}([\u4e00-\u9fff])", rf"{full}\1", response)
-    return response
-
-
-@dataclass
-class Reply:
-    """One streaming step of `ChatGLM.stream_reply`."""
-
-    response: str
-    """The post-processed answer so far."""
-    history: History
-    """The history kept for the prompt, plus (query, response)."""
-    prompt_tokens: int
-    """Tokens of the prompt."""
-    completion_tokens: int
-    """Tokens generated so far (<eop> included once reached)."""
-    ended: bool
-    """The model emitted <eop>."""
-
+__all__ = [
+    "ChatGLM", "HistoryTrimmedWarning", "Reply", "build_prompt", "load", "load_with", "merge_lora_checkpoint",
+    "process_response",
+]
 
 class ChatGLM:
     """A loaded ChatGLM-6B: `chat`, `stream_chat`, and the `.model` / `.tokenizer` underneath."""
@@ -74,42 +45,12 @@ class ChatGLM:
 
     def config(self, gen: dict) -> GenerationConfig:
         """A `GenerationConfig` from keyword options (TypeError on unknown ones)."""
-        names = {f.name for f in fields(GenerationConfig)}
-        unknown = set(gen) - names
-        if unknown:
-            raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-        return GenerationConfig(**gen)
+        return GenerationConfig.of(gen)
 
     def fit_prompt(self, query: str, history: History, cfg: GenerationConfig,
                    trim: bool = True) -> tuple[list[int], History]:
-        """Prompt ids and the history they hold; the oldest turns are dropped (with a
-        `HistoryTrimmedWarning`) until the prompt leaves room for the answer.
-
-        Raises:
-            GlmgymError: the prompt does not fit, and `trim` is off or dropping turns is not enough.
-        """
-        limit = min(cfg.max_length, self.model.config.max_sequence_length)
-        # trimming keeps room for a useful answer; without it, any room is enough unless asked for more
-        room = cfg.max_new_tokens or (min(256, limit // 4) if trim else 1)
-        history = list(history)
-        dropped = 0
-        while True:
-            ids = self.tokenizer.encode(build_prompt(query, history))
-            if len(ids) + room <= limit:
-                break
-            if not trim:
-                raise GlmgymError(f"the prompt has {len(ids)} tokens; with {room} new tokens it exceeds "
-                                  f"the context of {limit} tokens (shorten the history or ask for trimming)")
-            if not history:
-                break
-            history.pop(0)
-            dropped += 1
-        if dropped:
-            message = f"dropped the {dropped} oldest turn(s) of the history to fit max_length {limit}"
-            warnings.warn(HistoryTrimmedWarning(message), stacklevel=3)
-        if len(ids) >= limit:
-            raise GlmgymError(f"the query alone has {len(ids)} tokens, more than max_length {limit} allows")
-        return ids, history
+        """`template.fit_prompt` for this model: prompt ids and the history they hold."""
+        return fit_prompt(self.tokenizer, self.model.config.max_sequence_length, query, history, cfg, trim)
 
     def stream_batch(self, items: list[tuple[str, History]], trim_history: bool = True,
                      **gen: Any) -> Iterator[list[Reply]]:
@@ -128,14 +69,24 @@ class ChatGLM:
         cfg = self.config(gen)
         fitted = [self.fit_prompt(q, list(h or []), cfg, trim_history) for q, h in items]
         tok = self.tokenizer
+        decoders = [IncrementalDecoder(tok) for _ in items]
+
+        def replies(new: list[list[int]], final: bool) -> list[Reply]:
+            out = []
+            for (query, _), (ids, kept), tokens, dec in zip(items, fitted, new, decoders):
+                for token in tokens[len(dec.tokens):]:  # the row's new token (none once it ended)
+                    dec.push(token)
+                ended = bool(tokens) and tokens[-1] == tok.eos_id
+                response = process_response(dec.finish() if ended or final else dec.text)
+                out.append(Reply(response, [*kept, (query, response)], len(ids), len(tokens), ended))
+            return out
+
+        new: list[list[int]] = [[] for _ in items]
         for new in generate(self.model, [ids for ids, _ in fitted], cfg, eos_id=tok.eos_id,
                             pad_id=tok.pad_id, vocab_limit=tok.vocab_size):
-            replies = []
-            for (query, _), (ids, kept), tokens in zip(items, fitted, new):
-                response = process_response(tok.decode(tokens))
-                replies.append(Reply(response, [*kept, (query, response)], len(ids), len(tokens),
-                                     bool(tokens) and tokens[-1] == tok.eos_id))
-            yield replies
+            yield replies(new, final=False)
+        if any(dec.held_back for dec in decoders):  # an answer cut inside a character: its last bytes
+            yield replies(new, final=True)
 
     def stream_reply(self, query: str, history: History | None = None, trim_history: bool = True,
                      **gen) -> Iterator[Reply]:
@@ -187,10 +138,9 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
         GlmgymError: missing or malformed files, or an adapter that does not fit the model.
     """
     from glmgym.chat.adapters import load_ptuning, merge_lora
-    from glmgym.chat.checkpoint import DTYPES, load_model, resolve_model_dir
     from glmgym.chat.quantize import QuantSpec, quantize_model
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise GlmgymError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
@@ -231,3 +181,40 @@ def load_tokenizer(model_dir: str | Path) -> ChatGLMTokenizer:
         cfg = read_json(model_dir / "config.json")
         offset = 20000 if cfg.get("bos_token_id") == 150004 else 0
     return ChatGLMTokenizer(model_dir / "ice_text.model", num_image_tokens=int(offset))
+
+
+def load_with(options: ModelOptions) -> ChatGLM:
+    """`load` as a command's `ModelOptions` ask (threads set first)."""
+    set_threads(options.threads)
+    return load(options.model, dtype=options.dtype, device=options.device, quantize=options.quantize,
+                ptuning_checkpoint=options.ptuning_checkpoint, lora=options.lora)
+
+
+def merge_lora_checkpoint(model: str | Path, lora: str | Path, out_dir: str | Path,
+                          dtype: torch.dtype | None = None) -> Path:
+    """Write a plain float checkpoint of `model` with the LoRA adapter `lora` merged in (what
+    `glmgym chat quantize` then takes), usable wherever the base folder was: the base's other
+    files come along as files (its config.json keys glmgym does not use, such as `auto_map`;
+    tokenizer files; its own `*.py`, copied, never imported), and the weights are written in the
+    base's format (`.safetensors`, or `.bin` shards for a base that has only those).
+
+    Args:
+        model: the float base: a directory, hub id (local cache) or random:tiny.
+        lora: the PEFT adapter directory.
+        out_dir: the new folder (written atomically).
+        dtype: the weights' dtype (default: the base's `torch_dtype`, else fp16 as THUDM's).
+
+    Raises:
+        GlmgymError: a quantized base, or an adapter that does not fit the model.
+    """
+    base_dir = None if str(model) == "random:tiny" else resolve_model_dir(str(model))
+    base_config: dict = {}
+    if base_dir is not None and (base_dir / "config.json").is_file():
+        base_config = read_json(base_dir / "config.json")
+    if dtype is None:
+        dtype = getattr(torch, str(base_config.get("torch_dtype", "float16")), torch.float16)
+    bot = load(str(model), dtype=torch.float32, device="cpu", lora=lora)  # merged in fp32
+    safetensors = base_dir is None or any(base_dir.glob("*.safetensors")) or not any(base_dir.glob("*.bin"))
+    out = save_model(bot.model.to(dtype), out_dir, safetensors=safetensors, tokenizer=bot.tokenizer,
+                     base_dir=base_dir)
+    return out

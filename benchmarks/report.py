@@ -1,0 +1,344 @@
+"""The results pages' tables and plots, made from `benchmarks/results/*.json` only.
+
+    python benchmarks/report.py            # writes docs/results/*.md and docs/img/*.png
+
+`docs/benchmarks.md` includes the tables (pymdownx.snippets) and shows the plots; a test makes
+them again and checks the committed tables are what the results say. Each speed figure is shown
+under the CPU kind it was measured on; nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+KINDS = {"avx2": "AVX2 only", "avx512": "AVX-512 + bf16"}
+DT_ROWS = [
+    f"{family}-{level}"
+    for family in ("halfcheetah", "hopper", "walker2d")
+    for level in ("medium", "medium-replay", "medium-expert")
+]
+CHAT_FORMATS = {
+    "bf16": "bf16",
+    "int8": "INT8 (per row)",
+    "int4": "INT4, groups of 128 (default)",
+    "int4_rowwise": "INT4 per row (THUDM's scheme)",
+    "int4_qe": "INT4 + INT4 embeddings/lm_head",
+    "chatglm_cpp_q4_0": "chatglm.cpp q4_0",
+    "chatglm_cpp_q8_0": "chatglm.cpp q8_0",
+}
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _score(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    n = len(entry.get("seeds", []))
+    return f"{entry['normalized_score_mean']:.1f} ± {entry['normalized_score_std']:.1f}" + (
+        f" ({n})" if n else ""
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decision Transformer table
+
+
+def _end_windows() -> dict[str, dict]:
+    """glmgym's DT trained with `--windows end`, per dataset, from the per-dataset result files."""
+    rows: dict[str, dict] = {}
+    for path in sorted(RESULTS.glob("dt_windows_end_*.json")):
+        for name, entry in json.loads(path.read_text()).get("datasets", {}).items():
+            if "glmgym_dt" in entry:
+                rows[name] = entry["glmgym_dt"]
+    return rows
+
+
+def dt_table(out: Path, img: Path) -> None:
+    result = _load("dt_quality.json")
+    if result is None:
+        return
+    data, end = result["datasets"], _end_windows()
+    lines = [
+        "| dataset | data mean | BC | d3rlpy DT | glmgym DT | glmgym DT, `--windows end` |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in DT_ROWS:
+        e = data.get(name, {})
+        lines.append(
+            f"| {name} | {_fmt(e.get('dataset', {}).get('normalized_score_mean'))} | "
+            f"{_score(e.get('bc'))} | {_score(e.get('d3rlpy_dt'))} | {_score(e.get('glmgym_dt'))} | "
+            f"{_score(end.get(name))} |"
+        )
+    avg = result.get("average", {})
+    end_avg = (
+        sum(v["normalized_score_mean"] for v in end.values()) / len(end) if len(end) == len(DT_ROWS) else None
+    )
+    lines.append(
+        f"| **average** | {_fmt(avg.get('dataset'))} | {_fmt(avg.get('bc'))} | "
+        f"{_fmt(avg.get('d3rlpy_dt'))} | {_fmt(avg.get('glmgym_dt'))} | {_fmt(end_avg)} |"
+    )
+    lines += [
+        "",
+        "Normalized score (mean ± std over training seeds, their number in brackets), each DT at "
+        "its best of three target returns; 10k gradient steps, 10 evaluation episodes per seed and "
+        "target. A dash: not run yet.",
+    ]
+    (out / "dt_table.md").write_text("\n".join(lines) + "\n")
+
+    columns = [
+        ("data mean", lambda e: e.get("dataset")),
+        ("BC", lambda e: e.get("bc")),
+        ("d3rlpy DT", lambda e: e.get("d3rlpy_dt")),
+        ("glmgym DT", lambda e: e.get("glmgym_dt")),
+    ]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    if end:  # a bar group only once some dataset has runs
+        columns.append(("glmgym DT, windows end", None))
+    width = 0.8 / len(columns)
+    for c, (label, get) in enumerate(columns):
+        means, stds = [], []
+        for name in DT_ROWS:
+            entry = end.get(name) if get is None else get(data.get(name, {}))
+            means.append(entry["normalized_score_mean"] if entry else 0.0)
+            stds.append(entry.get("normalized_score_std", 0.0) if entry else 0.0)
+        xs = [i + (c - (len(columns) - 1) / 2) * width for i in range(len(DT_ROWS))]
+        ax.bar(xs, means, width, yerr=stds, label=label, capsize=2)
+    ax.set_xticks(range(len(DT_ROWS)), [n.replace("-", "\n", 1) for n in DT_ROWS], fontsize=8)
+    ax.set_ylabel("normalized score")
+    ax.set_ylim(top=135)
+    ax.legend(fontsize=8, ncols=5, loc="upper left")
+    ax.set_title("Decision Transformer, nine datasets (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(img / "dt_table.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# ChatGLM-6B decode speed
+
+
+def chat_speed(out: Path, img: Path) -> None:
+    result = _load("chat_speed.json")
+    if result is None:
+        return
+    by_cpu = result["by_cpu"]
+    kinds = [k for k in KINDS if k in by_cpu]
+    lines = [
+        "| decode tok/s (prefill tok/s) | " + " | ".join(KINDS[k] for k in kinds) + " |",
+        "|---|" + "---:|" * len(kinds),
+    ]
+    for key, label in CHAT_FORMATS.items():
+        cells = []
+        for k in kinds:
+            r = by_cpu[k].get(key)
+            cells.append(
+                "—"
+                if not r or "decode_tokens_per_s" not in r
+                else f"{r['decode_tokens_per_s']:.2f} ({r['prefill_tokens_per_s']:.1f})"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    setups = []
+    for k in kinds:
+        cfg = by_cpu[k].get("config", {})
+        flags = ", ".join(cfg.get("cpu_flags", [])) or "flags not recorded"
+        setups.append(
+            f"{KINDS[k]}: {cfg.get('cpu', 'x86_64')} ({flags}), {cfg.get('threads', '?')} threads, "
+            f"{cfg.get('date', '?')}"
+        )
+    lines += ["", "ChatGLM-6B (28 layers), 128-token prompt, 16 new tokens. " + "; ".join(setups) + "."]
+    (out / "chat_speed.md").write_text("\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    keys = list(CHAT_FORMATS)
+    width = 0.8 / len(kinds)
+    for c, k in enumerate(kinds):
+        vals = [by_cpu[k].get(key, {}).get("decode_tokens_per_s", 0.0) for key in keys]
+        ax.barh(
+            [i + (c - (len(kinds) - 1) / 2) * width for i in range(len(keys))], vals, width, label=KINDS[k]
+        )
+    ax.set_yticks(range(len(keys)), [CHAT_FORMATS[k] for k in keys], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("decode tokens/s (2 cores)")
+    ax.legend(fontsize=8)
+    ax.set_title("ChatGLM-6B decode speed per CPU kind")
+    fig.tight_layout()
+    fig.savefig(img / "chat_speed.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving under load
+
+
+def serve_load(out: Path, img: Path) -> None:
+    result = _load("serve_load.json")
+    if result is None:
+        return
+    models = [m for m in ("tiny", "mid") if m in result]
+    lines = [
+        "| model | clients | tokens/s | requests/s | first token p50 (s) | p95 (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in models:
+        for r in result[m]["runs"]:
+            lines.append(
+                f"| {m} | {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
+                f"{r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} |"
+            )
+    cfg = result.get("config", {})
+    lines += [
+        "",
+        f"{cfg.get('requests', '?')} requests of {cfg.get('max_tokens', '?')} tokens per client count, "
+        f"{cfg.get('dtype', '?')}, `--max-batch {cfg.get('max_batch', '?')}`, median of "
+        f"{cfg.get('rounds', '?')} rounds; {cfg.get('cpu', 'x86_64')} "
+        f"({', '.join(cfg.get('cpu_flags', []))}), {cfg.get('date', '?')}.",
+    ]
+    (out / "serve_load.md").write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.2))
+    for ax, m in zip(axes if len(models) > 1 else [axes], models):
+        runs = result[m]["runs"]
+        ax.plot([r["concurrency"] for r in runs], [r["tokens_per_s"] for r in runs], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{m} model")
+        ax.set_ylim(bottom=0)
+    fig.suptitle("Continuous batching: throughput against clients")
+    fig.tight_layout()
+    fig.savefig(img / "serve_load.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+def finetune(out: Path, img: Path) -> None:
+    quality, memory = _load("finetune_quality.json"), _load("finetune_memory.json")
+    lines: list[str] = []
+    if quality is not None:
+        lines += [
+            "| method | BLEU-4 | Rouge-1 | Rouge-L | train s | peak RSS (GiB) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for m in ("unadapted", "ptuning", "lora", "full"):
+            r = quality.get(m)
+            if r:
+                lines.append(
+                    f"| {m} | {r['bleu-4']:.1f} | {r['rouge-1']:.1f} | {r['rouge-l']:.1f} | "
+                    f"{_fmt(r.get('train_seconds'))} | {_fmt(r.get('peak_rss_gb'), 2)} |"
+                )
+        c = quality["config"]
+        lines += [
+            "",
+            f"A {c['layers']}-layer, width-{c['width']} GLM pretrained for {c['pretrain_steps']} "
+            f"steps, then adapted for {c['adapt_steps']} steps on {c['task_train']} examples and scored "
+            f"on {c['task_dev']}; {c.get('cpu', 'x86_64')} ({', '.join(c.get('cpu_flags', []))}), "
+            f"{c.get('date', '?')}.",
+            "",
+        ]
+    if memory is not None:
+        lines += [
+            "| 28 layers, INT4 base | load peak (GiB) | step peak (GiB) | step s | trained parameters |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for m in memory["config"]["methods"]:
+            r = memory[m]
+            lines.append(
+                f"| {m} | {r['load_peak_rss_gb']:.2f} | {r['step_peak_rss_gb']:.2f} | "
+                f"{r['step_seconds']:.0f} | {r['trained_parameters']:,} |"
+            )
+        c = memory["config"]
+        lines += [
+            "",
+            f"One optimizer step of {c['source']}+{c['target']} tokens on ChatGLM-6B's shape; "
+            f"{c.get('cpu', 'x86_64')}, {c.get('date', '?')}.",
+        ]
+    if lines:
+        (out / "finetune.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decision Transformer training speed
+
+
+def dt_speed(out: Path, img: Path) -> None:
+    result = _load("dt_speed.json")
+    if result is None:
+        return
+    by_cpu = result["by_cpu"]
+    kinds = [k for k in KINDS if k in by_cpu]
+    rows = [
+        ("transformers `DecisionTransformerModel`, fp32", "hf_fp32"),
+        ("glmgym, fp32", "glmgym_fp32"),
+        ("transformers, bf16 autocast", "hf_bf16"),
+        ("glmgym, bf16 autocast", "glmgym_bf16"),
+    ]
+    lines = [
+        "| training steps/s | " + " | ".join(KINDS[k] for k in kinds) + " |",
+        "|---|" + "---:|" * len(kinds),
+    ]
+    for label, key in rows:
+        lines.append(
+            f"| {label} | " + " | ".join(f"{by_cpu[k]['train_steps_per_s'][key]:.2f}" for k in kinds) + " |"
+        )
+    lines.append(
+        "| glmgym's default (`--precision auto`) against transformers' fp32 | "
+        + " | ".join(
+            f"{by_cpu[k]['glmgym_default_precision']}: "
+            f"**{by_cpu[k]['ratios']['train_default_vs_hf_fp32']:.2f}x**"
+            for k in kinds
+        )
+        + " |"
+    )
+    lines.append(
+        "| evaluation env steps/s, 10 episodes vectorized (one at a time) | "
+        + " | ".join(
+            "{vectorized:.0f} ({sequential:.0f})".format(**by_cpu[k]["eval_env_steps_per_s"]) for k in kinds
+        )
+        + " |"
+    )
+    cfg = by_cpu[kinds[0]]["config"]
+    lines += [
+        "",
+        f"K={cfg['context_len']}, hidden {cfg['hidden_size']}, {cfg['n_layer']} layers, batch "
+        f"{cfg['batch_size']}, 2 threads; evaluation on {cfg['eval_env']}.",
+    ]
+    (out / "dt_speed.md").write_text("\n".join(lines) + "\n")
+
+
+MAKERS = (dt_table, chat_speed, serve_load, finetune, dt_speed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tables", default=str(ROOT / "docs" / "results"), help="where the markdown tables go")
+    p.add_argument("--plots", default=str(ROOT / "docs" / "img"), help="where the PNG plots go")
+    args = p.parse_args(argv)
+    out, img = Path(args.tables), Path(args.plots)
+    out.mkdir(parents=True, exist_ok=True)
+    img.mkdir(parents=True, exist_ok=True)
+    for make in MAKERS:
+        make(out, img)
+    print(f"tables in {out}, plots in {img}")
+
+
+if __name__ == "__main__":
+    main()
