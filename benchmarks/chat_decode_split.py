@@ -1,7 +1,7 @@
 """Where a decoded token's time goes: glmgym's CPU kernels against everything else.
 
 Loads a checkpoint the way `glmgym chat` does (bf16 compute), prefills `--prompt` tokens, then
-times `--new` greedy decode steps, with the time spent inside each `cpu_kernels` function summed
+times `--new` greedy decode steps, with the time spent inside each `kernels.avx2` function summed
 (the q4 / q8 block kernels, the bf16 lm_head and decoding attention); the rest is layer norms, rotary,
 GELU, residuals and Python dispatch. Prints one line; the machine should be otherwise idle.
 
@@ -23,7 +23,7 @@ def main() -> None:
 
     import torch
 
-    import glmgym.chat.cpu_kernels as kernels
+    import glmgym.chat.kernels.avx2 as kernels
     from glmgym.chat.checkpoint import load_model
     from glmgym.chat.generate import PromptBatch, decode_one_token, prefill
     from glmgym.chat.model import KVCache

@@ -26,9 +26,9 @@ def child(model_dir: str, method: str, bits: int, source: int, target: int) -> d
     import torch
 
     from _machine import peak_rss_gb, reset_peak_rss  # beside this script (sys.path[0])
-    from glmgym.chat.finetune import FinetuneConfig, _optimizer_step, _prepare
-    from glmgym.chat.finetune_data import EncodedExample
     from glmgym.chat.session import load
+    from glmgym.chat.tuning.data import EncodedExample
+    from glmgym.chat.tuning.finetune import FinetuneConfig, _optimizer_step, _prepare
     from glmgym.devices import native_bf16
     from glmgym.distributed import ProcessGroup
 

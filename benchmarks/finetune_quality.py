@@ -88,10 +88,10 @@ def main() -> None:
     from glmgym._io import atomic_write_json
     from glmgym.chat.checkpoint import save_model
     from glmgym.chat.config import PRESETS
-    from glmgym.chat.finetune import FinetuneConfig, finetune
     from glmgym.chat.model import GLMModel
-    from glmgym.chat.predict import ChatEvalConfig, evaluate_generation
     from glmgym.chat.tokenizer import ChatGLMTokenizer, train_sentencepiece
+    from glmgym.chat.tuning.finetune import FinetuneConfig, finetune
+    from glmgym.chat.tuning.predict import ChatEvalConfig, evaluate_generation
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)

@@ -83,7 +83,7 @@ def _circles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 def test_the_graph_sees_imports_at_any_depth():
     graph = _import_graph()
     assert "glmgym.agents.model" in graph["glmgym.agents.policy"]
-    assert "glmgym.chat.session" in graph["glmgym.chat.predict"]  # imported inside a function
+    assert "glmgym.chat.session" in graph["glmgym.chat.tuning.predict"]  # imported inside a function
     assert _circles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [["a", "b", "c"]]
 
 

@@ -67,7 +67,7 @@ def good(tmp_path_factory):
     )
     save_file({"x": torch.zeros(2)}, str(root / "other.safetensors"))
     from glmgym.chat.checkpoint import quantize_checkpoint
-    from glmgym.chat.finetune import FinetuneConfig, finetune
+    from glmgym.chat.tuning.finetune import FinetuneConfig, finetune
 
     quantize_checkpoint(root / "model", root / "model-int8", 8)
     save_model(bot.model, root / "model-sharded", max_shard_bytes=200_000, tokenizer=bot.tokenizer)

@@ -133,14 +133,14 @@ def _chat_quantize(args: argparse.Namespace) -> int:
 
 
 def _chat_finetune(args: argparse.Namespace) -> int:
-    from glmgym.chat.finetune import finetune
+    from glmgym.chat.tuning.finetune import finetune
 
     finetune(dataclass_from_namespace(FinetuneConfig, args))
     return 0
 
 
 def _chat_evaluate(args: argparse.Namespace) -> int:
-    from glmgym.chat.predict import evaluate_generation, format_results
+    from glmgym.chat.tuning.predict import evaluate_generation, format_results
 
     cfg = dataclass_from_namespace(ChatEvalConfig, args)
     print(format_results(evaluate_generation(cfg), cfg.out))
@@ -159,7 +159,7 @@ def _chat_merge_lora(args: argparse.Namespace) -> int:
 
 
 def _chat_serve(args: argparse.Namespace) -> int:
-    from glmgym.chat.server import serve
+    from glmgym.chat.serving.server import serve
 
     return serve(dataclass_from_namespace(ServeConfig, args))
 

@@ -1,4 +1,4 @@
-"""Run folders and trainer state, shared by both trainers (`agents.train`, `chat.finetune`).
+"""Run folders and trainer state, shared by both trainers (`agents.train`, `chat.tuning.finetune`).
 
 A run folder holds the run's options as JSON and its checkpoints, each with `trainer_state.json`
 (step, world size, what a resume needs as JSON) and `trainer_state.pt` (optimizer, schedule,

@@ -106,14 +106,14 @@ def test_bf16_cached_decoding_follows_fp32_on_every_cpu_attention_path(native_bf
     """Single-query attention has one path for CPUs with native bf16 and two without: glmgym's
     AVX2 kernel on the bf16 cache, or (no compiler) fp32 SDPA on a converted copy."""
     import glmgym.chat.model as glm
-    from glmgym.chat import cpu_kernels
+    from glmgym.chat.kernels import avx2
 
     monkeypatch.setattr(glm, "_CPU_NATIVE_BF16", native_bf16)
     if kernel:
-        if cpu_kernels.load() is None:
-            pytest.skip(f"glmgym's kernels do not build here: {cpu_kernels.unavailable_reason()}")
+        if avx2.load() is None:
+            pytest.skip(f"glmgym's kernels do not build here: {avx2.unavailable_reason()}")
         calls = []
-        monkeypatch.setattr(glm, "_decode_kernels", lambda: _Counting(cpu_kernels, calls))
+        monkeypatch.setattr(glm, "_decode_kernels", lambda: _Counting(avx2, calls))
     else:
         monkeypatch.setattr(glm, "_decode_kernels", lambda: None)
     torch.manual_seed(0)

@@ -162,7 +162,7 @@ def test_thudm_int4_and_int8_checkpoints_load_and_match_their_dequantized_weight
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_bf16_checkpoints_on_avx2_decode_with_an_int8_head(bits, tiny, tmp_path, monkeypatch):
-    from glmgym.chat import cpu_kernels
+    from glmgym.chat.kernels import avx2
     from glmgym.chat.quantize import QuantizedEmbedding
 
     model, _ = tiny
@@ -172,8 +172,8 @@ def test_quantized_bf16_checkpoints_on_avx2_decode_with_an_int8_head(bits, tiny,
     plain = load_model(out, torch.bfloat16)
     assert plain.lm_head.weight is plain.transformer.word_embeddings.weight  # tied bf16, untouched
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    if cpu_kernels.load() is None:
-        pytest.skip(f"glmgym's kernels do not build here: {cpu_kernels.unavailable_reason()}")
+    if avx2.load() is None:
+        pytest.skip(f"glmgym's kernels do not build here: {avx2.unavailable_reason()}")
     fast = load_model(out, torch.bfloat16)
     head, emb = fast.lm_head, fast.transformer.word_embeddings
     assert isinstance(head, QuantizedLinear) and (head.bits, head.group_size, head.backend) == (8, 32, "avx2")

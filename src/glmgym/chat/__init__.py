@@ -17,20 +17,20 @@ from typing import TYPE_CHECKING
 from glmgym._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from glmgym.chat.batch import RunningBatch, TokenOut
     from glmgym.chat.config import PRESETS, GenerationConfig, GLMConfig
-    from glmgym.chat.engine import Engine
     from glmgym.chat.generate import generate
     from glmgym.chat.model import GLMModel, KVCache
     from glmgym.chat.quantize import QuantizedLinear, QuantSpec, quantize_model
+    from glmgym.chat.serving.batch import RunningBatch, TokenOut
+    from glmgym.chat.serving.engine import Engine
     from glmgym.chat.session import ChatGLM, load
     from glmgym.chat.template import HistoryTrimmedWarning, build_prompt, process_response
     from glmgym.chat.tokenizer import ChatGLMTokenizer
 
 _HOMES = {
-    "RunningBatch": "batch", "TokenOut": "batch",
+    "RunningBatch": "serving.batch", "TokenOut": "serving.batch",
     "PRESETS": "config", "GLMConfig": "config", "GenerationConfig": "config",
-    "Engine": "engine", "generate": "generate", "GLMModel": "model", "KVCache": "model",
+    "Engine": "serving.engine", "generate": "generate", "GLMModel": "model", "KVCache": "model",
     "QuantizedLinear": "quantize", "QuantSpec": "quantize", "quantize_model": "quantize",
     "ChatGLM": "session", "HistoryTrimmedWarning": "template", "build_prompt": "template",
     "load": "session", "process_response": "template", "ChatGLMTokenizer": "tokenizer",

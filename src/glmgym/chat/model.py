@@ -37,9 +37,9 @@ _CPU_NATIVE_BF16 = native_bf16(torch.device("cpu"))
 @functools.cache
 def _decode_kernels():
     """glmgym's AVX2 kernels module when they build here (decoding attention), else None."""
-    from glmgym.chat import cpu_kernels
+    from glmgym.chat.kernels import avx2
 
-    return cpu_kernels if cpu_kernels.load() is not None else None
+    return avx2 if avx2.load() is not None else None
 
 
 class RotaryEmbedding(nn.Module):

@@ -19,7 +19,7 @@ each the fastest measured there (`benchmarks/chat_speed.py`, docs/benchmarks):
   `torch._weight_int4pack_mm_for_cpu`, whose format is asymmetric groups, `w = (q - 8) * scale + zero`:
   group-wise maps onto it with `zero = min + 8 * scale`; per row as one group spanning the row, with
   `q = q_signed + 8` and zero 0.
-- CPU with AVX2 only: glmgym's own integer dot-product kernels (`cpu_kernels`, llama.cpp's method),
+- CPU with AVX2 only: glmgym's own integer dot-product kernels (`kernels.avx2`, llama.cpp's method),
   about 2x faster there than PyTorch's kernels, which are vectorized for AVX-512 only. Without a C
   compiler to build them, PyTorch's kernels, with one warning line.
 - CUDA: INT4 on PyTorch's tinygemm kernel `torch._weight_int4pack_mm` (Ampere and newer), INT8 on
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from glmgym.chat import cpu_kernels
-from glmgym.chat.cpu_kernels import pack_int4, unpack_int4
+from glmgym.chat.kernels import avx2
+from glmgym.chat.kernels.avx2 import pack_int4, unpack_int4
 from glmgym.devices import cpu_capability
 from glmgym.errors import GlmgymError
 
@@ -250,10 +250,10 @@ class QuantizedLinear(nn.Module):
                                                   self.scales_and_zeros)
         elif self.backend == "avx2":
             if self.bits == 4:
-                y = cpu_kernels.q4_matmul(x2, self.weight, self.scale, self.zero, self.out_features,
-                                          self.group_size or self.in_features)
+                y = avx2.q4_matmul(x2, self.weight, self.scale, self.zero, self.out_features,
+                                   self.group_size or self.in_features)
             else:
-                y = cpu_kernels.q8_matmul(x2, self.weight, self.scale)
+                y = avx2.q8_matmul(x2, self.weight, self.scale)
             y = y.to(x.dtype)
         elif self.backend == "cuda_int4pack":
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight,
@@ -341,9 +341,9 @@ def select_backend(bits: int, in_features: int, out_features: int, group_size: i
         return torch_kernel
     if K % 32 or (bits == 4 and (K % 64 or group_size % 64)):  # the kernels' block and chunk sizes
         return torch_kernel
-    if cpu_kernels.load() is None:
+    if avx2.load() is None:
         _warn_once(f"INT{bits} layers run PyTorch's generic kernels, about 2x slower on this AVX2 CPU: "
-                   f"glmgym's AVX2 kernels are not available ({cpu_kernels.unavailable_reason()})")
+                   f"glmgym's AVX2 kernels are not available ({avx2.unavailable_reason()})")
         return torch_kernel
     return "avx2"
 
@@ -380,15 +380,15 @@ def _int4pack(t: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype) -
 
 
 def _avx2_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    """Stored tensors -> `cpu_kernels`' layout: INT8 codes and fp32 row scales as stored; INT4 codes
-    0..15 and fp32 scales and zeros in tiles of `cpu_kernels.TILE_ROWS` rows (see `tile_q4`)."""
+    """Stored tensors -> `kernels.avx2`' layout: INT8 codes and fp32 row scales as stored; INT4 codes
+    0..15 and fp32 scales and zeros in tiles of `avx2.TILE_ROWS` rows (see `tile_q4`)."""
     scale = t["weight_scale"].float()
     if bits == 8:
         # a copy in anonymous memory: a memory-mapped file would be paged in during the first
         # tokens and read through 4 KiB pages
         weight = t["weight"].clone(memory_format=torch.contiguous_format)
         return {"weight": weight, "scale": scale.contiguous()}
-    from glmgym.chat.cpu_kernels import tile_q4
+    from glmgym.chat.kernels.avx2 import tile_q4
 
     if group_size == 0:  # per row, symmetric: one group spanning the row, codes q + 8, zero -8 * scale
         scale = scale[:, None]  # [N] -> [N, 1]
@@ -461,7 +461,7 @@ class Bf16DecodeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > self.MAX_ROWS * self.in_features or x.requires_grad:
             return nn.functional.linear(x, self.weight)
-        y = cpu_kernels.bf16_matmul(x.reshape(-1, self.in_features), self.weight.detach())
+        y = avx2.bf16_matmul(x.reshape(-1, self.in_features), self.weight.detach())
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
@@ -484,7 +484,7 @@ def use_decode_kernels(model: nn.Module, quantized: bool) -> nn.Module:
     if (type(head) is not nn.Linear or head.weight.dtype != torch.bfloat16 or head.weight.device.type != "cpu"
             or head.in_features % 32 or cpu_capability() != "AVX2"):
         return model
-    if cpu_kernels.load() is None:
+    if avx2.load() is None:
         return model
     if quantized and head.weight is model.transformer.word_embeddings.weight:
         t = quantize_weight(head.weight.detach(), 8, INT8_HEAD_GROUP)

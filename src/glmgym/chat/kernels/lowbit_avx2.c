@@ -1,4 +1,4 @@
-/* Low-bit matrix products for x86-64 CPUs with AVX2 + FMA (glmgym.chat.cpu_kernels builds and
+/* Low-bit matrix products for x86-64 CPUs with AVX2 + FMA (glmgym.chat.kernels.avx2 builds and
  * loads this file; it is plain C with no Python or torch headers, so it compiles in about a second).
  *
  * y[M, N] = x[M, K] @ W[N, K]^T with W stored as

@@ -7,10 +7,19 @@ from dataclasses import dataclass
 
 import pytest
 
-from glmgym.chat.batch import TokenOut
 from glmgym.chat.config import GenerationConfig
-from glmgym.chat.engine import Chunk, Done, Draining, Engine, EngineObserver, Failed, QueueFull, cut_at_stop
-from glmgym.chat.prefill import PrefillScheduler
+from glmgym.chat.serving.batch import TokenOut
+from glmgym.chat.serving.engine import (
+    Chunk,
+    Done,
+    Draining,
+    Engine,
+    EngineObserver,
+    Failed,
+    QueueFull,
+    cut_at_stop,
+)
+from glmgym.chat.serving.prefill import PrefillScheduler
 from glmgym.errors import GlmgymError
 
 EOS, GMASK, SOP = 1, 2, 3

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from glmgym.chat.server import build_app, to_chatglm
+from glmgym.chat.serving.server import build_app, to_chatglm
 from glmgym.chat.session import load
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,7 +52,7 @@ def _wait_idle(engine, timeout=20.0):
 
 
 def test_messages_map_onto_chatglm_history():
-    from glmgym.chat.openai_api import request_models
+    from glmgym.chat.serving.openai_api import request_models
 
     Message = request_models()["Message"]
     msgs = [Message(role="system", content="Be brief."), Message(role="user", content="Hi"),
@@ -537,7 +537,7 @@ def test_serve_cli_rejects_bad_options(capsys):
 
 
 def test_serve_defaults_bind_loopback():
-    from glmgym.chat.server import ServeConfig
+    from glmgym.chat.serving.server import ServeConfig
 
     assert ServeConfig().host == "127.0.0.1"
 
@@ -617,7 +617,7 @@ def deep_bot():
 def test_plain_and_streamed_answers_are_equal_field_by_field(deep_bot, monkeypatch, repeats, steps):
     from fastapi.testclient import TestClient
 
-    import glmgym.chat.server as server
+    import glmgym.chat.serving.server as server
 
     # the plain path watches for a disconnect while it waits: a watch that fires between any two
     # events must not end the answer early (it did: empty answers after a prefill longer than 0.5 s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 
 from glmgym.chat.config import GenerationConfig
-from glmgym.chat.engine import Chunk, Done, Draining, Engine, QueueFull
+from glmgym.chat.serving.engine import Chunk, Done, Draining, Engine, QueueFull
 from glmgym.errors import GlmgymError
 
 __all__ = ["history_pairs", "mount_ui"]

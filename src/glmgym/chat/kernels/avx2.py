@@ -2,7 +2,7 @@
 
 PyTorch's packed low-bit CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are
 vectorized for AVX-512 only; on AVX2 CPUs they run a generic path about 2x slower than
-llama.cpp-style integer dot products. `kernels/lowbit_avx2.c` implements those (see its header).
+llama.cpp-style integer dot products. `lowbit_avx2.c` beside this module implements those (see its header).
 It has no Python or torch headers, so it compiles in about a second, with `$CC` (default `cc`),
 into `$GLMGYM_CACHE/kernels` (default `~/.cache/glmgym/kernels`), named by the hash of its source
 and flags. Without a compiler nothing breaks: `load()` returns None, `unavailable_reason()` says
@@ -26,7 +26,7 @@ from glmgym._io import atomic_path
 __all__ = ["TILE_ROWS", "attend_decode", "bf16_matmul", "load", "pack_int4", "q4_matmul", "q8_matmul",
            "tile_q4", "unavailable_reason", "unpack_int4"]
 
-_SOURCE = Path(__file__).with_name("kernels") / "lowbit_avx2.c"
+_SOURCE = Path(__file__).with_name("lowbit_avx2.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
 _reason: str | None = None
 TILE_ROWS = 4  # ROWS in kernels/lowbit_avx2.c: output rows per tile of a q4 weight

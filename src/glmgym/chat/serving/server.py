@@ -37,10 +37,10 @@ import threading
 import time
 import uuid
 
-from glmgym.chat import openai_api as wire
 from glmgym.chat.config import ServeConfig
-from glmgym.chat.engine import Draining, Engine, Job, QueueFull, answer_configs
-from glmgym.chat.openai_api import Answer, ApiError, error_body, request_models, to_chatglm
+from glmgym.chat.serving import openai_api as wire
+from glmgym.chat.serving.engine import Draining, Engine, Job, QueueFull, answer_configs
+from glmgym.chat.serving.openai_api import Answer, ApiError, error_body, request_models, to_chatglm
 from glmgym.chat.session import ChatGLM
 from glmgym.errors import GlmgymError, import_extra
 
@@ -58,7 +58,7 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import StreamingResponse
 
-    from glmgym.chat.server_metrics import PrometheusObserver
+    from glmgym.chat.serving.prometheus import PrometheusObserver
 
     models = request_models()
     ApiRequest, ChatCompletionRequest = models["ApiRequest"], models["ChatCompletionRequest"]
@@ -136,7 +136,7 @@ def _web_chat(app, engine: Engine, api_key: str | None, ui: bool):
 
     if not ui:
         return app
-    from glmgym.chat.webui import mount_ui
+    from glmgym.chat.serving.webui import mount_ui
 
     return mount_ui(app, engine, api_key)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmgym.chat import cpu_kernels
+from glmgym.chat.kernels import avx2
 from glmgym.chat.quantize import (
     QuantizedLinear,
     dequantize_weight,
@@ -68,7 +68,7 @@ def test_int8_kernel_handles_the_full_code_range():
     w[0, :32] = -128
     scale = torch.rand(N) + 0.5
     x = torch.randn(3, K)
-    y = cpu_kernels.q8_matmul(x, w, scale)
+    y = avx2.q8_matmul(x, w, scale)
     exact = _quantized_acts(x) @ (w.float() * scale[:, None]).t()
     assert _rel(y, exact) < 1e-5
 
@@ -77,7 +77,7 @@ def test_int8_kernel_handles_the_full_code_range():
 def test_int8_kernel_refuses_groups_other_than_rows_and_blocks_of_32():
     w = torch.zeros(4, 128, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="bad shape"):
-        cpu_kernels.q8_matmul(torch.randn(1, 128), w, torch.ones(4, 2))  # groups of 64
+        avx2.q8_matmul(torch.randn(1, 128), w, torch.ones(4, 2))  # groups of 64
 
 
 @needs_kernels
@@ -93,11 +93,11 @@ def test_decode_attention_matches_fp32_sdpa_on_a_bf16_cache_slice(B, H, S, d, sl
     if masked:
         allowed = torch.rand(B, 1, 1, S, generator=g) > 0.4
         allowed[..., -1] = True  # the token itself is always visible
-    y = cpu_kernels.attend_decode(q, k, v, allowed)
+    y = avx2.attend_decode(q, k, v, allowed)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed)
     assert y.shape == (B, H, 1, d) and y.dtype == torch.bfloat16
     assert _rel(y, ref) < 1e-2  # bf16 output rounding
-    assert _rel(cpu_kernels.attend_decode(q.float(), k, v, allowed).float(), ref) < 1e-6
+    assert _rel(avx2.attend_decode(q.float(), k, v, allowed).float(), ref) < 1e-6
 
 
 @needs_kernels
@@ -111,16 +111,16 @@ def test_decode_attention_keeps_sharp_softmaxes_exact():
     allowed[..., 7] = False
     for mask in (None, allowed):
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-        assert _rel(cpu_kernels.attend_decode(q.float(), k, v, mask), ref) < 1e-5
+        assert _rel(avx2.attend_decode(q.float(), k, v, mask), ref) < 1e-5
     with pytest.raises(ValueError, match="bf16"):
-        cpu_kernels.attend_decode(q, k.float(), v.float())
+        avx2.attend_decode(q, k.float(), v.float())
 
 
 @needs_kernels
 def test_bf16_matmul_matches_float():
     w = torch.randn(50, 72).bfloat16()
     x = torch.randn(2, 72)
-    assert _rel(cpu_kernels.bf16_matmul(x, w), x @ w.float().t()) < 1e-5
+    assert _rel(avx2.bf16_matmul(x, w), x @ w.float().t()) < 1e-5
 
 
 @pytest.mark.parametrize(("capability", "bits", "expected"), [
@@ -129,13 +129,13 @@ def test_bf16_matmul_matches_float():
     ("AVX2", 4, "avx2"), ("AVX2", 8, "avx2"),
 ])
 def test_backend_choice_per_cpu_capability(capability, bits, expected, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "load", lambda: object())  # as if built
+    monkeypatch.setattr(avx2, "load", lambda: object())  # as if built
     group = 128 if bits == 4 else 0
     assert select_backend(bits, 4096, 4096, group, "cpu", capability) == expected
 
 
 def test_backend_choice_on_cuda_and_for_shapes_the_kernels_refuse(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "load", lambda: object())
+    monkeypatch.setattr(avx2, "load", lambda: object())
     assert select_backend(4, 4096, 12288, 128, "cuda") == "cuda_int4pack"
     assert select_backend(4, 4096, 12288, 0, "cuda") == "cuda_int4pack"  # per row as kernel groups
     assert select_backend(4, 4100, 12288, 0, "cuda") == "dequant"  # K not in tiles of 128
@@ -153,10 +153,10 @@ def test_without_a_compiler_avx2_falls_back_to_torch_kernels_with_one_warning(mo
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("GLMGYM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(q, "_warned", set())
-    cpu_kernels.load.cache_clear()
+    avx2.load.cache_clear()
     try:
-        assert cpu_kernels.load() is None
-        assert "could not build" in cpu_kernels.unavailable_reason()
+        assert avx2.load() is None
+        assert "could not build" in avx2.unavailable_reason()
         assert select_backend(4, 256, 32, 128, "cpu", "AVX2") == "int4pack"
         assert select_backend(8, 256, 32, 0, "cpu", "AVX2") == "int8pack"
         err = capsys.readouterr().err.strip().splitlines()
@@ -169,23 +169,23 @@ def test_without_a_compiler_avx2_falls_back_to_torch_kernels_with_one_warning(mo
         x = torch.randn(2, 256)
         assert _rel(layer(x), x @ dequantize_weight(t, 4, 128).t()) < 1e-5
     finally:
-        cpu_kernels.load.cache_clear()
+        avx2.load.cache_clear()
 
 
 @needs_kernels
 def test_kernels_build_into_the_cache_once(monkeypatch, tmp_path):
     monkeypatch.setenv("GLMGYM_CACHE", str(tmp_path))
-    cpu_kernels.load.cache_clear()
+    avx2.load.cache_clear()
     try:
-        assert cpu_kernels.load() is not None
+        assert avx2.load() is not None
         built = list((tmp_path / "kernels").glob("lowbit_avx2-*.so"))
         assert len(built) == 1
         mtime = built[0].stat().st_mtime_ns
-        cpu_kernels.load.cache_clear()
-        assert cpu_kernels.load() is not None
+        avx2.load.cache_clear()
+        assert avx2.load() is not None
         assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
     finally:
-        cpu_kernels.load.cache_clear()
+        avx2.load.cache_clear()
 
 
 def test_bf16_lm_head_uses_the_kernel_on_avx2_only_and_stays_tied(monkeypatch):
@@ -200,7 +200,7 @@ def test_bf16_lm_head_uses_the_kernel_on_avx2_only_and_stays_tied(monkeypatch):
     x = torch.randn(1, 3, 128).bfloat16()
     ref = model.lm_head(x)
     head = use_decode_kernels(model, quantized=False).lm_head
-    if cpu_kernels.load() is None:  # no compiler: the plain Linear stays, silently
+    if avx2.load() is None:  # no compiler: the plain Linear stays, silently
         assert type(head) is torch.nn.Linear
         return
     assert isinstance(head, Bf16DecodeLinear)
@@ -223,7 +223,7 @@ def test_quantized_models_share_one_int8_copy_for_embeddings_and_lm_head_on_avx2
     tied = model.transformer.word_embeddings.weight
     assert use_decode_kernels(model, quantized=True).lm_head.weight is tied
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    if cpu_kernels.load() is None:  # no compiler: the float head stays, silently
+    if avx2.load() is None:  # no compiler: the float head stays, silently
         assert type(use_decode_kernels(model, quantized=True).lm_head) is torch.nn.Linear
         return
     use_decode_kernels(model, quantized=True)
@@ -255,5 +255,5 @@ def test_an_untied_or_float_lm_head_keeps_its_weights(monkeypatch):
     model.lm_head.weight = untied
     use_decode_kernels(model, quantized=True)
     assert type(model.transformer.word_embeddings) is torch.nn.Embedding
-    if cpu_kernels.load() is not None:
+    if avx2.load() is not None:
         assert model.lm_head.weight is untied  # Bf16DecodeLinear on the head's own weight

@@ -1,7 +1,7 @@
 """Fine-tuning ChatGLM-6B: P-Tuning v2, LoRA (through PEFT) and full fine-tuning.
 
 `finetune(FinetuneConfig) -> run directory`, as THUDM's `ptuning/main.py` trains (sequences and
-labels in `finetune_data`, AdamW with a linear decay to 0, gradient accumulation), with glmgym's
+labels in `tuning.data`, AdamW with a linear decay to 0, gradient accumulation), with glmgym's
 run layout::
 
     OUT/finetune_config.json
@@ -217,7 +217,7 @@ def _validation_loss(model, examples: list, batch_size: int, pad_id: int, length
     """Mean next-token loss per labelled token over `examples` (no dropout, no gradient)."""
     import torch
 
-    from glmgym.chat.finetune_data import make_batch
+    from glmgym.chat.tuning.data import make_batch
 
     model.eval()
     total, count = 0.0, 0
@@ -254,7 +254,7 @@ def _optimizer_step(train_model, params, optimizer, scheduler, micro_batches: li
     """
     import torch
 
-    from glmgym.chat.finetune_data import make_batch
+    from glmgym.chat.tuning.data import make_batch
 
     optimizer.zero_grad(set_to_none=True)
     total, tokens = 0.0, 0
@@ -281,8 +281,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     from tqdm.auto import tqdm
 
     from glmgym._io import atomic_write_json
-    from glmgym.chat.finetune_data import encode_example, read_examples
     from glmgym.chat.session import load
+    from glmgym.chat.tuning.data import encode_example, read_examples
     from glmgym.devices import resolve_device
 
     resume_ckpt = None

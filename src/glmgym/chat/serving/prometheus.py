@@ -6,7 +6,7 @@ Names follow Prometheus conventions (`_total` counters, `_seconds` histograms, a
 
 from __future__ import annotations
 
-from glmgym.chat.engine import Engine, EngineObserver
+from glmgym.chat.serving.engine import Engine, EngineObserver
 from glmgym.errors import import_extra
 
 __all__ = ["PrometheusObserver"]

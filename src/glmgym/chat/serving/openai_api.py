@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
 
-from glmgym.chat.batch import TokenOut
-from glmgym.chat.engine import Chunk, Done, Failed, Job
+from glmgym.chat.serving.batch import TokenOut
+from glmgym.chat.serving.engine import Chunk, Done, Failed, Job
 from glmgym.chat.session import Reply
 from glmgym.errors import import_extra
 

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from glmgym.chat.finetune import FinetuneConfig, _prepare, finetune
-from glmgym.chat.finetune_data import encode_example, make_batch, read_examples
 from glmgym.chat.session import load
+from glmgym.chat.tuning.data import encode_example, make_batch, read_examples
+from glmgym.chat.tuning.finetune import FinetuneConfig, _prepare, finetune
 from glmgym.cli import main
 from glmgym.errors import GlmgymError
 
@@ -120,7 +120,7 @@ def test_lora_adapter_is_peft_format_and_loads_with_peft(train_file, tmp_path):
 
 
 def test_an_interrupted_run_resumes_exactly(train_file, tmp_path, monkeypatch):
-    import glmgym.chat.finetune as ft
+    import glmgym.chat.tuning.finetune as ft
 
     whole = finetune(_cfg(train_file, tmp_path / "whole", method="lora", learning_rate=1e-2))
     save = ft._save
@@ -234,7 +234,7 @@ def test_merged_and_unmerged_lora_give_the_same_logits(lora_run, tmp_path):
 
 
 def test_a_ptuning_checkpoint_loads_for_chat_and_matches_training(train_file, tmp_path):
-    from glmgym.chat.finetune_data import make_batch
+    from glmgym.chat.tuning.data import make_batch
 
     run = finetune(_cfg(train_file, tmp_path / "pt", learning_rate=5e-2))
     bot = load("random:tiny", ptuning_checkpoint=str(run / "checkpoint-6"))
@@ -273,7 +273,7 @@ def test_adapters_given_the_wrong_way_get_clear_errors(lora_run, train_file, tmp
 def test_generation_scores_match_hand_computed_values():
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-    from glmgym.chat.metrics import generation_scores
+    from glmgym.chat.tuning.scores import generation_scores
 
     same = generation_scores(["这是一条红色的裙子"], ["这是一条红色的裙子"])
     assert same["rouge-1"] == pytest.approx(100) and same["bleu-4"] == pytest.approx(100)

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from glmgym.chat.batch import RunningBatch, TokenOut
 from glmgym.chat.config import GenerationConfig
+from glmgym.chat.serving.batch import RunningBatch, TokenOut
 from glmgym.chat.session import ChatGLM
 from glmgym.chat.template import History, IncrementalDecoder, Reply, fit_prompt, process_response
 from glmgym.errors import GlmgymError

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from glmgym.chat.prefill import PrefillScheduler
+from glmgym.chat.serving.prefill import PrefillScheduler
 from glmgym.errors import GlmgymError
 
 

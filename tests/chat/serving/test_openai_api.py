@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from glmgym.chat import openai_api as wire
-from glmgym.chat.batch import TokenOut
-from glmgym.chat.engine import Chunk, Done, Failed
+from glmgym.chat.serving import openai_api as wire
+from glmgym.chat.serving.batch import TokenOut
+from glmgym.chat.serving.engine import Chunk, Done, Failed
 from glmgym.chat.session import Reply
 
 

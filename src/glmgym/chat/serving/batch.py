@@ -34,7 +34,7 @@ import torch
 from glmgym.chat.config import GenerationConfig
 from glmgym.chat.generate import RowSampling, sample
 from glmgym.chat.model import GLMModel, KVCache
-from glmgym.chat.prefill import PrefillScheduler
+from glmgym.chat.serving.prefill import PrefillScheduler
 from glmgym.errors import GlmgymError
 
 __all__ = ["RunningBatch", "TokenOut"]

@@ -4,9 +4,9 @@ they would alone, the cache moves instead of recomputing, and options are per ro
 import pytest
 import torch
 
-from glmgym.chat.batch import RunningBatch
 from glmgym.chat.config import GenerationConfig
 from glmgym.chat.generate import generate
+from glmgym.chat.serving.batch import RunningBatch
 from glmgym.chat.session import load
 from glmgym.errors import GlmgymError
 

@@ -1,0 +1,1 @@
+"""Hand-written CPU kernels (the ground floor: they import nothing of glmgym's)."""
