@@ -190,8 +190,16 @@ def check_quantized(name: str, t: dict[str, torch.Tensor], out_features: int, in
 class QuantizedLinear(nn.Module):
     """A Linear layer with INT8 or INT4 weights; float activations, bias and output.
 
-    Build it with `QuantizedLinear.from_tensors` (stored tensors) or `from_float` (an nn.Linear).
+    Build it with `QuantizedLinear.from_tensors` (stored tensors) or `from_float` (an nn.Linear):
+    they pick the backend once, at load, as an instance of its subclass (one class per kernel, as
+    gpt-fast does), so a call runs its kernel without choosing again. `backend` names it.
     """
+
+    def __new__(cls, *args, **kwargs):
+        # QuantizedLinear(in, out, bits, group_size, backend, ...) builds the backend's subclass
+        # (copy and pickle call __new__ with the subclass and no arguments)
+        backend = args[4] if len(args) > 4 else kwargs.get("backend")
+        return super().__new__(_BACKENDS[backend] if cls is QuantizedLinear and backend else cls)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  backend: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None) -> None:
@@ -242,31 +250,14 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # [..., K] -> [M, K]
-        if self.backend == "int8pack":
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
-        elif self.backend == "int4pack":
-            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.kernel_group_size,
-                                                  self.scales_and_zeros)
-        elif self.backend == "avx2":
-            if self.bits == 4:
-                y = avx2.q4_matmul(x2, self.weight, self.scale, self.zero, self.out_features,
-                                   self.group_size or self.in_features)
-            else:
-                y = avx2.q8_matmul(x2, self.weight, self.scale)
-            y = y.to(x.dtype)
-        elif self.backend == "cuda_int4pack":
-            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight,
-                                          self.kernel_group_size, self.scales_and_zeros).to(x.dtype)
-        elif self.backend == "cuda_int8pack":
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
-        elif x2.requires_grad:
-            y = _DequantizedMatmul.apply(x2, self)  # fine-tuning through a frozen quantized layer
-        else:
-            y = x2 @ self.dequantized(x.dtype).t()
+        y = self.matmul(x.reshape(-1, self.in_features))  # [..., K] -> [M, K] -> [M, N]
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.t()` for x [M, K], in x's dtype, by this layer's kernel."""
+        raise NotImplementedError
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight [out, in] (backend "dequant" only: the kernels keep other layouts)."""
@@ -277,6 +268,57 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, backend={self.backend}")
+
+
+class _Int8Pack(QuantizedLinear):
+    """PyTorch's `_weight_int8pack_mm` (CPU with AVX-512, CUDA): INT8 codes, a scale per row."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.contiguous(), self.weight, self.scales)
+
+
+class _Int4PackCpu(QuantizedLinear):
+    """PyTorch's `_weight_int4pack_mm_for_cpu` (CPU with AVX-512): tinygemm's packed INT4."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.kernel_group_size,
+                                                 self.scales_and_zeros)
+
+
+class _Int4PackCuda(QuantizedLinear):
+    """PyTorch's `_weight_int4pack_mm` (CUDA, Ampere and newer): tinygemm, bf16 activations."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.weight,
+                                         self.kernel_group_size, self.scales_and_zeros).to(x.dtype)
+
+
+class _Avx2(QuantizedLinear):
+    """glmgym's own integer dot-product kernels (CPU with AVX2 only)."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            y = avx2.q4_matmul(x, self.weight, self.scale, self.zero, self.out_features,
+                               self.group_size or self.in_features)
+        else:
+            y = avx2.q8_matmul(x, self.weight, self.scale)
+        return y.to(x.dtype)
+
+
+class _Dequant(QuantizedLinear):
+    """The stored codes, dequantized per call: any device, and differentiable (fine-tuning on a
+    quantized base)."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            return _DequantizedMatmul.apply(x, self)
+        return x @ self.dequantized(x.dtype).t()
+
+
+_BACKENDS: dict[str, type[QuantizedLinear]] = {
+    "int8pack": _Int8Pack, "cuda_int8pack": _Int8Pack, "int4pack": _Int4PackCpu,
+    "cuda_int4pack": _Int4PackCuda, "avx2": _Avx2, "dequant": _Dequant,
+}
 
 
 class _DequantizedMatmul(torch.autograd.Function):
