@@ -22,29 +22,37 @@ __all__ = ["GenerationConfig", "PromptBatch", "RowSampling", "decode_one_token",
 
 @dataclass
 class PromptBatch:
-    """Left-padded prompts with ChatGLM's 2D positions and prefix-LM mask."""
+    """Padded prompts with ChatGLM's 2D positions and prefix-LM mask: the one builder for
+    `generate`'s left-padded batches and the server's right-padded prefill groups."""
 
     input_ids: torch.Tensor
     """[B, T]."""
     position_ids: torch.Tensor
     """[B, 2, T]: positions, block positions."""
     pad: torch.Tensor
-    """[B] number of left pad tokens."""
+    """[B] number of left pad tokens (0 when padded on the right)."""
     context_len: torch.Tensor
     """[B] tokens before <sop> (the bidirectional context), pads excluded."""
+    lengths: torch.Tensor
+    """[B] prompt tokens, pads excluded."""
 
     @classmethod
-    def build(cls, prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> PromptBatch:
-        """Pad prompts (each ending with [gMASK] <sop>) on the left and derive positions."""
+    def build(cls, prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu",
+              left: bool = True) -> PromptBatch:
+        """Pad prompts (each ending with [gMASK] <sop>) on the left (or the right) and derive
+        positions."""
         T = max(len(p) for p in prompts)
-        pad = torch.tensor([T - len(p) for p in prompts])
-        ids = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts])
-        ctx = torch.tensor([len(p) - 1 for p in prompts])  # <sop> is the last prompt token
-        r = torch.arange(T)[None, :] - pad[:, None]  # index within the real tokens, < 0 at pads
+        lengths = torch.tensor([len(p) for p in prompts])
+        pad = T - lengths if left else torch.zeros_like(lengths)
+        ids = torch.tensor([[pad_id] * (T - len(p)) + list(p) if left else list(p) + [pad_id] * (T - len(p))
+                            for p in prompts])
+        ctx = lengths - 1  # <sop> is the last prompt token
+        r = torch.arange(T)[None, :] - pad[:, None]  # index within the real tokens, < 0 at left pads
         mask_pos = (ctx - 1)[:, None]  # [gMASK] just before <sop>
         pos = torch.where(r < ctx[:, None], r, mask_pos).clamp(min=0)
         block = (r - ctx[:, None] + 1).clamp(min=0)
-        return cls(ids.to(device), torch.stack([pos, block], 1).to(device), pad.to(device), ctx.to(device))
+        return cls(ids.to(device), torch.stack([pos, block], 1).to(device), pad.to(device), ctx.to(device),
+                   lengths.to(device))
 
     def attention_mask(self, prefix_len: int = 0) -> torch.Tensor:
         """[B, 1, T, P + T] bool, True = masked: prefix-LM over real tokens, pads see themselves."""
@@ -52,7 +60,7 @@ class PromptBatch:
         device = self.input_ids.device
         i = torch.arange(T, device=device)
         r = i[None, :] - self.pad[:, None]  # [B, T]
-        real = r >= 0
+        real = (r >= 0) & (r < self.lengths[:, None])
         key_ctx = (r >= 0) & (r < self.context_len[:, None])
         allowed = (i[None, None, :] <= i[None, :, None]) | key_ctx[:, None, :]  # [B, Tq, Tk]
         allowed = allowed & real[:, None, :]

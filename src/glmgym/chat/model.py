@@ -289,9 +289,21 @@ class GLMModel(nn.Module):
             start: cache slot of the first input token; or a [B] tensor of one slot per row
                 (T == 1: rows of different lengths decoding together), S is then max(start) + 1.
         """
-        h = self.transformer.word_embeddings(input_ids)
-        h = self.run_layers(h, position_ids, attention_mask, kv_cache, start, range(self.config.num_layers))
+        h = self.run_layers(self.embed(input_ids), position_ids, attention_mask, kv_cache, start,
+                            range(self.config.num_layers))
         return self.transformer.final_layernorm(h)
+
+    # The stepping API: `embed`, `run_layers` (any range of layers), `head`. `forward` is the three
+    # in a row; a server runs them apart (a prompt a few layers per step, see `serving/batch.py`).
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, hidden] of `input_ids` [B, T]."""
+        return self.transformer.word_embeddings(input_ids)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [..., vocab] of the last layer's hidden states [..., hidden] (final layer norm,
+        then the tied lm_head)."""
+        return self.lm_head(self.transformer.final_layernorm(h))
 
     def run_layers(
         self,

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glmgym.chat.config import GenerationConfig
-from glmgym.chat.generate import RowSampling, sample
+from glmgym.chat.generate import PromptBatch, RowSampling, sample
 from glmgym.chat.model import GLMModel, KVCache
 from glmgym.chat.serving.prefill import PrefillScheduler
 from glmgym.errors import GlmgymError
@@ -204,24 +204,16 @@ class RunningBatch:
         waiting, self._waiting = self._waiting, []
         prompts = [rows[0].prompt for rows in waiting]
         G, T, P = len(prompts), max(map(len, prompts)), self.model.prefix_len
-        lengths = torch.tensor([len(p) for p in prompts])
-        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])  # padded on the right
-        i = torch.arange(T)
-        ctx = (lengths - 1)[:, None]  # the bidirectional context: every prompt token before <sop>
-        pos = torch.where(i[None] < ctx, i[None], ctx - 1).clamp(min=0)  # then [gMASK]'s position
-        block = (i[None] - ctx + 1).clamp(min=0)
-        real = i[None] < lengths[:, None]  # [G, T]
-        allowed = ((i[None, None, :] <= i[None, :, None]) | (i[None, None, :] < ctx[:, :, None]))
-        allowed = (allowed & real[:, None, :]) | torch.eye(T, dtype=torch.bool)  # pads see themselves
-        allowed = torch.cat([torch.ones(G, T, P, dtype=torch.bool), allowed], dim=2)  # [G, T, P + T]
+        # padded on the right, so that every prompt's tokens sit at the cache slots they keep
+        batch = PromptBatch.build(prompts, 0, self.device, left=False)
         cache = KVCache.empty(self.model.config, G, P + T, self.dtype, self.device)
         if P:
             cache.k[:, :, :, :P], cache.v[:, :, :, :P] = self.model.prefix_kv(G, self.dtype)
         group = _Group(
             members=[(rows, len(p)) for rows, p in zip(waiting, prompts)],
-            h=self.model.transformer.word_embeddings(ids.to(self.device)),
-            position_ids=torch.stack([pos, block], 1).to(self.device),
-            mask=(~allowed)[:, None].to(self.device),
+            h=self.model.embed(batch.input_ids),
+            position_ids=batch.position_ids,
+            mask=batch.attention_mask(P),
             cache=cache,
         )
         self._groups.append(group)
@@ -240,8 +232,7 @@ class RunningBatch:
         if not landed:
             return []
         last = torch.tensor([n - 1 for _, n in g.members], device=self.device)
-        h = self.model.transformer.final_layernorm(g.h[torch.arange(G, device=self.device), last])
-        logits = self.model.lm_head(h[:, None])[:, 0]  # [G, vocab]: each prompt's last token
+        logits = self.model.head(g.h[torch.arange(G, device=self.device), last])  # [G, vocab]
         for gi, row in landed:
             row.length = self.model.prefix_len + g.members[gi][1]
         self._ensure(len(self._decoding) + len(landed), max(r.length + 1 for _, r in landed))
