@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from glmgym.errors import GlmgymError
+
 __all__ = ["atomic_dir", "atomic_path", "atomic_write_json", "atomic_write_text", "fix_mode", "read_json"]
 
 
@@ -58,7 +60,6 @@ def read_json(path: str | Path) -> dict[str, Any]:
         GlmgymError: the file is missing, unreadable, not JSON, or not a JSON object; the message
             names the file.
     """
-    from glmgym.errors import GlmgymError
 
     path = Path(path)
     try:

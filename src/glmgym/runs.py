@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from glmgym._io import read_json
+from glmgym.devices import native_bf16
 from glmgym.errors import GlmgymError
 
 __all__ = [
@@ -103,6 +104,5 @@ def check_world_size(ckpt: Path, world: int) -> dict[str, Any]:
 
 def use_bf16(precision: str, device) -> bool:
     """--precision as a choice: bf16, fp32, or auto (bf16 where the hardware has it natively)."""
-    from glmgym.devices import native_bf16
 
     return precision == "bf16" or (precision == "auto" and native_bf16(device))

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from glmgym._io import atomic_path, read_json
 from glmgym.agents.config import PlayConfig
+from glmgym.agents.envs import env_family
+from glmgym.agents.evaluate import rollout
+from glmgym.agents.policy import Policy
 from glmgym.errors import GlmgymError, import_extra
 
 __all__ = ["PRETRAINED_ROOT", "PlayConfig", "camera_options", "play", "pretrained_agent", "pretrained_agents"]
@@ -22,7 +25,6 @@ def camera_options(env_id: str) -> dict:
     center of mass; Gymnasium renders from a free camera by default, which stays where the episode
     started, so a hopper that hops forward leaves the picture after a few seconds.
     """
-    from glmgym.agents.envs import env_family
 
     tracked = ("hopper", "halfcheetah", "walker2d", "ant")
     return {"camera_name": "track"} if env_family(env_id) in tracked else {}
@@ -52,8 +54,6 @@ def play(cfg: PlayConfig) -> dict:
     os.environ.setdefault("MUJOCO_GL", "egl")
     imageio = import_extra("imageio.v2", "agents")
 
-    from glmgym.agents.evaluate import rollout
-    from glmgym.agents.policy import Policy
 
     ckpt_dir = cfg.checkpoint or pretrained_agent(cfg.env or DEFAULT_ENV)
     policy = Policy.from_pretrained(ckpt_dir)

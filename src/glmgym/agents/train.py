@@ -42,6 +42,7 @@ from glmgym.agents.envs import (
 from glmgym.agents.evaluate import evaluate, format_report
 from glmgym.agents.model import DecisionTransformer
 from glmgym.agents.policy import Policy
+from glmgym.agents.report import write_report
 from glmgym.agents.rollouts import open_dataset
 from glmgym.devices import resolve_device
 from glmgym.distributed import ProcessGroup
@@ -237,7 +238,6 @@ def train(cfg: TrainConfig) -> Path:
     """
     from tqdm.auto import tqdm
 
-    from glmgym.agents.report import write_report
 
     device = resolve_device(cfg.device)
     run = _check_inputs(cfg)

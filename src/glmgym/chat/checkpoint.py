@@ -20,9 +20,18 @@ from pathlib import Path
 
 import torch
 
-from glmgym._io import read_json
+from glmgym._io import atomic_dir, atomic_write_json, read_json
 from glmgym.chat.config import GLMConfig
 from glmgym.chat.model import GLMModel, RotaryEmbedding
+from glmgym.chat.quantize import (
+    QUANTIZED_LINEARS,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantSpec,
+    check_quantized,
+    quantize_weight,
+    use_decode_kernels,
+)
 from glmgym.devices import cpu_capability, native_bf16
 from glmgym.errors import GlmgymError
 
@@ -120,7 +129,6 @@ def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _quantized_modules(config: GLMConfig, spec) -> set[str]:
-    from glmgym.chat.quantize import QUANTIZED_LINEARS
 
     if spec is None:
         return set()
@@ -144,14 +152,6 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     Raises:
         GlmgymError: missing or malformed config/weights, or weights that do not fit the config.
     """
-    from glmgym.chat.quantize import (
-        QuantizedEmbedding,
-        QuantizedLinear,
-        QuantSpec,
-        check_quantized,
-        quantize_weight,
-        use_decode_kernels,
-    )
 
     model_dir = Path(model_dir)
     config = GLMConfig.from_file(model_dir / "config.json")
@@ -261,7 +261,6 @@ def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
     `ChatGLMTokenizer`, also its `ice_text.model` (and `tokenizer_config.json` for v1.0's offset).
     With `base_dir`, the folder the model came from: its files other than weights are copied
     (never imported) and its config.json keys that glmgym's config lacks (`auto_map`, ...) kept."""
-    from glmgym._io import atomic_dir, atomic_write_json, read_json
 
     if model.config.quantization_bit:
         raise GlmgymError("a quantized model in memory holds kernel-specific tensors; write quantized "
@@ -325,7 +324,6 @@ class _ShardWriter:
         self.shard, self.size = {}, 0
 
     def close(self) -> None:
-        from glmgym._io import atomic_write_json
 
         if self.shard:
             self._flush()
@@ -353,8 +351,6 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_s
     Raises:
         GlmgymError: an unreadable or already quantized source, or impossible options.
     """
-    from glmgym._io import atomic_dir, atomic_write_json
-    from glmgym.chat.quantize import QuantSpec, quantize_weight
 
     spec = QuantSpec.default(bits, group_size, embeddings)
     model_dir = resolve_model_dir(str(src))

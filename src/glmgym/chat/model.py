@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmgym.chat.config import GLMConfig
+from glmgym.chat.kernels import avx2
 from glmgym.devices import native_bf16
 
 __all__ = ["GLMBlock", "GLMModel", "KVCache", "RotaryEmbedding"]
@@ -37,7 +38,6 @@ _CPU_NATIVE_BF16 = native_bf16(torch.device("cpu"))
 @functools.cache
 def _decode_kernels():
     """glmgym's AVX2 kernels module when they build here (decoding attention), else None."""
-    from glmgym.chat.kernels import avx2
 
     return avx2 if avx2.load() is not None else None
 

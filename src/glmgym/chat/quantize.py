@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from glmgym.chat.kernels import avx2
-from glmgym.chat.kernels.avx2 import pack_int4, unpack_int4
+from glmgym.chat.kernels.avx2 import pack_int4, tile_q4, unpack_int4
 from glmgym.devices import cpu_capability
 from glmgym.errors import GlmgymError
 
@@ -430,7 +430,6 @@ def _avx2_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) -> dic
         # tokens and read through 4 KiB pages
         weight = t["weight"].clone(memory_format=torch.contiguous_format)
         return {"weight": weight, "scale": scale.contiguous()}
-    from glmgym.chat.kernels.avx2 import tile_q4
 
     if group_size == 0:  # per row, symmetric: one group spanning the row, codes q + 8, zero -8 * scale
         scale = scale[:, None]  # [N] -> [N, 1]

@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from glmgym._io import read_json
+from glmgym.chat.adapters import load_ptuning, merge_lora
 from glmgym.chat.checkpoint import DTYPES, load_model, resolve_model_dir, save_model
 from glmgym.chat.config import ModelOptions
 from glmgym.chat.generate import GenerationConfig, generate
 from glmgym.chat.model import GLMModel
+from glmgym.chat.quantize import QuantSpec, quantize_model
 from glmgym.chat.template import (
     History,
     HistoryTrimmedWarning,
@@ -26,6 +28,7 @@ from glmgym.chat.template import (
     fit_prompt,
     process_response,
 )
+from glmgym.chat.tiny import build_tiny
 from glmgym.chat.tokenizer import ChatGLMTokenizer
 from glmgym.devices import resolve_device, set_threads
 from glmgym.errors import GlmgymError
@@ -137,8 +140,6 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
     Raises:
         GlmgymError: missing or malformed files, or an adapter that does not fit the model.
     """
-    from glmgym.chat.adapters import load_ptuning, merge_lora
-    from glmgym.chat.quantize import QuantSpec, quantize_model
 
     device = resolve_device(device)
     if isinstance(dtype, str):
@@ -146,7 +147,6 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
             raise GlmgymError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     if path_or_id == "random:tiny":
-        from glmgym.chat.tiny import build_tiny
 
         model, tokenizer = build_tiny()
         model = model.to(device=device, dtype=dtype or torch.float32)

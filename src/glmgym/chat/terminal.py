@@ -6,6 +6,8 @@ import sys
 import warnings
 
 from glmgym.chat.config import ChatCLIConfig
+from glmgym.chat.session import load_with
+from glmgym.chat.template import HistoryTrimmedWarning
 from glmgym.errors import GlmgymError
 
 __all__ = ["run_chat"]
@@ -17,8 +19,6 @@ WELCOME = ("ChatGLM-6B ({name}). Type a message and press Enter; 'clear' resets 
 
 def run_chat(cfg: ChatCLIConfig) -> int:
     """Run the terminal chat (or the one-shot prompt); return the exit code."""
-    from glmgym.chat.session import load_with
-    from glmgym.chat.template import HistoryTrimmedWarning
 
     bot = load_with(cfg)
     gen = {"max_length": cfg.max_length, "top_p": cfg.top_p, "temperature": cfg.temperature,

@@ -41,7 +41,9 @@ from glmgym.chat.config import ServeConfig
 from glmgym.chat.serving import openai_api as wire
 from glmgym.chat.serving.engine import Draining, Engine, Job, QueueFull, answer_configs
 from glmgym.chat.serving.openai_api import Answer, ApiError, error_body, request_models, to_chatglm
-from glmgym.chat.session import ChatGLM
+from glmgym.chat.serving.prometheus import PrometheusObserver
+from glmgym.chat.serving.webui import mount_ui
+from glmgym.chat.session import ChatGLM, load_with
 from glmgym.errors import GlmgymError, import_extra
 
 __all__ = ["ServeConfig", "build_app", "serve", "to_chatglm"]
@@ -58,7 +60,6 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import StreamingResponse
 
-    from glmgym.chat.serving.prometheus import PrometheusObserver
 
     models = request_models()
     ApiRequest, ChatCompletionRequest = models["ApiRequest"], models["ChatCompletionRequest"]
@@ -136,7 +137,6 @@ def _web_chat(app, engine: Engine, api_key: str | None, ui: bool):
 
     if not ui:
         return app
-    from glmgym.chat.serving.webui import mount_ui
 
     return mount_ui(app, engine, api_key)
 
@@ -284,7 +284,6 @@ def serve(cfg: ServeConfig) -> int:
         raise GlmgymError(f"glmgym chat serve needs {', '.join(missing)}: pip install 'glmgym[serve]'")
     import uvicorn
 
-    from glmgym.chat.session import load_with
 
     if not 0 < cfg.port < 65536:
         raise GlmgymError(f"--port must be in 1..65535, not {cfg.port}")

@@ -36,7 +36,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from glmgym._io import atomic_dir, atomic_path, atomic_write_json
+from glmgym.chat.adapters import read_lora_adapter, save_lora_weights
+from glmgym.chat.checkpoint import load_model, save_model
 from glmgym.chat.config import FinetuneConfig
+from glmgym.chat.model import GLMModel, PrefixEncoder
+from glmgym.chat.quantize import QuantizedLinear
+from glmgym.chat.session import load
+from glmgym.chat.tuning.data import encode_example, make_batch, read_examples
+from glmgym.devices import resolve_device
 from glmgym.distributed import ProcessGroup
 from glmgym.errors import GlmgymError, import_extra
 from glmgym.runs import (
@@ -73,9 +81,6 @@ def _save(path: Path, cfg: FinetuneConfig, bot, optimizer_state: dict, scheduler
     with every process's torch RNG state (and, under FSDP, the gathered model state)."""
     import torch
 
-    from glmgym._io import atomic_dir
-    from glmgym.chat.checkpoint import save_model
-    from glmgym.chat.model import GLMModel
 
     model = bot.model
     if model_state is not None:  # FSDP: a plain model around the gathered full tensors
@@ -88,7 +93,6 @@ def _save(path: Path, cfg: FinetuneConfig, bot, optimizer_state: dict, scheduler
             torch.save(_state_for(model, "ptuning"), tmp / "pytorch_model.bin")
             (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         elif cfg.method == "lora":
-            from glmgym.chat.adapters import save_lora_weights
 
             save_lora_weights(tmp, _state_for(model, "lora"))
             _lora_config(cfg, bot).save_pretrained(str(tmp))
@@ -113,7 +117,6 @@ def _prepare(bot, cfg: FinetuneConfig) -> list:
     """Freeze what the method does not train, add its new weights; return the trained parameters."""
     import torch
 
-    from glmgym.chat.model import PrefixEncoder
 
     model = bot.model
     if cfg.method == "full":
@@ -131,7 +134,6 @@ def _prepare(bot, cfg: FinetuneConfig) -> list:
         model.transformer.prefix_encoder = PrefixEncoder(model.config).to(device)  # fp32, as the reference
         return list(model.transformer.prefix_encoder.parameters())
     peft = import_extra("peft", "finetune")
-    from glmgym.chat.quantize import QuantizedLinear
 
     lora = _lora_config(cfg, bot)
     linear = (torch.nn.Linear, QuantizedLinear)
@@ -194,7 +196,6 @@ def _plot(run_dir: Path, losses: list[tuple[int, float]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from glmgym._io import atomic_path
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([s for s, _ in losses], [v for _, v in losses])
@@ -217,7 +218,6 @@ def _validation_loss(model, examples: list, batch_size: int, pad_id: int, length
     """Mean next-token loss per labelled token over `examples` (no dropout, no gradient)."""
     import torch
 
-    from glmgym.chat.tuning.data import make_batch
 
     model.eval()
     total, count = 0.0, 0
@@ -254,7 +254,6 @@ def _optimizer_step(train_model, params, optimizer, scheduler, micro_batches: li
     """
     import torch
 
-    from glmgym.chat.tuning.data import make_batch
 
     optimizer.zero_grad(set_to_none=True)
     total, tokens = 0.0, 0
@@ -280,10 +279,6 @@ def finetune(cfg: FinetuneConfig) -> Path:
     import torch
     from tqdm.auto import tqdm
 
-    from glmgym._io import atomic_write_json
-    from glmgym.chat.session import load
-    from glmgym.chat.tuning.data import encode_example, read_examples
-    from glmgym.devices import resolve_device
 
     resume_ckpt = None
     if cfg.resume:
@@ -397,13 +392,11 @@ def _load_state(ckpt: Path, cfg: FinetuneConfig, model, optimizer, scheduler, gr
     if cfg.method == "ptuning":
         weights = torch.load(ckpt / "pytorch_model.bin", map_location="cpu", weights_only=True)
     elif cfg.method == "lora":
-        from glmgym.chat.adapters import read_lora_adapter
 
         lora = read_lora_adapter(ckpt)
         weights = {f"base_model.model.{name}.lora_{part}.weight": t
                    for name, ab in lora.pairs.items() for part, t in zip("AB", ab)}
     else:
-        from glmgym.chat.checkpoint import load_model
 
         weights = load_model(ckpt, torch.float32).state_dict()
     pt = torch.load(ckpt / TRAINER_STATE_PT, map_location="cpu", weights_only=True)

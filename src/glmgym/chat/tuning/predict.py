@@ -11,17 +11,17 @@ import json
 import time
 from pathlib import Path
 
+from glmgym._io import atomic_dir
 from glmgym.chat.config import ChatEvalConfig
+from glmgym.chat.session import load_with
+from glmgym.chat.tuning.data import read_examples
+from glmgym.chat.tuning.scores import generation_scores
 
 __all__ = ["ChatEvalConfig", "evaluate_generation", "format_results"]
 
 
 def evaluate_generation(cfg: ChatEvalConfig) -> dict[str, float]:
     """Generate, score, write the two output files; return the results."""
-    from glmgym._io import atomic_dir
-    from glmgym.chat.session import load_with
-    from glmgym.chat.tuning.data import read_examples
-    from glmgym.chat.tuning.scores import generation_scores
 
     pairs = read_examples(cfg.file, cfg.prompt_column, cfg.response_column, cfg.history_column)
     pairs = pairs[: cfg.limit] if cfg.limit else pairs
