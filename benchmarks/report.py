@@ -324,7 +324,65 @@ def dt_speed(out: Path, img: Path) -> None:
     (out / "dt_speed.md").write_text("\n".join(lines) + "\n")
 
 
-MAKERS = (dt_table, chat_speed, serve_load, finetune, dt_speed)
+# ---------------------------------------------------------------------------------------------
+# Return conditioning: achieved against target return
+
+
+def dt_sweep(out: Path, img: Path) -> None:
+    result = _load("dt_sweep.json")
+    if not result:
+        return
+    runs = sorted(result.items(), key=lambda kv: (kv[1]["dataset"], kv[1]["windows"], kv[1]["seed"]))
+    lines = [
+        "| dataset | windows | seed | steps | slope | spread (return) | achieved at each target |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for _, r in runs:
+        curve = ", ".join(f"{t:.0f}: {a:.0f}" for t, a in zip(r["targets"], r["achieved"]))
+        lines.append(
+            f"| {r['dataset']} | {r['windows']} | {r['seed']} | {r['steps']} | {r['slope']:.2f} | "
+            f"{r['spread']:+.0f} | {curve} |"
+        )
+    lines += [
+        "",
+        "Each checkpoint evaluated at targets from its data's worst episode return to 1.25x its best, "
+        f"{runs[0][1]['episodes']} episodes each; slope: least-squares achieved return per unit of "
+        "target; spread: achieved at the highest target minus at the lowest.",
+    ]
+    (out / "dt_sweep.md").write_text("\n".join(lines) + "\n")
+
+    datasets = sorted({r["dataset"] for _, r in runs})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], datasets):
+        top = 0.0
+        for _, r in runs:
+            if r["dataset"] != name:
+                continue
+            style = "-" if r["windows"] == "end" else "--"
+            ax.plot(
+                r["targets"],
+                r["achieved"],
+                style,
+                marker="o",
+                ms=3,
+                label=f"{r['windows']}, seed {r['seed']}, {r['steps'] // 1000}k",
+            )
+            top = max(top, *r["targets"])
+        ax.plot([0, top], [0, top], color="grey", lw=0.8, label="achieved = target")
+        data = next((r["dataset_returns"] for _, r in runs if r["dataset"] == name), None)
+        if data:
+            ax.axhline(data["mean"], color="black", lw=0.8, ls=":", label="data mean")
+        ax.set_title(name)
+        ax.set_xlabel("target return")
+        ax.set_ylabel("achieved return")
+        ax.legend(fontsize=7)
+    fig.suptitle("Return conditioning: achieved against target return")
+    fig.tight_layout()
+    fig.savefig(img / "dt_sweep.png", dpi=110)
+    plt.close(fig)
+
+
+MAKERS = (dt_table, dt_sweep, chat_speed, serve_load, finetune, dt_speed)
 
 
 def main(argv: list[str] | None = None) -> None:
