@@ -4,8 +4,8 @@
 
 For each run folder (its newest checkpoint) the agent is evaluated at `--points` targets from the
 training data's worst episode return to 1.25x its best (`glmgym agent evaluate --sweep`), over
-`--episodes` episodes each (episode seeds 0..N-1). Results go to `--out`, one entry per run
-folder, kept across calls (an entry is redone only when its checkpoint changed);
+`--episodes` episodes each (episode seeds 0..N-1). Results go to `--out`, one entry per
+(dataset, windows, seed, steps), kept across calls (an entry is redone only when its checkpoint changed);
 `benchmarks/report.py` plots them.
 """
 
@@ -68,7 +68,8 @@ def main() -> None:
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     for run in map(Path, args.runs):
-        key = run.name
+        cfg = read_json(run / "train_config.json")
+        key = f"{Path(cfg['dataset']).stem}/{cfg.get('windows', 'start')}/seed{cfg['seed']}/{cfg['steps']}"
         if result.get(key, {}).get("checkpoint") == latest_checkpoint(run).name:
             print(f"{key}: done before")
             continue
