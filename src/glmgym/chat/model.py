@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,48 @@ def _decode_kernels():
     """glmgym's AVX2 kernels module when they build here (decoding attention), else None."""
 
     return avx2 if avx2.load() is not None else None
+
+
+def decode_attention(device: torch.device, dtype: torch.dtype) -> Callable:
+    """The fastest one-query attention (a decoding step) for this device and compute dtype,
+    `attend(q, k, v, allowed) -> y` on [B, H, 1, d] queries; chosen once per layer and setting.
+
+    - CPU without native bf16 (AVX2), bf16 cache: bf16 matmuls run generic code there. glmgym's
+      kernel reads the bf16 cache once in fp32 registers (one layer, 32 heads, 2 cores: 91 us at
+      140 keys, 1.3 ms at 1024); without it, converting the cache to fp32 for SDPA (279 us and
+      4.7 ms) beats bf16 SDPA and the matmul-softmax below.
+    - CPU otherwise: a plain matmul-softmax beats SDPA's kernel, the more so the longer the cache
+      (alone: 0.35 vs 2.9 ms at 1024 keys; a 4-layer INT4 decode step at 1024 cached tokens: 23.1
+      vs 26.2 ms, no change at 128). The softmax runs in fp32.
+    - GPU: SDPA.
+    """
+    if device.type != "cpu":
+        return _attend_sdpa
+    if dtype == torch.bfloat16 and not _CPU_NATIVE_BF16:
+        kernels = _decode_kernels()
+        return functools.partial(_attend_kernel, kernels) if kernels is not None else _attend_sdpa_fp32
+    return _attend_matmul
+
+
+def _attend_sdpa(q, k, v, allowed):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def _attend_sdpa_fp32(q, k, v, allowed):
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed).to(q.dtype)
+
+
+def _attend_kernel(kernels, q, k, v, allowed):
+    if k.stride(-1) == 1 and k.stride() == v.stride():  # the kernel's layout
+        return kernels.attend_decode(q, k, v, allowed)
+    return _attend_sdpa_fp32(q, k, v, allowed)
+
+
+def _attend_matmul(q, k, v, allowed):
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, 1, S]
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v
 
 
 class RotaryEmbedding(nn.Module):
@@ -90,6 +133,7 @@ class SelfAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self._decode: dict[tuple, Callable] = {}  # (device, dtype) -> one-query attention
 
     def forward(
         self,
@@ -126,25 +170,12 @@ class SelfAttention(nn.Module):
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         elif prefix is not None:  # training: [B, H, P, d] prefix keys/values in front, no rotary
             k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
-        if T == 1 and x.device.type == "cpu" and q.dtype == torch.bfloat16 and not _CPU_NATIVE_BF16:
-            # One query on a CPU without native bf16 (AVX2): bf16 matmuls run generic code there.
-            # glmgym's kernel reads the bf16 cache once in fp32 registers (one layer, 32 heads,
-            # 2 cores: 91 us at 140 keys, 1.3 ms at 1024); without it, converting the cache to fp32
-            # for SDPA (279 us and 4.7 ms) beats bf16 SDPA and the fp32 matmul-softmax below.
-            kernels = _decode_kernels()
-            if kernels is not None and k.stride(-1) == 1 and k.stride() == v.stride():
-                y = kernels.attend_decode(q, k, v, allowed)
-            else:
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                                   attn_mask=allowed).to(q.dtype)
-        elif T == 1 and x.device.type == "cpu":
-            # One query (decoding) with native bf16: a plain matmul-softmax beats SDPA's kernel, the
-            # more so the longer the cache (alone: 0.35 vs 2.9 ms at 1024 keys; a 4-layer INT4 decode
-            # step at 1024 cached tokens: 23.1 vs 26.2 ms, no change at 128). The softmax runs in fp32.
-            scores = (q @ k.transpose(-1, -2)) * d**-0.5  # [B, H, 1, S]
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, float("-inf"))
-            y = scores.float().softmax(dim=-1).to(v.dtype) @ v
+        if T == 1:  # decoding: the path picked for this device and dtype (see `decode_attention`)
+            key = (q.device, q.dtype)
+            attend = self._decode.get(key)
+            if attend is None:
+                attend = self._decode[key] = decode_attention(q.device, q.dtype)
+            y = attend(q, k, v, allowed)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))  # [B, H, T, d] -> [B, T, C]
