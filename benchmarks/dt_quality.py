@@ -243,10 +243,10 @@ def main() -> None:
                    "reference_scores": {"min": ref.min, "max": ref.max, "source": ref.source}}
         entry = result["datasets"].get(name, {})
         if entry.get("config") != setting:
-            if entry:
+            if entry:  # only then: a first seed's interrupted run has no entry yet and resumes
                 print(f"{name}: cached runs are for other data or settings; starting over")
-            for stale in runs_root.glob(f"{name}-glmgym-dt-{tag}seed*"):  # nor resume their checkpoints
-                shutil.rmtree(stale)
+                for stale in runs_root.glob(f"{name}-glmgym-dt-{tag}seed*"):  # nor resume their checkpoints
+                    shutil.rmtree(stale)
             entry = {"config": setting, "runs": {}}
         result["datasets"][name] = entry
         runs = entry["runs"]
