@@ -14,16 +14,19 @@ from glmgym.errors import GlmgymError
 
 __all__ = [
     "DTYPE_CHOICES",
+    "FAMILIES",
     "PRESETS",
     "ChatCLIConfig",
     "ChatEvalConfig",
     "FinetuneConfig",
+    "GLM2Config",
     "GLMConfig",
     "GenerationConfig",
     "MergeLoraConfig",
     "ModelOptions",
     "QuantizeConfig",
     "ServeConfig",
+    "load_config",
 ]
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -87,6 +90,21 @@ class GLMConfig:
         """Size of one attention head."""
         return self.hidden_size // self.num_attention_heads
 
+    version = 1
+    """GLM generation: 1 (ChatGLM-6B's block) or 2 (ChatGLM2/3, GLM-4)."""
+    family = "chatglm"
+    """The chat family member (prompt format, tokenizer, tool calls)."""
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads the KV cache stores (every head in v1)."""
+        return self.num_attention_heads
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an answer."""
+        return [self.eos_token_id]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GLMConfig:
         """Build from a ChatGLM `config.json` dict (unknown keys are ignored)."""
@@ -115,6 +133,161 @@ class GLMConfig:
         return {"architectures": ["ChatGLMModel"], "model_type": "chatglm", **dataclasses.asdict(self)}
 
 
+FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
+"""The ChatGLM family members glmgym runs: v1 ChatGLM-6B, then the v2 block's ChatGLM2-6B,
+ChatGLM3-6B and GLM-4-9B-chat (each with its own prompt format and tokenizer)."""
+
+
+@dataclass
+class GLM2Config:
+    """The second-generation GLM block (ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-chat), with the field
+    names of THUDM's `config.json`; the defaults are ChatGLM3-6B's."""
+
+    num_layers: int = 28
+    """Transformer blocks."""
+    padded_vocab_size: int = 65024
+    """Rows of the word embedding and of the (untied) output layer."""
+    hidden_size: int = 4096
+    """Model width."""
+    ffn_hidden_size: int = 13696
+    """SwiGLU width (dense_h_to_4h outputs twice this)."""
+    kv_channels: int = 128
+    """Size of one attention head."""
+    num_attention_heads: int = 32
+    """Query heads."""
+    seq_length: int = 8192
+    """Longest sequence (prompt + answer) the model supports."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of every norm."""
+    rmsnorm: bool = True
+    """RMSNorm (every published model) or LayerNorm."""
+    apply_residual_connection_post_layernorm: bool = False
+    """Residuals from the normalized input instead of the input."""
+    post_layer_norm: bool = True
+    """A final norm after the last block."""
+    add_bias_linear: bool = False
+    """Biases on every linear layer."""
+    add_qkv_bias: bool = True
+    """A bias on the query/key/value projection."""
+    multi_query_attention: bool = True
+    """Grouped-query attention with `multi_query_group_num` key/value groups."""
+    multi_query_group_num: int = 2
+    """Key/value groups (when `multi_query_attention`)."""
+    rope_ratio: float = 1.0
+    """Long-context rotary scaling: ChatGLM3-32k/128k and GLM-4 multiply the base by it,
+    ChatGLM2-6B-32k divides the positions by it."""
+    original_rope: bool = True
+    """The reference's rotary flag (every published model: True; no other is implemented)."""
+    eos_token_id: int | list[int] = 2
+    """Tokens that end an answer (GLM-4 lists three)."""
+    pad_token_id: int = 0
+    """Padding id (left padding)."""
+    pre_seq_len: int | None = None
+    """P-Tuning v2 prefix length (None: no prefix)."""
+    prefix_projection: bool = False
+    """P-Tuning v2: an MLP maps the prefix embedding to the key/values."""
+    quantization_bit: int = 0
+    """4 or 8 for quantized checkpoints (THUDM's or glmgym's), 0 for float weights."""
+    quantization_group_size: int = 0
+    """glmgym's field: INT4 group size (0: one scale per output row, THUDM's scheme)."""
+    torch_dtype: str = "float16"
+    """Dtype the checkpoint was saved in."""
+    glmgym_family: str = ""
+    """glmgym's field: `chatglm2`, `chatglm3` or `glm4` (prompt format, tokenizer, rotary scaling).
+    Empty: inferred from the checkpoint's name and vocabulary (see `load_config`)."""
+
+    version = 2
+    """GLM generation: 1 (ChatGLM-6B's block) or 2 (ChatGLM2/3, GLM-4)."""
+
+    def __post_init__(self) -> None:
+        if self.glmgym_family and self.glmgym_family not in FAMILIES[1:]:
+            raise GlmgymError(f"glmgym_family must be one of {', '.join(FAMILIES[1:])}, "
+                              f"not {self.glmgym_family!r}")
+        if self.num_attention_heads % self.kv_heads:
+            raise GlmgymError("num_attention_heads must be a multiple of multi_query_group_num")
+        if self.kv_channels % 4:
+            raise GlmgymError("rotary embedding on half of each head needs kv_channels divisible by 4")
+        if not self.original_rope:
+            raise GlmgymError("original_rope false is not a published configuration")
+
+    @property
+    def family(self) -> str:
+        """The chat family member; `chatglm3` unless the checkpoint says otherwise."""
+        return self.glmgym_family or "chatglm3"
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.kv_channels
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads the KV cache stores (the groups)."""
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding and the output layer."""
+        return self.padded_vocab_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest sequence (prompt + answer)."""
+        return self.seq_length
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an answer."""
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GLM2Config:
+        """Build from a ChatGLM2/3 or GLM-4 `config.json` dict (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names and v is not None}
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise GlmgymError(f"config.json is malformed: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """`config.json` content in THUDM's format (plus glmgym's fields)."""
+        return {"architectures": ["ChatGLMModel"], "model_type": "chatglm", **dataclasses.asdict(self)}
+
+
+def load_config(path: str | Path) -> GLMConfig | GLM2Config:
+    """Read a ChatGLM `config.json`: a v1 (`GLMConfig`) or v2 (`GLM2Config`) block.
+
+    Every family member says `model_type: chatglm`; the v2 block is told by its own fields
+    (`multi_query_group_num`, `padded_vocab_size`, `ffn_hidden_size`). The v2 family member is
+    glmgym's `glmgym_family` when present, else read from the checkpoint's name (`_name_or_path`)
+    and vocabulary: GLM-4's is 151552 rows.
+
+    Raises:
+        GlmgymError: missing, not JSON, or not a ChatGLM config.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GlmgymError(f"{path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise GlmgymError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise GlmgymError(f"{path} is not a config (a JSON object)")
+    if data.get("model_type", "chatglm") != "chatglm":
+        raise GlmgymError(f"{path}: model_type {data['model_type']!r} is not a ChatGLM model")
+    if not {"multi_query_group_num", "padded_vocab_size", "ffn_hidden_size"} & set(data):
+        return GLMConfig.from_dict(data)
+    if not data.get("glmgym_family"):
+        name = str(data.get("_name_or_path", "")).lower().replace("-", "")
+        if "glm4" in name or data.get("padded_vocab_size") == 151552:
+            data = {**data, "glmgym_family": "glm4"}
+        elif "chatglm2" in name or "codegeex2" in name:
+            data = {**data, "glmgym_family": "chatglm2"}
+    return GLM2Config.from_dict(data)
+
+
 PRESETS = {
     # THUDM/chatglm-6b v1.1 (the current hub revision)
     "chatglm-6b": GLMConfig(),
@@ -126,6 +299,12 @@ PRESETS = {
                       inner_hidden_size=512, max_sequence_length=256, bos_token_id=1004,
                       eos_token_id=1005, mask_token_id=1000, gmask_token_id=1001, pad_token_id=3,
                       torch_dtype="float32"),
+    # the v2 block (chatglm2-6b's hub config says 32768 positions; chatglm3-6b's 8192)
+    "chatglm2-6b": GLM2Config(seq_length=32768, glmgym_family="chatglm2"),
+    "chatglm3-6b": GLM2Config(glmgym_family="chatglm3"),
+    "glm-4-9b-chat": GLM2Config(num_layers=40, padded_vocab_size=151552, seq_length=131072, rope_ratio=500.0,
+                                eos_token_id=[151329, 151336, 151338], pad_token_id=151329,
+                                torch_dtype="bfloat16", glmgym_family="glm4"),
 }
 
 

@@ -7,13 +7,14 @@ NaN/Inf guard, repetition penalty, temperature, top-k, top-p.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from glmgym.chat.config import GenerationConfig
 from glmgym.chat.model import GLMModel, KVCache
+from glmgym.chat.model_v2 import GLM2Model
 from glmgym.errors import GlmgymError
 
 __all__ = ["GenerationConfig", "PromptBatch", "RowSampling", "decode_one_token", "generate", "prefill",
@@ -22,40 +23,55 @@ __all__ = ["GenerationConfig", "PromptBatch", "RowSampling", "decode_one_token",
 
 @dataclass
 class PromptBatch:
-    """Padded prompts with ChatGLM's 2D positions and prefix-LM mask: the one builder for
-    `generate`'s left-padded batches and the server's right-padded prefill groups."""
+    """Padded prompts with their positions and mask: ChatGLM-6B's 2D positions and prefix-LM mask,
+    or the v2 block's 1D positions and causal mask (`causal`). The one builder for `generate`'s
+    left-padded batches and the server's right-padded prefill groups."""
 
     input_ids: torch.Tensor
     """[B, T]."""
     position_ids: torch.Tensor
-    """[B, 2, T]: positions, block positions."""
+    """[B, 2, T]: positions, block positions (v1); [B, T] positions (causal, v2)."""
     pad: torch.Tensor
     """[B] number of left pad tokens (0 when padded on the right)."""
     context_len: torch.Tensor
-    """[B] tokens before <sop> (the bidirectional context), pads excluded."""
+    """[B] tokens before <sop> (the bidirectional context), pads excluded; 0 when causal."""
     lengths: torch.Tensor
     """[B] prompt tokens, pads excluded."""
+    causal: bool = False
+    """The v2 block: causal attention over 1D positions."""
 
     @classmethod
     def build(cls, prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu",
-              left: bool = True) -> PromptBatch:
-        """Pad prompts (each ending with [gMASK] <sop>) on the left (or the right) and derive
-        positions."""
+              left: bool = True, causal: bool = False) -> PromptBatch:
+        """Pad prompts on the left (or the right) and derive positions: a v1 prompt ends with
+        [gMASK] <sop>; a `causal` (v2) one is any sequence, its positions count its tokens."""
         T = max(len(p) for p in prompts)
         lengths = torch.tensor([len(p) for p in prompts])
         pad = T - lengths if left else torch.zeros_like(lengths)
         ids = torch.tensor([[pad_id] * (T - len(p)) + list(p) if left else list(p) + [pad_id] * (T - len(p))
                             for p in prompts])
-        ctx = lengths - 1  # <sop> is the last prompt token
         r = torch.arange(T)[None, :] - pad[:, None]  # index within the real tokens, < 0 at left pads
+        if causal:  # the reference's left pads take position 0, as its tokenizer writes them
+            return cls(ids.to(device), r.clamp(min=0).to(device), pad.to(device),
+                       torch.zeros_like(lengths).to(device), lengths.to(device), True)
+        ctx = lengths - 1  # <sop> is the last prompt token
         mask_pos = (ctx - 1)[:, None]  # [gMASK] just before <sop>
         pos = torch.where(r < ctx[:, None], r, mask_pos).clamp(min=0)
         block = (r - ctx[:, None] + 1).clamp(min=0)
         return cls(ids.to(device), torch.stack([pos, block], 1).to(device), pad.to(device), ctx.to(device),
                    lengths.to(device))
 
+    def decode_positions(self, step: int) -> torch.Tensor:
+        """Positions of the `step`-th generated token (0: the first), [B, 2, 1] or [B, 1]: v1's
+        sits after <sop> ([gMASK]'s position, block position step + 2), v2's after the prompt."""
+        if self.causal:
+            return (self.lengths + step)[:, None]
+        mask_pos = self.context_len - 1
+        return torch.stack([mask_pos, torch.full_like(mask_pos, step + 2)], dim=1)[:, :, None]
+
     def attention_mask(self, prefix_len: int = 0) -> torch.Tensor:
-        """[B, 1, T, P + T] bool, True = masked: prefix-LM over real tokens, pads see themselves."""
+        """[B, 1, T, P + T] bool, True = masked: prefix-LM (causal for v2) over real tokens, pads
+        see themselves."""
         B, T = self.input_ids.shape
         device = self.input_ids.device
         i = torch.arange(T, device=device)
@@ -184,16 +200,17 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig | RowSampling, vocab_limi
 
 
 @torch.inference_mode()
-def generate(model: GLMModel, prompts: list[list[int]], cfg: GenerationConfig, *, eos_id: int,
-             pad_id: int, vocab_limit: int) -> Iterator[list[list[int]]]:
-    """Yield the new tokens of every prompt after each step (streaming); stops at <eop>.
+def generate(model: GLMModel | GLM2Model, prompts: list[list[int]], cfg: GenerationConfig, *,
+             eos_id: int | Sequence[int], pad_id: int, vocab_limit: int) -> Iterator[list[list[int]]]:
+    """Yield the new tokens of every prompt after each step (streaming); a row stops at its
+    first `eos_id` (one id, or several: the v2 chat models stop at a role token too).
 
     Raises:
         GlmgymError: a prompt leaves no room for an answer within max_length.
     """
     device = next(model.parameters()).device
     dtype = model.dtype
-    batch = PromptBatch.build(prompts, pad_id, device)
+    batch = PromptBatch.build(prompts, pad_id, device, causal=model.config.version == 2)
     B, T = batch.input_ids.shape
     limit = min(cfg.max_length, model.config.max_sequence_length)
     longest = max(len(p) for p in prompts)
@@ -217,21 +234,20 @@ def generate(model: GLMModel, prompts: list[list[int]], cfg: GenerationConfig, *
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = prefill(model, batch, cache)
-    mask_pos = batch.context_len - 1
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
     for step in range(steps):
         token = sample(logits, cfg, vocab_limit, history, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         for b, t in enumerate(token.tolist()):
             if not done[b]:
                 out[b].append(t)
-        done |= token == eos_id
+        done |= torch.isin(token, stops)
         yield out
         if bool(done.all()) or step == steps - 1:
             return
         if cfg.repetition_penalty != 1.0:  # the only reader of the growing sequence
             history = torch.cat([history, token[:, None]], dim=1)
-        # the new token sits after <sop>: position = [gMASK]'s index, block position = step + 2
-        pos = torch.stack([mask_pos, torch.full_like(mask_pos, step + 2)], dim=1)[:, :, None]
+        pos = batch.decode_positions(step)
         start = P + T + step
         km = None if key_masked is None else key_masked[:, : start + 1]
         logits = decode_one_token(model, token[:, None], pos, km, cache, start)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmgym.chat.config import GLMConfig
+from glmgym.chat.config import GLM2Config, GLMConfig
 from glmgym.chat.kernels import avx2
 from glmgym.devices import native_bf16
 
@@ -43,9 +43,11 @@ def _decode_kernels():
     return avx2 if avx2.load() is not None else None
 
 
-def decode_attention(device: torch.device, dtype: torch.dtype) -> Callable:
+def decode_attention(device: torch.device, dtype: torch.dtype, grouped: bool = False) -> Callable:
     """The fastest one-query attention (a decoding step) for this device and compute dtype,
     `attend(q, k, v, allowed) -> y` on [B, H, 1, d] queries; chosen once per layer and setting.
+    `grouped`: the queries are [B, G, H/G, d], the query heads of each key/value group (the v2
+    block's grouped-query attention), which glmgym's one-query kernel does not take.
 
     - CPU without native bf16 (AVX2), bf16 cache: bf16 matmuls run generic code there. glmgym's
       kernel reads the bf16 cache once in fp32 registers (one layer, 32 heads, 2 cores: 91 us at
@@ -59,7 +61,7 @@ def decode_attention(device: torch.device, dtype: torch.dtype) -> Callable:
     if device.type != "cpu":
         return _attend_sdpa
     if dtype == torch.bfloat16 and not _CPU_NATIVE_BF16:
-        kernels = _decode_kernels()
+        kernels = None if grouped else _decode_kernels()
         return functools.partial(_attend_kernel, kernels) if kernels is not None else _attend_sdpa_fp32
     return _attend_matmul
 
@@ -113,16 +115,17 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values of every layer: [layers, B, heads, max_len, head_dim] each."""
+    """Preallocated keys/values of every layer: [layers, B, kv_heads, max_len, head_dim] each
+    (kv_heads: every head in v1, the key/value groups in v2)."""
 
     k: torch.Tensor
     v: torch.Tensor
 
     @classmethod
-    def empty(cls, cfg: GLMConfig, batch: int, max_len: int, dtype: torch.dtype,
+    def empty(cls, cfg: GLMConfig | GLM2Config, batch: int, max_len: int, dtype: torch.dtype,
               device: torch.device | str) -> KVCache:
         """Zeros for `max_len` positions (prefix slots included)."""
-        shape = (cfg.num_layers, batch, cfg.num_attention_heads, max_len, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
         k = torch.zeros(shape, dtype=dtype, device=device)
         return cls(k, torch.zeros_like(k))
 

@@ -1,0 +1,286 @@
+"""The second-generation GLM block (ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-chat) in plain PyTorch.
+
+Equal to THUDM's `modeling_chatglm.py` of those models (the three share the block): RMSNorm,
+SwiGLU, grouped-query attention over `multi_query_group_num` key/value groups, rotary embedding on
+the first half of each head (interleaved pairs), causal attention over 1D positions, an untied
+output layer. Our choices, as in `model.py`:
+
+- batch-first tensors ([B, T, ...]); the reference is sequence-first;
+- the KV cache (`KVCache`, preallocated, written in place) stores the groups only, [.., G, S, d];
+  the reference expands them to every head before attending, we attend per group (SDPA's
+  `enable_gqa`, or the query heads of a group as one [H/G]-row query when decoding on a CPU);
+- the same stepping API as the v1 model (`embed`, `run_layers`, `head`), position ids [B, T]
+  instead of v1's [B, 2, T], and the same mask convention (True where attention is not allowed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmgym.chat.config import GLM2Config
+from glmgym.chat.model import KVCache, decode_attention
+
+__all__ = ["GLM2Block", "GLM2Model", "RMSNorm", "rotary_tables"]
+
+
+class RMSNorm(nn.Module):
+    """`w * x / rms(x)` with the mean square in fp32, as the reference."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)).to(x.dtype)
+
+
+def _norm(cfg: GLM2Config) -> nn.Module:
+    return RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon) if cfg.rmsnorm else \
+        nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+
+
+def rotary_tables(cfg: GLM2Config, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [positions, head_dim / 4] for the rotary half of a head (fp32).
+
+    ChatGLM3-32k/128k and GLM-4 scale the base by `rope_ratio`; ChatGLM2-6B-32k divides the
+    positions by it instead (each reference does one or the other).
+    """
+    rot = cfg.head_dim // 2
+    base = 10000.0 * (cfg.rope_ratio if cfg.family != "chatglm2" else 1.0)
+    theta = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    t = torch.arange(positions, dtype=torch.float32)
+    if cfg.family == "chatglm2":
+        t = t / cfg.rope_ratio
+    angles = torch.outer(t, theta)  # [P, rot / 2]
+    return angles.cos(), angles.sin()
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, d]; cos/sin: [B, 1, T, d/4]. Rotates the pairs (x[2i], x[2i+1]) of the
+    first half of each head; the second half passes."""
+    rot = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    pairs = x_rot.unflatten(-1, (-1, 2))  # [B, heads, T, rot/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((out, x_pass), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: GLM2Config) -> None:
+        super().__init__()
+        self.num_heads, self.groups, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+        qkv = (self.num_heads + 2 * self.groups) * self.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, qkv, bias=cfg.add_bias_linear or cfg.add_qkv_bias)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear)
+        self._decode: dict[tuple, Callable] = {}
+
+    def forward(self, x, rope, allowed, cache, start, prefix=None, kv_len=None):
+        B, T, _ = x.shape
+        H, G, d = self.num_heads, self.groups, self.head_dim
+        # [B, T, (H + 2G) d] -> q [B, H, T, d], k and v [B, G, T, d] (queries, then keys, then values)
+        q, k, v = self.query_key_value(x).split([H * d, G * d, G * d], dim=-1)
+        q = q.view(B, T, H, d).transpose(1, 2)
+        k = k.view(B, T, G, d).transpose(1, 2)
+        v = v.view(B, T, G, d).transpose(1, 2)
+        cos, sin = rope
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        if cache is not None:
+            k_cache, v_cache = cache
+            if isinstance(start, int):
+                k_cache[:, :, start : start + T] = k
+                v_cache[:, :, start : start + T] = v
+                kv_len = start + T
+            else:  # one token per row, each at its own slot (continuous batching)
+                rows = torch.arange(B, device=k.device)
+                k_cache[rows, :, start] = k[:, :, 0]
+                v_cache[rows, :, start] = v[:, :, 0]
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        elif prefix is not None:  # training: the prefix's keys/values in front, no rotary
+            k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
+        if T == 1 and x.device.type == "cpu":
+            # decoding: the H/G query heads of a group read its keys once, as one [H/G]-row query
+            key = (q.device, q.dtype)
+            attend = self._decode.get(key)
+            if attend is None:
+                attend = self._decode[key] = decode_attention(q.device, q.dtype, grouped=G != H)
+            y = attend(q.view(B, G, H // G, d), k, v, allowed).reshape(B, H, 1, d)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=G != H)
+        return self.dense(y.transpose(1, 2).reshape(B, T, H * d))  # [B, H, T, d] -> [B, T, H d]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GLM2Config) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=cfg.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.add_bias_linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLM2Block(nn.Module):
+    """Pre-norm block: `h = h + attn(norm(h)); h = h + mlp(norm(h))`."""
+
+    def __init__(self, cfg: GLM2Config) -> None:
+        super().__init__()
+        self.post_norm_residual = cfg.apply_residual_connection_post_layernorm
+        self.input_layernorm = _norm(cfg)
+        self.self_attention = SelfAttention(cfg)
+        self.post_attention_layernorm = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, rope, allowed, cache, start, prefix=None, kv_len=None):
+        x = self.input_layernorm(h)
+        y = self.self_attention(x, rope, allowed, cache, start, prefix, kv_len)
+        h = (x if self.post_norm_residual else h) + y
+        m = self.post_attention_layernorm(h)
+        return (m if self.post_norm_residual else h) + self.mlp(m)
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2 of the v2 models: prefix token i -> every layer's key/value groups at slot i."""
+
+    def __init__(self, cfg: GLM2Config) -> None:
+        super().__init__()
+        kv_size = cfg.num_layers * cfg.head_dim * cfg.kv_heads * 2
+        self.embedding = nn.Embedding(cfg.pre_seq_len, kv_size)
+        # the v2 reference's projection maps kv_size -> hidden -> kv_size (v1: hidden -> hidden -> out)
+        self.trans = nn.Sequential(nn.Linear(kv_size, cfg.hidden_size), nn.Tanh(),
+                                   nn.Linear(cfg.hidden_size, kv_size)) if cfg.prefix_projection else None
+
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(prefix)
+        return self.trans(x) if self.trans is not None else x
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: GLM2Config) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: GLM2Config) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(GLM2Block(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = _norm(cfg) if cfg.post_layer_norm else nn.Identity()
+
+
+class Transformer(nn.Module):
+    """`transformer.*` of the checkpoint."""
+
+    def __init__(self, cfg: GLM2Config) -> None:
+        super().__init__()
+        self.embedding = Embedding(cfg)
+        self.encoder = Encoder(cfg)
+        self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
+        if cfg.pre_seq_len:
+            self.prefix_encoder = PrefixEncoder(cfg)
+
+
+class GLM2Model(nn.Module):
+    """ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B-chat; parameter names match THUDM's checkpoints.
+
+    Example:
+        >>> import torch
+        >>> from glmgym.chat.config import GLM2Config
+        >>> cfg = GLM2Config(num_layers=2, padded_vocab_size=256, hidden_size=64, ffn_hidden_size=96,
+        ...                  kv_channels=16, num_attention_heads=4, seq_length=128)
+        >>> model = GLM2Model(cfg).eval()
+        >>> ids = torch.tensor([[5, 6, 7]])
+        >>> model(ids, torch.arange(3)[None]).shape
+        torch.Size([1, 3, 256])
+    """
+
+    def __init__(self, config: GLM2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.set_rotary(torch.device("cpu"))
+
+    def set_rotary(self, device: torch.device) -> None:
+        """(Re)build the rotary tables on `device` (after loading onto the meta device)."""
+        cos, sin = rotary_tables(self.config, self.config.seq_length + 1)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype (of activations, norms and the KV cache), also for quantized models."""
+        return self.transformer.encoder.layers[0].input_layernorm.weight.dtype
+
+    @property
+    def prefix_len(self) -> int:
+        """Cache slots taken by the P-Tuning v2 prefix (0 without)."""
+        return self.config.pre_seq_len or 0
+
+    def prefix_kv(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix keys and values: [layers, B, groups, pre_seq_len, head_dim] each."""
+        cfg = self.config
+        enc = self.transformer.prefix_encoder
+        kv = enc(torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)).to(dtype)
+        # [P, layers * 2 * G * d] -> [layers * 2, G, P, d]: keys at 2i, values at 2i + 1
+        kv = kv.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.kv_heads, cfg.head_dim)
+        kv = F.dropout(kv, 0.1, self.training).permute(1, 2, 0, 3)
+        k, v = kv[0::2], kv[1::2]
+        return k.unsqueeze(1).expand(-1, batch, -1, -1, -1), v.unsqueeze(1).expand(-1, batch, -1, -1, -1)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, hidden] of `input_ids` [B, T]."""
+        return self.transformer.embedding.word_embeddings(input_ids)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [..., vocab] of the last layer's hidden states (final norm, output layer)."""
+        return self.transformer.output_layer(self.transformer.encoder.final_layernorm(h))
+
+    def run_layers(self, h: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   kv_cache: KVCache | None, start: int | torch.Tensor, layers: range) -> torch.Tensor:
+        """Hidden states [B, T, hidden] through `layers` only (arguments as `hidden_states`)."""
+        # position_ids [B, T] -> cos/sin [B, 1, T, d/4]
+        rope = (self.rope_cos[position_ids].unsqueeze(1).to(h.dtype),
+                self.rope_sin[position_ids].unsqueeze(1).to(h.dtype))
+        allowed = None if attention_mask is None else ~attention_mask
+        kv_len = None if isinstance(start, int) else int(start.max()) + h.shape[1]
+        prefix_k = prefix_v = None
+        if kv_cache is None and self.prefix_len:
+            prefix_k, prefix_v = self.prefix_kv(h.shape[0], h.dtype)
+        for i in layers:
+            cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
+            prefix = None if prefix_k is None else (prefix_k[i], prefix_v[i])
+            h = self.transformer.encoder.layers[i](h, rope, allowed, cache, start, prefix, kv_len)
+        return h
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                      start: int | torch.Tensor = 0) -> torch.Tensor:
+        """Final hidden states [B, T, hidden] (after the final norm).
+
+        Args:
+            input_ids: [B, T] token ids.
+            position_ids: [B, T] positions.
+            attention_mask: [B or 1, 1, T, S] bool, True where attention is NOT allowed (S as in
+                `GLMModel.hidden_states`). None: no mask at all, so pass the causal mask of a
+                prompt; a one-token step may pass None.
+            kv_cache: cache to read slots [0, start) from and write [start, start+T) to.
+            start: cache slot of the first input token, or one slot per row ([B], T == 1).
+        """
+        h = self.run_layers(self.embed(input_ids), position_ids, attention_mask, kv_cache, start,
+                            range(self.config.num_layers))
+        return self.transformer.encoder.final_layernorm(h)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`); arguments as `hidden_states`."""
+        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, start)
+        if last_only:
+            h = h[:, -1:]
+        return self.transformer.output_layer(h)
