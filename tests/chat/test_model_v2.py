@@ -48,8 +48,9 @@ def test_prefill_cached_steps_and_chunks_equal_the_reference(name):
         logits = model(ids, batch.position_ids, batch.attention_mask(P), kv_cache=cache, start=P)
         torch.testing.assert_close(logits, g["prefill_logits"], atol=1e-5, rtol=0)
         for step in range(2):
-            logits = model(g[f"step{step}_ids"], torch.full((B, 1), T + step), None, kv_cache=cache,
-                           start=P + T + step)
+            logits = model(
+                g[f"step{step}_ids"], torch.full((B, 1), T + step), None, kv_cache=cache, start=P + T + step
+            )
             torch.testing.assert_close(logits, g[f"step{step}_logits"], atol=1e-5, rtol=0)
         # three tokens at once on a cache: causal among themselves, all of the cache before them
         S = P + T + 2

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from glmgym._io import atomic_dir, atomic_write_json, read_json
-from glmgym.chat.config import GLMConfig
+from glmgym.chat.config import GLM2Config, GLMConfig, load_config
 from glmgym.chat.model import GLMModel, RotaryEmbedding
+from glmgym.chat.model_v2 import GLM2Model
 from glmgym.chat.quantize import (
-    QUANTIZED_LINEARS,
     QuantizedEmbedding,
     QuantizedLinear,
     QuantSpec,
@@ -35,10 +35,11 @@ from glmgym.chat.quantize import (
 from glmgym.devices import cpu_capability, native_bf16
 from glmgym.errors import GlmgymError
 
-__all__ = ["DTYPES", "default_dtype", "load_model", "quantize_checkpoint", "resolve_model_dir", "save_model"]
+__all__ = ["DTYPES", "build_model", "default_dtype", "load_model", "quantize_checkpoint", "resolve_model_dir",
+           "save_model"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
 _WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".index.json")
 """Weight files a merged checkpoint does not copy from its base (it writes its own)."""
 _HUB_FILES = ["*.json", "*.model", "*.safetensors", "*.bin"]
@@ -128,17 +129,29 @@ def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from state.items()
 
 
-def _quantized_modules(config: GLMConfig, spec) -> set[str]:
+def _quantized_modules(config: GLMConfig | GLM2Config, spec) -> set[str]:
 
     if spec is None:
         return set()
-    names = {f"transformer.layers.{i}.{n}" for i in range(config.num_layers) for n in QUANTIZED_LINEARS}
-    return names | ({"transformer.word_embeddings"} if spec.embeddings else set())
+    return set(config.quantized_linears) | ({config.embeddings_name} if spec.embeddings else set())
+
+
+def build_model(config: GLMConfig | GLM2Config) -> GLMModel | GLM2Model:
+    """The model class of `config`'s GLM generation (v1: ChatGLM-6B; v2: ChatGLM2/3, GLM-4)."""
+    return GLM2Model(config) if config.version == 2 else GLMModel(config)
+
+
+def _stored_names(config: GLMConfig | GLM2Config) -> set[str]:
+    """The tensor names a float checkpoint of `config` holds (v1's lm_head is tied, not stored)."""
+    with torch.device("meta"):
+        return {k for k in build_model(config).state_dict() if not k.startswith("lm_head.")}
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               quantize: int | None = None, group_size: int | None = None, kernels: bool = True) -> GLMModel:
-    """Build a `GLMModel` from a checkpoint directory.
+               quantize: int | None = None, group_size: int | None = None,
+               kernels: bool = True) -> GLMModel | GLM2Model:
+    """Build a `GLMModel` (ChatGLM-6B) or `GLM2Model` (ChatGLM2/3, GLM-4) from a checkpoint
+    directory; config.json says which.
 
     Args:
         model_dir: checkpoint directory (float weights, or quantized ones: THUDM's or glmgym's).
@@ -154,7 +167,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     """
 
     model_dir = Path(model_dir)
-    config = GLMConfig.from_file(model_dir / "config.json")
+    config = load_config(model_dir / "config.json")
     stored = QuantSpec.from_config(config)  # checkpoints record their quantization in config.json
     if stored and quantize and quantize != stored.bits:
         raise GlmgymError(f"{model_dir} holds {stored.bits}-bit weights; "
@@ -163,7 +176,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     device = torch.device(device)
     dtype = dtype or default_dtype(device, quantized=spec is not None)
     with torch.device("meta"):
-        model = GLMModel(config)
+        model = build_model(config)
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     quantized = _quantized_modules(config, spec)
     pending: dict[str, dict[str, torch.Tensor]] = {}  # parts of a quantized module seen so far
@@ -171,7 +184,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
 
     def finish(module: str) -> None:
         parts = pending[module]
-        if module == "transformer.word_embeddings":
+        if module == config.embeddings_name:
             if {"weight", "weight_scale"} - set(parts):
                 return
             V, H = expected[f"{module}.weight"].shape
@@ -180,14 +193,15 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
                 {k: v.to(device) for k, v in parts.items()}, spec.bits, dtype)
             model.lm_head = QuantizedLinear.from_tensors(parts, H, None, spec.bits, 0, dtype, device, kernels)
         else:
-            needed = {"weight", "bias"} | ({"weight_scale"} if stored else set())
+            has_bias = f"{module}.bias" in expected  # v2: on query_key_value only
+            needed = {"weight"} | ({"bias"} if has_bias else set()) | ({"weight_scale"} if stored else set())
             if stored and stored.group_size:
                 needed.add("weight_zero")
             if needed - set(parts):
                 return
             N, K = expected[f"{module}.weight"].shape
-            bias = parts.pop("bias")
-            if tuple(bias.shape) != (N,):
+            bias = parts.pop("bias", None)
+            if bias is not None and tuple(bias.shape) != (N,):
                 raise GlmgymError(f"{module}.bias has shape {tuple(bias.shape)}, config.json implies {(N,)}")
             if not stored:  # quantize on load: one float weight at a time
                 if tuple(parts["weight"].shape) != (N, K):
@@ -225,6 +239,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
             model.lm_head.weight = model.transformer.word_embeddings.weight
             if kernels:  # now, while few layers are in memory: the INT8 head adds 0.6 GB for a moment
                 use_decode_kernels(model, quantized=spec is not None)
+        if f"{config.head_name}.weight" in batch and kernels and not config.tied_head:
+            use_decode_kernels(model, quantized=spec is not None)
         del batch
     for module, parts in pending.items():  # incomplete quantized layers: say what they lack
         if stored and "weight" in parts:
@@ -235,11 +251,15 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     if missing:
         raise GlmgymError(f"{model_dir} lacks weights: {', '.join(missing[:5])}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
-    model.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1).to(device)
+    if config.version == 2:
+        model.set_rotary(device)
+    else:
+        rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
+        model.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1).to(device)
     if spec:
         config.quantization_bit, config.quantization_group_size = spec.bits, spec.group_size
-        config.quantization_embeddings = spec.embeddings
+        if config.version == 1:
+            config.quantization_embeddings = spec.embeddings
     _release_freed_memory()
     return model.eval()
 
@@ -255,10 +275,10 @@ def _release_freed_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
-def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
+def save_model(model: GLMModel | GLM2Model, out_dir: str | Path, safetensors: bool = True,
                max_shard_bytes: int = 2 * 2**30, tokenizer=None, base_dir: Path | None = None) -> Path:
     """Write `model` in THUDM's layout (config.json, shards and an index), atomically; with a
-    `ChatGLMTokenizer`, also its `ice_text.model` (and `tokenizer_config.json` for v1.0's offset).
+    tokenizer, also its files (`tokenizer.save`).
     With `base_dir`, the folder the model came from: its files other than weights are copied
     (never imported) and its config.json keys that glmgym's config lacks (`auto_map`, ...) kept."""
 
@@ -267,7 +287,8 @@ def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
                           "checkpoints from float ones with `glmgym chat quantize` (quantize_checkpoint)")
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    state["lm_head.weight"] = state["lm_head.weight"].clone()  # stored untied, like THUDM's files
+    if "lm_head.weight" in state:  # v1: stored untied, like THUDM's files
+        state["lm_head.weight"] = state["lm_head.weight"].clone()
     with atomic_dir(out_dir) as tmp:
         config = model.config.to_dict()
         if base_dir is not None:
@@ -284,9 +305,7 @@ def save_model(model: GLMModel, out_dir: str | Path, safetensors: bool = True,
             writer.add(name, t)
         writer.close()
         if tokenizer is not None:
-            (tmp / "ice_text.model").write_bytes(tokenizer.sp.serialized_model_proto())
-            if tokenizer.offset:
-                atomic_write_json(tmp / "tokenizer_config.json", {"num_image_tokens": tokenizer.offset})
+            tokenizer.save(tmp)
     return Path(out_dir)
 
 
@@ -338,7 +357,7 @@ class _ShardWriter:
                                "weight_map": {k: names[v] for k, v in self.weight_map.items()}})
 
 
-_TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
+_TOKENIZER_FILES = ("ice_text.model", "tokenizer.model", "tokenizer_config.json")
 
 
 def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
@@ -354,14 +373,15 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_s
 
     spec = QuantSpec.default(bits, group_size, embeddings)
     model_dir = resolve_model_dir(str(src))
-    config = GLMConfig.from_file(model_dir / "config.json")
+    config = load_config(model_dir / "config.json")
     if config.quantization_bit:
         raise GlmgymError(f"{model_dir} is already {config.quantization_bit}-bit quantized; "
                           "quantize a float (fp16/bf16/fp32) checkpoint")
     targets = _quantized_modules(config, spec)
     files = _weight_files(model_dir)
-    with torch.device("meta"):  # the names a checkpoint of this config must hold
-        expected = {k for k in GLMModel(config).state_dict() if not k.startswith("lm_head.")}
+    if spec.embeddings and config.version == 2:
+        raise GlmgymError("--embeddings (quantized embeddings) is a ChatGLM-6B (v1) scheme")
+    expected = _stored_names(config)  # the names a checkpoint of this config must hold
     with atomic_dir(out_dir) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
         seen: set[str] = set()
@@ -383,7 +403,8 @@ def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int, group_s
             raise GlmgymError(f"the weights in {model_dir} do not match its config.json: {'; '.join(parts)}")
         writer.close()
         config.quantization_bit, config.quantization_group_size = spec.bits, spec.group_size
-        config.quantization_embeddings = spec.embeddings
+        if config.version == 1:
+            config.quantization_embeddings = spec.embeddings
         atomic_write_json(tmp / "config.json", config.to_dict())
         for name in _TOKENIZER_FILES:
             if (model_dir / name).is_file():

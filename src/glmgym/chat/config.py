@@ -100,6 +100,19 @@ class GLMConfig:
         """Key/value heads the KV cache stores (every head in v1)."""
         return self.num_attention_heads
 
+    embeddings_name = "transformer.word_embeddings"
+    """The word embedding module's name in the checkpoint."""
+    head_name = "lm_head"
+    """The output layer's module name (v1: tied to the embeddings, not stored apart)."""
+    tied_head = True
+    """The output layer shares the embedding matrix."""
+
+    @property
+    def quantized_linears(self) -> list[str]:
+        """The block Linear layers that INT4/INT8 quantize (THUDM's choice too), by full name."""
+        names = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+        return [f"transformer.layers.{i}.{n}" for i in range(self.num_layers) for n in names]
+
     @property
     def stop_ids(self) -> list[int]:
         """Tokens that end an answer."""
@@ -224,6 +237,22 @@ class GLM2Config:
     def kv_heads(self) -> int:
         """Key/value heads the KV cache stores (the groups)."""
         return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    embeddings_name = "transformer.embedding.word_embeddings"
+    """The word embedding module's name in the checkpoint."""
+    head_name = "transformer.output_layer"
+    """The output layer's module name (untied)."""
+    tied_head = False
+    """The output layer shares the embedding matrix."""
+    quantization_embeddings = False
+    """The v2 checkpoints never quantize their embeddings."""
+
+    @property
+    def quantized_linears(self) -> list[str]:
+        """The block Linear layers that INT4/INT8 quantize (THUDM's choice too), by full name."""
+        return [f"transformer.encoder.layers.{i}.{n}" for i in range(self.num_layers)
+                for n in ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                          "mlp.dense_4h_to_h")]
 
     @property
     def vocab_size(self) -> int:

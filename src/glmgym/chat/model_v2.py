@@ -40,8 +40,11 @@ class RMSNorm(nn.Module):
 
 
 def _norm(cfg: GLM2Config) -> nn.Module:
-    return RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon) if cfg.rmsnorm else \
-        nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+    return (
+        RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        if cfg.rmsnorm
+        else nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+    )
 
 
 def rotary_tables(cfg: GLM2Config, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,8 +156,11 @@ class PrefixEncoder(nn.Module):
         kv_size = cfg.num_layers * cfg.head_dim * cfg.kv_heads * 2
         self.embedding = nn.Embedding(cfg.pre_seq_len, kv_size)
         # the v2 reference's projection maps kv_size -> hidden -> kv_size (v1: hidden -> hidden -> out)
-        self.trans = nn.Sequential(nn.Linear(kv_size, cfg.hidden_size), nn.Tanh(),
-                                   nn.Linear(cfg.hidden_size, kv_size)) if cfg.prefix_projection else None
+        self.trans = (
+            nn.Sequential(nn.Linear(kv_size, cfg.hidden_size), nn.Tanh(), nn.Linear(cfg.hidden_size, kv_size))
+            if cfg.prefix_projection
+            else None
+        )
 
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:
         x = self.embedding(prefix)
@@ -204,13 +210,13 @@ class GLM2Model(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.set_rotary(torch.device("cpu"))
+        self.set_rotary()
 
-    def set_rotary(self, device: torch.device) -> None:
-        """(Re)build the rotary tables on `device` (after loading onto the meta device)."""
+    def set_rotary(self, device: torch.device | None = None) -> None:
+        """(Re)build the rotary tables (on `device`; after building on the meta device, say)."""
         cos, sin = rotary_tables(self.config, self.config.seq_length + 1)
-        self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.register_buffer("rope_cos", cos if device is None else cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin if device is None else sin.to(device), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -241,12 +247,21 @@ class GLM2Model(nn.Module):
         """Logits [..., vocab] of the last layer's hidden states (final norm, output layer)."""
         return self.transformer.output_layer(self.transformer.encoder.final_layernorm(h))
 
-    def run_layers(self, h: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   kv_cache: KVCache | None, start: int | torch.Tensor, layers: range) -> torch.Tensor:
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        start: int | torch.Tensor,
+        layers: range,
+    ) -> torch.Tensor:
         """Hidden states [B, T, hidden] through `layers` only (arguments as `hidden_states`)."""
         # position_ids [B, T] -> cos/sin [B, 1, T, d/4]
-        rope = (self.rope_cos[position_ids].unsqueeze(1).to(h.dtype),
-                self.rope_sin[position_ids].unsqueeze(1).to(h.dtype))
+        rope = (
+            self.rope_cos[position_ids].unsqueeze(1).to(h.dtype),
+            self.rope_sin[position_ids].unsqueeze(1).to(h.dtype),
+        )
         allowed = None if attention_mask is None else ~attention_mask
         kv_len = None if isinstance(start, int) else int(start.max()) + h.shape[1]
         prefix_k = prefix_v = None
@@ -258,9 +273,14 @@ class GLM2Model(nn.Module):
             h = self.transformer.encoder.layers[i](h, rope, allowed, cache, start, prefix, kv_len)
         return h
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                      start: int | torch.Tensor = 0) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+    ) -> torch.Tensor:
         """Final hidden states [B, T, hidden] (after the final norm).
 
         Args:
@@ -272,13 +292,25 @@ class GLM2Model(nn.Module):
             kv_cache: cache to read slots [0, start) from and write [start, start+T) to.
             start: cache slot of the first input token, or one slot per row ([B], T == 1).
         """
-        h = self.run_layers(self.embed(input_ids), position_ids, attention_mask, kv_cache, start,
-                            range(self.config.num_layers))
+        h = self.run_layers(
+            self.embed(input_ids),
+            position_ids,
+            attention_mask,
+            kv_cache,
+            start,
+            range(self.config.num_layers),
+        )
         return self.transformer.encoder.final_layernorm(h)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`); arguments as `hidden_states`."""
         h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, start)
         if last_only:

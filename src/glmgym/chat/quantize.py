@@ -58,7 +58,8 @@ __all__ = [
 ]
 
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-"""The Linear layers of every block that are quantized (THUDM's choice too)."""
+"""The Linear layers of every ChatGLM-6B block that are quantized (THUDM's choice too); every
+family member's full names are its config's `quantized_linears`."""
 DEFAULT_GROUP_SIZE = 128
 _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -515,27 +516,33 @@ def use_decode_kernels(model: nn.Module, quantized: bool) -> nn.Module:
     built; elsewhere, or for another dtype, no change (and no warning: the head works either way).
 
     - `quantized` (INT4 or INT8 blocks) with the head tied to the embeddings: both become one INT8
-      copy in groups of `INT8_HEAD_GROUP` columns, as chatglm.cpp's q4_0/q8_0 quantize theirs.
+      copy in groups of `INT8_HEAD_GROUP` columns, as chatglm.cpp's q4_0/q8_0 quantize theirs. The
+      v2 block's head is untied: it alone becomes INT8 (its embeddings stay bf16).
       ChatGLM-6B's head is then 0.60 GB read per decoded token instead of 1.07 GB, and the model
       0.47 GB smaller; the logits error on the random full-size model goes from 3.7% to 3.8% (INT8)
       and stays 24.7% (INT4). fp32 compute (asked for by name) keeps the float head.
     - otherwise the head becomes `Bf16DecodeLinear` (the same weight, read at memory speed).
     """
-    head = model.lm_head
+    head_name = model.config.head_name
+    head = model.get_submodule(head_name)
     if (type(head) is not nn.Linear or head.weight.dtype != torch.bfloat16 or head.weight.device.type != "cpu"
             or head.in_features % 32 or cpu_capability() != "AVX2"):
         return model
     if avx2.load() is None:
         return model
-    if quantized and head.weight is model.transformer.word_embeddings.weight:
+    parent, attr = _parent(model, head_name)
+    tied = head.weight is model.get_submodule(model.config.embeddings_name).weight
+    if quantized and (tied or not model.config.tied_head):  # v1 tied, or the v2 block's own head
         t = quantize_weight(head.weight.detach(), 8, INT8_HEAD_GROUP)
         codes, scale = t["weight"], t["weight_scale"].float()  # [V, H] int8, [V, H / 32] fp32
-        model.transformer.word_embeddings = QuantizedEmbedding({"weight": codes, "weight_scale": scale}, 8,
-                                                               torch.bfloat16, INT8_HEAD_GROUP)
-        model.lm_head = QuantizedLinear(head.in_features, head.out_features, 8, INT8_HEAD_GROUP, "avx2",
-                                        {"weight": codes, "scale": scale}, None)
+        if tied:
+            emb_parent, emb_attr = _parent(model, model.config.embeddings_name)
+            setattr(emb_parent, emb_attr, QuantizedEmbedding({"weight": codes, "weight_scale": scale}, 8,
+                                                             torch.bfloat16, INT8_HEAD_GROUP))
+        setattr(parent, attr, QuantizedLinear(head.in_features, head.out_features, 8, INT8_HEAD_GROUP, "avx2",
+                                              {"weight": codes, "scale": scale}, None))
     else:
-        model.lm_head = Bf16DecodeLinear(head.weight)
+        setattr(parent, attr, Bf16DecodeLinear(head.weight))
     return model
 
 
@@ -569,13 +576,13 @@ def quantize_model(model: nn.Module, spec: QuantSpec, kernels: bool = True) -> n
     The model's config records the spec.
     """
     dtype = model.dtype
-    for i, _ in enumerate(model.transformer.layers):
-        for name in QUANTIZED_LINEARS:
-            full = f"transformer.layers.{i}.{name}"
-            parent, attr = _parent(model, full)
-            setattr(parent, attr, QuantizedLinear.from_float(getattr(parent, attr), spec.bits,
-                                                             spec.group_size, dtype, kernels))
+    for full in model.config.quantized_linears:
+        parent, attr = _parent(model, full)
+        setattr(parent, attr, QuantizedLinear.from_float(getattr(parent, attr), spec.bits,
+                                                         spec.group_size, dtype, kernels))
     if spec.embeddings:
+        if not model.config.tied_head:
+            raise GlmgymError("quantized embeddings are a ChatGLM-6B (v1) scheme")
         emb = model.transformer.word_embeddings.weight.detach()
         t = quantize_weight(emb, spec.bits, 0)
         model.transformer.word_embeddings = QuantizedEmbedding(t, spec.bits, dtype)
@@ -585,5 +592,6 @@ def quantize_model(model: nn.Module, spec: QuantSpec, kernels: bool = True) -> n
         use_decode_kernels(model, quantized=True)
     model.config.quantization_bit = spec.bits
     model.config.quantization_group_size = spec.group_size
-    model.config.quantization_embeddings = spec.embeddings
+    if model.config.version == 1:
+        model.config.quantization_embeddings = spec.embeddings
     return model

@@ -15,12 +15,13 @@ import torch
 from glmgym._io import read_json
 from glmgym.chat.adapters import load_ptuning, merge_lora
 from glmgym.chat.checkpoint import DTYPES, load_model, resolve_model_dir, save_model
-from glmgym.chat.config import ModelOptions
+from glmgym.chat.config import ModelOptions, load_config
+from glmgym.chat.formats import format_for
 from glmgym.chat.generate import GenerationConfig, generate
 from glmgym.chat.model import GLMModel
+from glmgym.chat.model_v2 import GLM2Model
 from glmgym.chat.quantize import QuantSpec, quantize_model
 from glmgym.chat.template import (
-    History,
     HistoryTrimmedWarning,
     IncrementalDecoder,
     Reply,
@@ -28,8 +29,9 @@ from glmgym.chat.template import (
     fit_prompt,
     process_response,
 )
-from glmgym.chat.tiny import build_tiny
+from glmgym.chat.tiny import TINY_FAMILIES, build_tiny, build_tiny_v2
 from glmgym.chat.tokenizer import ChatGLMTokenizer
+from glmgym.chat.tokenizer_v2 import load_tokenizer_v2
 from glmgym.devices import resolve_device, set_threads
 from glmgym.errors import GlmgymError
 
@@ -39,24 +41,37 @@ __all__ = [
 ]
 
 class ChatGLM:
-    """A loaded ChatGLM-6B: `chat`, `stream_chat`, and the `.model` / `.tokenizer` underneath."""
+    """A loaded family member (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-chat): `chat`,
+    `stream_chat` with the reference's call shapes, and the `.model` / `.tokenizer` underneath.
 
-    def __init__(self, model: GLMModel, tokenizer: ChatGLMTokenizer, name: str = "") -> None:
+    The history is what the reference's `chat` returns: (query, answer) pairs for ChatGLM-6B and
+    ChatGLM2-6B, `{"role", "content", ...}` messages for ChatGLM3-6B and GLM-4 (whose answer is a
+    dict `{"name", "parameters"}` when the model calls a tool; see `formats.ChatFormat.answer`).
+    """
+
+    def __init__(self, model: GLMModel | GLM2Model, tokenizer, name: str = "") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.format = format_for(model.config, tokenizer)
 
     def config(self, gen: dict) -> GenerationConfig:
         """A `GenerationConfig` from keyword options (TypeError on unknown ones)."""
         return GenerationConfig.of(gen)
 
-    def fit_prompt(self, query: str, history: History, cfg: GenerationConfig,
-                   trim: bool = True) -> tuple[list[int], History]:
-        """`template.fit_prompt` for this model: prompt ids and the history they hold."""
-        return fit_prompt(self.tokenizer, self.model.config.max_sequence_length, query, history, cfg, trim)
+    def fit_prompt(self, query: str, history: list, cfg: GenerationConfig, trim: bool = True,
+                   role: str = "user") -> tuple[list[int], list]:
+        """Prompt ids and the history they hold (the oldest turns dropped to fit, see
+        `template.fit_prompt`)."""
+        context = self.model.config.max_sequence_length
+        if role != "user" and not self.format.roles:
+            raise GlmgymError(f"{self.format.family} has no {role!r} role (ChatGLM3-6B and GLM-4 have)")
+        if self.model.config.version == 1:
+            return fit_prompt(self.tokenizer, context, query, history, cfg, trim)
+        return self.format.fit(context, query, history, cfg, trim, role)
 
-    def stream_batch(self, items: list[tuple[str, History]], trim_history: bool = True,
-                     **gen: Any) -> Iterator[list[Reply]]:
+    def stream_batch(self, items: list[tuple[str, list]], trim_history: bool = True,
+                     role: str = "user", **gen: Any) -> Iterator[list[Reply]]:
         """Answer several conversations in one left-padded batch; yield one `Reply` per row per step.
 
         A row that has ended keeps its last reply while the others go on.
@@ -64,55 +79,65 @@ class ChatGLM:
         Args:
             items: (query, history) per conversation.
             trim_history: drop the oldest turns when a prompt does not fit; False raises instead.
+            role: the queries' role (ChatGLM3/GLM-4: `observation` feeds a tool's result back).
             **gen: `GenerationConfig` options, shared by the rows.
 
         Raises:
             GlmgymError: a prompt does not fit the context (and trimming is off or not enough).
         """
         cfg = self.config(gen)
-        fitted = [self.fit_prompt(q, list(h or []), cfg, trim_history) for q, h in items]
+        fitted = [self.fit_prompt(q, list(h or []), cfg, trim_history, role) for q, h in items]
         tok = self.tokenizer
+        stops = self.format.stop_ids
         decoders = [IncrementalDecoder(tok) for _ in items]
 
         def replies(new: list[list[int]], final: bool) -> list[Reply]:
             out = []
             for (query, _), (ids, kept), tokens, dec in zip(items, fitted, new, decoders):
-                for token in tokens[len(dec.tokens):]:  # the row's new token (none once it ended)
+                ended = bool(tokens) and tokens[-1] in stops
+                for token in tokens[len(dec.tokens):len(tokens) - ended]:  # the new token, not a stop
                     dec.push(token)
-                ended = bool(tokens) and tokens[-1] == tok.eos_id
-                response = process_response(dec.finish() if ended or final else dec.text)
-                out.append(Reply(response, [*kept, (query, response)], len(ids), len(tokens), ended))
+                done = ended or final
+                text = dec.finish() if done else dec.text
+                response, history = self.format.answer(text, kept, query, role, done)
+                out.append(Reply(response, history, len(ids), len(tokens), ended))
             return out
 
         new: list[list[int]] = [[] for _ in items]
-        for new in generate(self.model, [ids for ids, _ in fitted], cfg, eos_id=tok.eos_id,
+        for new in generate(self.model, [ids for ids, _ in fitted], cfg, eos_id=stops,
                             pad_id=tok.pad_id, vocab_limit=tok.vocab_size):
             yield replies(new, final=False)
         if any(dec.held_back for dec in decoders):  # an answer cut inside a character: its last bytes
             yield replies(new, final=True)
 
-    def stream_reply(self, query: str, history: History | None = None, trim_history: bool = True,
-                     **gen) -> Iterator[Reply]:
-        """Like `stream_chat`, with token counts and whether <eop> ended the answer (for servers).
+    def stream_reply(self, query: str, history: list | None = None, trim_history: bool = True,
+                     role: str = "user", **gen) -> Iterator[Reply]:
+        """Like `stream_chat`, with token counts and whether a stop token ended the answer.
 
         Raises:
             GlmgymError: the prompt does not fit the context (and trimming is off or not enough).
         """
-        for replies in self.stream_batch([(query, history or [])], trim_history, **gen):
+        for replies in self.stream_batch([(query, history or [])], trim_history, role, **gen):
             yield replies[0]
 
-    def stream_chat(self, query: str, history: History | None = None, **gen) -> Iterator[tuple[str, History]]:
-        """Yield `(response_so_far, history + [(query, response_so_far)])` while generating.
+    def stream_chat(self, query: str, history: list | None = None, role: str = "user",
+                    **gen) -> Iterator[tuple[str | dict, list]]:
+        """Yield `(response_so_far, history with this turn)` while generating.
 
-        Generation options: the fields of `GenerationConfig` (its defaults are the reference's).
+        Args:
+            query: the message.
+            history: the history `chat` returned (None: a new conversation).
+            role: `user`; ChatGLM3-6B and GLM-4 also take `observation` (a tool's result).
+            **gen: the fields of `GenerationConfig` (its defaults are the reference's).
         """
-        for reply in self.stream_reply(query, history, **gen):
+        for reply in self.stream_reply(query, history, role=role, **gen):
             yield reply.response, reply.history
 
-    def chat(self, query: str, history: History | None = None, **gen) -> tuple[str, History]:
-        """Answer `query`; return `(response, history + [(query, response)])`."""
-        response, new_history = "", [*(history or []), (query, "")]
-        for response, new_history in self.stream_chat(query, history, **gen):  # noqa: B007
+    def chat(self, query: str, history: list | None = None, role: str = "user",
+             **gen) -> tuple[str | dict, list]:
+        """Answer `query`; return `(response, history with this turn)` as the reference's `chat`."""
+        response, new_history = "", list(history or [])
+        for response, new_history in self.stream_chat(query, history, role, **gen):  # noqa: B007
             pass
         return response, new_history
 
@@ -146,11 +171,11 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
         if dtype not in DTYPES:
             raise GlmgymError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    if path_or_id == "random:tiny":
-
-        model, tokenizer = build_tiny()
+    if path_or_id == "random:tiny" or path_or_id.removeprefix("random:tiny-") in TINY_FAMILIES:
+        family = path_or_id.removeprefix("random:tiny").lstrip("-")
+        model, tokenizer = build_tiny_v2(family) if family else build_tiny()
         model = model.to(device=device, dtype=dtype or torch.float32)
-        name = "random:tiny"
+        name = path_or_id
     else:
         model_dir = resolve_model_dir(path_or_id)
         # a LoRA merge needs float weights: load them, merge, then quantize
@@ -162,17 +187,21 @@ def load(path_or_id: str = "THUDM/chatglm-6b", dtype: str | torch.dtype | None =
             raise GlmgymError(f"{name} is quantized; a LoRA adapter merges into a float checkpoint "
                               "(add --quantize to quantize after the merge)")
         merge_lora(model, lora)
-    if quantize and (lora or name == "random:tiny"):
+    if quantize and (lora or name.startswith("random:tiny")):
         quantize_model(model, QuantSpec.default(quantize, group_size), kernels)
     if ptuning_checkpoint:
         load_ptuning(model, ptuning_checkpoint)
     return ChatGLM(model, tokenizer, name)
 
 
-def load_tokenizer(model_dir: str | Path) -> ChatGLMTokenizer:
-    """The tokenizer of a checkpoint directory (ice_text.model; v1.0's id offset from config)."""
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer of a checkpoint directory: ChatGLM-6B's `ice_text.model` (v1.0's id offset
+    from the config), ChatGLM2/3's SentencePiece or GLM-4's BPE `tokenizer.model`."""
 
     model_dir = Path(model_dir)
+    config = load_config(model_dir / "config.json")
+    if config.version == 2:
+        return load_tokenizer_v2(model_dir, config.family)
     offset = None
     tok_cfg = model_dir / "tokenizer_config.json"
     if tok_cfg.is_file():

@@ -35,16 +35,17 @@ _PUNCT = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")
 class Reply:
     """An answer as the user sees it so far, with its token counts."""
 
-    response: str
-    """The post-processed answer so far."""
-    history: History
-    """The history kept for the prompt, plus (query, response)."""
+    response: str | dict
+    """The post-processed answer so far (ChatGLM3/GLM-4: a dict for a tool call, see
+    `formats.ChatFormat.answer`)."""
+    history: list
+    """The history kept for the prompt, plus this turn."""
     prompt_tokens: int
     """Tokens of the prompt."""
     completion_tokens: int
     """Tokens generated so far (<eop> included once reached)."""
     ended: bool
-    """The model emitted <eop>."""
+    """The model emitted a stop token (<eop>; the v2 models' end or next-role tokens)."""
 
 
 class HistoryTrimmedWarning(UserWarning):

@@ -10,11 +10,22 @@ from pathlib import Path
 
 import torch
 
-from glmgym.chat.config import PRESETS
+from glmgym.chat.config import PRESETS, GLM2Config
 from glmgym.chat.model import GLMModel
+from glmgym.chat.model_v2 import GLM2Model
 from glmgym.chat.tokenizer import ChatGLMTokenizer, train_sentencepiece
+from glmgym.chat.tokenizer_v2 import (
+    GLM2Tokenizer,
+    GLM4Tokenizer,
+    load_tokenizer_v2,
+    train_bpe_file,
+    train_sentencepiece_v2,
+)
 
-__all__ = ["build_tiny", "tiny_corpus"]
+__all__ = ["TINY_FAMILIES", "build_tiny", "build_tiny_v2", "tiny_corpus"]
+
+TINY_FAMILIES = ("chatglm2", "chatglm3", "glm4")
+"""Families of `random:tiny-<family>` (plain `random:tiny` is ChatGLM-6B's v1 block)."""
 
 _EN = ("the model answers questions about reinforcement learning and language with short clear "
        "sentences hello world thanks please what how why when where who is are was were do does "
@@ -50,6 +61,34 @@ def build_tiny(seed: int = 0, vocab_size: int = 1000, num_layers: int | None = N
     torch.manual_seed(seed)
     model = GLMModel(cfg)
     for name, p in model.named_parameters():  # N(0, 0.02) like the reference's init
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+    return model.eval(), tokenizer
+
+
+def build_tiny_v2(family: str, seed: int = 0,
+                  num_layers: int = 2) -> tuple[GLM2Model, GLM2Tokenizer | GLM4Tokenizer]:
+    """A random tiny v2-block model of `family` (chatglm2, chatglm3 or glm4) and its tokenizer,
+    trained on `tiny_corpus()` (SentencePiece for ChatGLM2/3, BPE for GLM-4)."""
+    corpus = tiny_corpus(seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        if family == "glm4":
+            # tiktoken's trainer is pure Python: a small corpus and vocabulary keep it to a second
+            train_bpe_file("\n".join(corpus[:100]), Path(tmp) / "tokenizer.model", vocab_size=400)
+        else:
+            train_sentencepiece_v2(corpus, Path(tmp) / "tokenizer", vocab_size=1000)
+        tokenizer = load_tokenizer_v2(tmp, family)
+    eos = tokenizer.stop_ids if family == "glm4" else tokenizer.eos_id  # GLM-4's config lists three
+    cfg = GLM2Config(num_layers=num_layers, padded_vocab_size=-(-tokenizer.vocab_size // 64) * 64,
+                     hidden_size=128, ffn_hidden_size=256, kv_channels=32, num_attention_heads=4,
+                     multi_query_group_num=2, seq_length=512, eos_token_id=eos,
+                     pad_token_id=tokenizer.pad_id, torch_dtype="float32", glmgym_family=family,
+                     rope_ratio=500.0 if family == "glm4" else 1.0)
+    torch.manual_seed(seed)
+    model = GLM2Model(cfg)
+    for name, p in model.named_parameters():
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
         elif name.endswith("bias"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from glmgym._io import atomic_write_json
 from glmgym.errors import GlmgymError, import_extra
 
 __all__ = ["SPECIAL_TOKENS", "ChatGLMTokenizer", "train_sentencepiece"]
@@ -122,6 +123,12 @@ class ChatGLMTokenizer:
             return bytes([int(piece[3:5], 16)]).decode("utf-8", errors="replace")
         text = piece.replace("\u2581", " ").replace("<n>", "\n").replace("<|tab|>", "\t")
         return _BLANK_PIECE.sub(lambda m: " " * int(m.group(1)), text)
+
+    def save(self, directory: Path) -> None:
+        """Write `ice_text.model` (and `tokenizer_config.json` for v1.0's id offset) into `directory`."""
+        (Path(directory) / "ice_text.model").write_bytes(self.sp.serialized_model_proto())
+        if self.offset:
+            atomic_write_json(Path(directory) / "tokenizer_config.json", {"num_image_tokens": self.offset})
 
     def batch_encode(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
         """Prompts padded on the left to one length; returns (ids, number of pad tokens)."""
