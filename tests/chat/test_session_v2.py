@@ -33,11 +33,11 @@ def test_stream_chat_ends_where_chat_does(bot):
 
 def test_a_long_history_is_trimmed_to_the_context(bot):
     if bot.format.family == "chatglm2":
-        history = [("问题 " * 40, "回答 " * 40)] * 6
+        history = [("问题 " * 200, "回答 " * 200)] * 6
     else:
         history = [
-            {"role": "user", "content": "问题 " * 40},
-            {"role": "assistant", "content": "回答 " * 40},
+            {"role": "user", "content": "问题 " * 200},
+            {"role": "assistant", "content": "回答 " * 200},
         ] * 6
     with pytest.warns(UserWarning, match="dropped"):
         _, kept = bot.chat("最后", history, max_new_tokens=4, do_sample=False)

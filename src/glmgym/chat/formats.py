@@ -97,7 +97,7 @@ class ChatFormat:
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    def prompt_ids(self, query: str, history: list, role: str = "user") -> list[int]:
+    def prompt_ids(self, query: str, history: list | tuple = (), role: str = "user") -> list[int]:
         """The prompt of `query` after `history`, as token ids."""
         tok = self.tok
         if self.family == "chatglm":
@@ -110,6 +110,23 @@ class ChatFormat:
             ids += self._message(item)
         ids += self._message({"role": role, "content": query})  # GLM-4 skips an empty one, as its template
         return [*ids, tok.command("<|assistant|>")]
+
+    def as_history(self, history) -> list:
+        """`history` in this format's shape: (query, answer) pairs become user and assistant
+        messages for ChatGLM3/GLM-4 (a convenience; their reference takes messages only)."""
+        if not self.roles:
+            return list(history)
+        out: list[dict] = []
+        for item in history:
+            if isinstance(item, dict):
+                out.append(item)
+            elif isinstance(item, (tuple, list)) and len(item) == 2:
+                out += [{"role": "user", "content": item[0]},
+                        {"role": "assistant", "metadata": "", "content": item[1]}]
+            else:
+                raise GlmgymError(f"a history item must be a message dict or a (query, answer) pair, "
+                                  f"not {item!r}")
+        return out
 
     def _message(self, item: dict) -> list[int]:
         role = item.get("role")
@@ -161,7 +178,7 @@ class ChatFormat:
         the prompt leaves room for the answer. See `template.fit_prompt` for the rules."""
         limit = min(cfg.max_length, context)
         room = cfg.max_new_tokens or (min(256, limit // 4) if trim else 1)
-        history, dropped = list(history), 0
+        history, dropped = self.as_history(history), 0
         while True:
             ids = self.prompt_ids(query, history, role)
             if len(ids) + room <= limit:
@@ -209,7 +226,11 @@ class ChatFormat:
         history = [*history, {"role": role, "content": query}]
         content: str | dict = ""
         has_tools = bool(history) and history[0].get("role") == "system" and bool(history[0].get("tools"))
-        for segment in text.split("<|assistant|>"):
+        segments = text.split("<|assistant|>")
+        for j, segment in enumerate(segments):
+            if not final and j == len(segments) - 1 and "\n" not in segment:
+                content = ""  # its first line is not finished: a tool's name, or an answer's start
+                break
             metadata, _, body = segment.partition("\n") if "\n" in segment else ("", "", segment)
             if not metadata.strip():
                 content = body.strip().replace("[[训练时间]]", "2023年")

@@ -107,7 +107,10 @@ class ChatGLM:
         for new in generate(self.model, [ids for ids, _ in fitted], cfg, eos_id=stops,
                             pad_id=tok.pad_id, vocab_limit=tok.vocab_size):
             yield replies(new, final=False)
-        if any(dec.held_back for dec in decoders):  # an answer cut inside a character: its last bytes
+        # an answer cut by the length limit: once more as final (its last bytes, if cut inside a
+        # character; its unfinished first line, for the v2 formats)
+        cut = any(not (tokens and tokens[-1] in stops) for tokens in new)
+        if any(dec.held_back for dec in decoders) or (cut and self.format.roles):
             yield replies(new, final=True)
 
     def stream_reply(self, query: str, history: list | None = None, trim_history: bool = True,

@@ -83,7 +83,7 @@ def build_tiny_v2(family: str, seed: int = 0,
     eos = tokenizer.stop_ids if family == "glm4" else tokenizer.eos_id  # GLM-4's config lists three
     cfg = GLM2Config(num_layers=num_layers, padded_vocab_size=-(-tokenizer.vocab_size // 64) * 64,
                      hidden_size=128, ffn_hidden_size=256, kv_channels=32, num_attention_heads=4,
-                     multi_query_group_num=2, seq_length=512, eos_token_id=eos,
+                     multi_query_group_num=2, seq_length=2048, eos_token_id=eos,
                      pad_token_id=tokenizer.pad_id, torch_dtype="float32", glmgym_family=family,
                      rope_ratio=500.0 if family == "glm4" else 1.0)
     torch.manual_seed(seed)

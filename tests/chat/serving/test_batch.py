@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from glmgym.chat.config import GenerationConfig
-from glmgym.chat.generate import generate
+from glmgym.chat.generate import PromptBatch, generate
 from glmgym.chat.serving.batch import RunningBatch
 from glmgym.chat.session import load
 from glmgym.errors import GlmgymError
@@ -13,21 +13,22 @@ from glmgym.errors import GlmgymError
 GREEDY = GenerationConfig(do_sample=False, max_new_tokens=12)
 
 
-@pytest.fixture(scope="module")
-def bot():
-    return load("random:tiny", dtype="float32")
+@pytest.fixture(scope="module", params=["random:tiny", "random:tiny-glm4"])
+def bot(request):
+    """ChatGLM-6B's block (prefix-LM, 2D positions) and the v2 block (causal, grouped queries)."""
+    return load(request.param, dtype="float32")
 
 
 def _alone(bot, prompt, cfg=GREEDY):
     tok = bot.tokenizer
-    *_, last = generate(bot.model, [prompt], cfg, eos_id=tok.eos_id, pad_id=tok.pad_id,
+    *_, last = generate(bot.model, [prompt], cfg, eos_id=bot.format.stop_ids, pad_id=tok.pad_id,
                         vocab_limit=tok.vocab_size)
     return last[0]
 
 
 def _batch(bot, max_rows=4, chunk=512):
     tok = bot.tokenizer
-    return RunningBatch(bot.model, max_rows, eos_id=tok.eos_id, vocab_limit=tok.vocab_size,
+    return RunningBatch(bot.model, max_rows, eos_id=bot.format.stop_ids, vocab_limit=tok.vocab_size,
                         prefill_chunk=chunk)
 
 
@@ -40,7 +41,7 @@ def _collect(batch, wanted, steps=200, schedule=None, limit=12):
             wanted.extend(ids)
         for t in batch.step():
             got.setdefault(t.row, []).append(t.token)
-            if t.token == batch.eos_id or len(got[t.row]) == limit:
+            if t.token in batch.eos_id or len(got[t.row]) == limit:
                 batch.remove(t.row)
         if not batch.rows and step > max(schedule or {0: 0}):
             break
@@ -48,7 +49,7 @@ def _collect(batch, wanted, steps=200, schedule=None, limit=12):
 
 
 def test_rows_joining_and_leaving_answer_as_alone(bot):
-    prompts = [bot.tokenizer.encode(q) for q in ("你好", "Tell me a long story about cats", "1 2 3", "x")]
+    prompts = [bot.format.prompt_ids(q) for q in ("你好", "Tell me a long story about cats", "1 2 3", "x")]
     alone = [_alone(bot, p) for p in prompts]
     batch = _batch(bot)
     ids: list[int] = []
@@ -60,7 +61,7 @@ def test_rows_joining_and_leaving_answer_as_alone(bot):
 
 
 def test_a_long_prompt_is_prefilled_a_few_layers_per_step(bot):
-    short, long = bot.tokenizer.encode("hi"), bot.tokenizer.encode(" ".join(["word"] * 12))
+    short, long = bot.format.prompt_ids("hi"), bot.format.prompt_ids(" ".join(["word"] * 12))
     batch = _batch(bot, chunk=len(long) // 2)  # one layer of the tiny model's two per step
     first = batch.add(short, [GREEDY])[0]
     assert [t.row for t in batch.step()] == [first]  # a short prompt lands in one step
@@ -75,22 +76,22 @@ def test_a_long_prompt_is_prefilled_a_few_layers_per_step(bot):
 
 
 def test_seeded_rows_do_not_depend_on_the_batch(bot):
-    prompt = bot.tokenizer.encode("seeded")
+    prompt = bot.format.prompt_ids("seeded")
     cfg = GenerationConfig(temperature=0.9, top_p=0.8, top_k=50, max_new_tokens=12, seed=7)
     alone_ids: list[int] = []
     alone = _collect(_batch(bot), alone_ids, schedule={0: [(prompt, [cfg])]})
     busy = _batch(bot, max_rows=6)
     ids: list[int] = []
     noisy = GenerationConfig(temperature=1.5, top_p=1.0, max_new_tokens=12)
-    got = _collect(busy, ids, schedule={0: [(bot.tokenizer.encode("other"), [noisy, noisy])],
-                                        1: [(prompt, [cfg])], 2: [(bot.tokenizer.encode("z"), [GREEDY])]})
+    got = _collect(busy, ids, schedule={0: [(bot.format.prompt_ids("other"), [noisy, noisy])],
+                                        1: [(prompt, [cfg])], 2: [(bot.format.prompt_ids("z"), [GREEDY])]})
     assert got[ids[2]] == alone[alone_ids[0]]
     # ... and equals the seeded single-request generation
     assert alone[alone_ids[0]] == _alone(bot, prompt, cfg)[:12]
 
 
 def test_n_answers_share_one_prefill_and_differ_by_seed(bot):
-    prompt = bot.tokenizer.encode("many")
+    prompt = bot.format.prompt_ids("many")
     cfgs = [GenerationConfig(temperature=1.5, top_p=1.0, seed=s, max_new_tokens=8) for s in (1, 2, 3)]
     batch = _batch(bot)
     ids = batch.add(prompt, cfgs)
@@ -106,12 +107,13 @@ def test_n_answers_share_one_prefill_and_differ_by_seed(bot):
 
 
 def test_logprobs_are_the_model_distribution(bot):
-    prompt = bot.tokenizer.encode("log")
+    prompt = bot.format.prompt_ids("log")
     batch = _batch(bot)
     row = batch.add(prompt, [GREEDY], logprobs=3)[0]
     (out,) = batch.step()
+    b = PromptBatch.build([prompt], 0, causal=bot.model.config.version == 2)
     with torch.no_grad():
-        logits = bot.model(torch.tensor([prompt]), _positions(prompt))[0, -1]
+        logits = bot.model(b.input_ids, b.position_ids, b.attention_mask())[0, -1]
     logits[bot.tokenizer.vocab_size:] = float("-inf")
     logp = logits.log_softmax(-1)
     assert out.row == row and out.token == int(logp.argmax())
@@ -120,14 +122,8 @@ def test_logprobs_are_the_model_distribution(bot):
     assert out.top[0][1] == pytest.approx(out.logprob, abs=1e-6) and out.top[1][1] <= out.top[0][1]
 
 
-def _positions(prompt):
-    n = len(prompt)
-    pos = [*range(n - 1), n - 2]
-    return torch.tensor([[pos, [0] * (n - 1) + [1]]])
-
-
 def test_removing_a_middle_row_moves_the_last_into_its_slot(bot):
-    prompts = [bot.tokenizer.encode(q) for q in ("a", "bb bb", "ccc ccc ccc")]
+    prompts = [bot.format.prompt_ids(q) for q in ("a", "bb bb", "ccc ccc ccc")]
     alone = [_alone(bot, p) for p in prompts]
     batch = _batch(bot)
     ids = [batch.add(p, [GREEDY])[0] for p in prompts]
@@ -145,7 +141,7 @@ def test_removing_a_middle_row_moves_the_last_into_its_slot(bot):
 def test_bad_rows_are_refused(bot):
     batch = _batch(bot, max_rows=2)
     with pytest.raises(GlmgymError, match="3 rows asked for, 2 free"):
-        batch.add(bot.tokenizer.encode("a"), [GREEDY] * 3)
+        batch.add(bot.format.prompt_ids("a"), [GREEDY] * 3)
     with pytest.raises(GlmgymError, match="the prompt has 1 tokens"):
         batch.add([5], [GREEDY])
     with pytest.raises(GlmgymError, match="at least 1"):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from glmgym.chat.config import GenerationConfig
+from glmgym.chat.formats import ChatFormat
 from glmgym.chat.serving.batch import TokenOut
 from glmgym.chat.serving.engine import (
     Chunk,
@@ -20,6 +21,7 @@ from glmgym.chat.serving.engine import (
     cut_at_stop,
 )
 from glmgym.chat.serving.prefill import PrefillScheduler
+from glmgym.chat.template import fit_prompt
 from glmgym.errors import GlmgymError
 
 EOS, GMASK, SOP = 1, 2, 3
@@ -55,9 +57,13 @@ class FakeBot:
     def __init__(self) -> None:
         self.tokenizer = FakeTokenizer()
         self.model = type("M", (), {"config": _Config()})()
+        self.format = ChatFormat("chatglm", self.tokenizer)
 
     def config(self, gen):
         return GenerationConfig(**gen)
+
+    def fit_prompt(self, query, history, cfg, trim=True, role="user"):
+        return fit_prompt(self.tokenizer, self.model.config.max_sequence_length, query, history, cfg, trim)
 
 
 class FakeBatch:

@@ -34,6 +34,7 @@ import torch
 from glmgym.chat.config import GenerationConfig
 from glmgym.chat.generate import PromptBatch, RowSampling, sample
 from glmgym.chat.model import GLMModel, KVCache
+from glmgym.chat.model_v2 import GLM2Model
 from glmgym.chat.serving.prefill import PrefillScheduler
 from glmgym.errors import GlmgymError
 
@@ -67,7 +68,7 @@ class _Row:
 
     @property
     def mask_pos(self) -> int:
-        return len(self.prompt) - 2  # [gMASK] sits just before <sop>, the last prompt token
+        return len(self.prompt) - 2  # v1: [gMASK] sits just before <sop>, the last prompt token
 
 
 @dataclass(eq=False)  # compared and hashed by identity: the scheduler's key
@@ -76,7 +77,7 @@ class _Group:
 
     members: list[tuple[list[_Row], int]]  # each prompt's rows (n > 1: several) and its length
     h: torch.Tensor  # [G, T, hidden]
-    position_ids: torch.Tensor  # [G, 2, T]
+    position_ids: torch.Tensor  # [G, 2, T] (v1) or [G, T] (v2)
     mask: torch.Tensor  # [G, 1, T, P + T], True = masked
     cache: KVCache  # [layers, G, heads, P + T, d]
     next_layer: int = 0
@@ -88,13 +89,13 @@ class RunningBatch:
     Args:
         model: the model (eval mode; any dtype, quantized or not).
         max_rows: rows decoding, prefilling and waiting at once.
-        eos_id: the end-of-answer token (<eop>).
+        eos_id: the end-of-answer token(s) (v1: <eop>; the v2 models also stop at role tokens).
         vocab_limit: ids from here on are never sampled.
         prefill_chunk: prompt tokens' worth of prefill work per step (at least one layer).
     """
 
-    def __init__(self, model: GLMModel, max_rows: int, *, eos_id: int, vocab_limit: int,
-                 prefill_chunk: int = 512) -> None:
+    def __init__(self, model: GLMModel | GLM2Model, max_rows: int, *, eos_id: int | list[int],
+                 vocab_limit: int, prefill_chunk: int = 512) -> None:
         if max_rows < 1 or prefill_chunk < 1:
             raise GlmgymError(f"max_rows and prefill_chunk must be at least 1, not {max_rows}, "
                               f"{prefill_chunk}")
@@ -104,6 +105,7 @@ class RunningBatch:
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
         self.max_slots = model.prefix_len + model.config.max_sequence_length
+        self.causal = model.config.version == 2  # the v2 block: causal, 1D positions
         self._ids = itertools.count()
         self._waiting: list[list[_Row]] = []  # rows of one prompt (n > 1 shares a prefill)
         self._prefill: PrefillScheduler[_Group] = PrefillScheduler(model.config.num_layers, prefill_chunk)
@@ -205,7 +207,7 @@ class RunningBatch:
         prompts = [rows[0].prompt for rows in waiting]
         G, T, P = len(prompts), max(map(len, prompts)), self.model.prefix_len
         # padded on the right, so that every prompt's tokens sit at the cache slots they keep
-        batch = PromptBatch.build(prompts, 0, self.device, left=False)
+        batch = PromptBatch.build(prompts, 0, self.device, left=False, causal=self.causal)
         cache = KVCache.empty(self.model.config, G, P + T, self.dtype, self.device)
         if P:
             cache.k[:, :, :, :P], cache.v[:, :, :, :P] = self.model.prefix_kv(G, self.dtype)
@@ -247,11 +249,17 @@ class RunningBatch:
         rows = self._decoding
         n = len(rows)
         self._ensure(n, max(r.length for r in rows) + 1)
-        # per row: the last token, its position and block position (a generated token sits after
-        # <sop>: [gMASK]'s position, 1 + its index), its cache slot; one tensor, then views
-        state = torch.tensor([[r.tokens[-1], r.mask_pos, len(r.tokens) + 1, r.length] for r in rows],
-                             device=self.device)
-        tokens, pos, slots = state[:, :1], state[:, 1:3, None], state[:, 3]  # [n, 1], [n, 2, 1], [n]
+        # per row: the last token, its position and block position (v1: a generated token sits
+        # after <sop>: [gMASK]'s position, 1 + its index; v2: its index in the sequence), its cache
+        # slot; one tensor, then views
+        if self.causal:
+            state = torch.tensor([[r.tokens[-1], len(r.prompt) + len(r.tokens) - 1, r.length] for r in rows],
+                                 device=self.device)
+            tokens, pos, slots = state[:, :1], state[:, 1:2], state[:, 2]  # [n, 1], [n, 1], [n]
+        else:
+            state = torch.tensor([[r.tokens[-1], r.mask_pos, len(r.tokens) + 1, r.length] for r in rows],
+                                 device=self.device)
+            tokens, pos, slots = state[:, :1], state[:, 1:3, None], state[:, 3]  # [n, 1], [n, 2, 1], [n]
         cache = KVCache(self._cache.k[:, :n], self._cache.v[:, :n])
         lengths = [r.length for r in rows]
         if min(lengths) == max(lengths):  # one length: a plain slice, no mask

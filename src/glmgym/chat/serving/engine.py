@@ -32,7 +32,7 @@ from typing import Any
 from glmgym.chat.config import GenerationConfig
 from glmgym.chat.serving.batch import RunningBatch, TokenOut
 from glmgym.chat.session import ChatGLM
-from glmgym.chat.template import History, IncrementalDecoder, Reply, fit_prompt, process_response
+from glmgym.chat.template import IncrementalDecoder, Reply
 from glmgym.errors import GlmgymError
 
 __all__ = ["Chunk", "Done", "Draining", "Engine", "EngineObserver", "Failed", "Job", "QueueFull",
@@ -100,7 +100,9 @@ class EngineObserver:
 @dataclass
 class _Answer:
     decoder: IncrementalDecoder
-    """The answer's tokens and their text."""
+    """The answer's tokens (a stop token excluded) and their text."""
+    generated: int = 0
+    """Tokens generated (a stop token included)."""
     row: int | None = None
     last_at: float = 0.0
     done: bool = False
@@ -122,7 +124,10 @@ class Job:
     stop: tuple[str, ...]
     loop: asyncio.AbstractEventLoop
     query: str = ""
-    history: History = field(default_factory=list)
+    history: list = field(default_factory=list)
+    role: str = "user"
+    answer_prefix: str = ""
+    """Text the prompt already holds of the answer (a forced tool call's name line)."""
     raw: bool = False
     logprobs: int | None = None
     first_index: int = 0
@@ -187,12 +192,13 @@ class Engine:
         if request_timeout is not None and request_timeout <= 0:
             raise GlmgymError(f"request_timeout must be positive, not {request_timeout}")
         self.bot, self.tokenizer = bot, bot.tokenizer
+        self._stops = frozenset(bot.format.stop_ids)
         self.context = bot.model.config.max_sequence_length
         self.max_queue, self.max_batch = max_queue, max_batch
         self.request_timeout = request_timeout
         self.observer = observer or EngineObserver()
         self._make_backend = backend or (lambda b, rows, chunk: RunningBatch(
-            b.model, rows, eos_id=b.tokenizer.eos_id, vocab_limit=b.tokenizer.vocab_size,
+            b.model, rows, eos_id=b.format.stop_ids, vocab_limit=b.tokenizer.vocab_size,
             prefill_chunk=chunk))
         self._backend_args = (bot, max_batch, prefill_chunk)
         self.backend = self._make_backend(*self._backend_args)
@@ -235,8 +241,9 @@ class Engine:
         return self._draining
 
     def submit(self, prompt: list[int], gens: list[GenerationConfig] | GenerationConfig, *,
-               stop: tuple[str, ...] = (), query: str = "", history: History = (), raw: bool = False,
-               logprobs: int | None = None, first_index: int = 0, events: asyncio.Queue | None = None) -> Job:
+               stop: tuple[str, ...] = (), query: str = "", history: list = (), raw: bool = False,
+               logprobs: int | None = None, first_index: int = 0, events: asyncio.Queue | None = None,
+               role: str = "user", answer_prefix: str = "") -> Job:
         """Queue a request (call from the event loop that reads its events).
 
         Args:
@@ -250,6 +257,9 @@ class Engine:
             first_index: the index of the first answer in the events (several prompts of one API
                 call number their answers in a row).
             events: the queue to send events to (several prompts of one call share one).
+            role: the query's role (ChatGLM3/GLM-4: `observation` is a tool's result).
+            answer_prefix: text of the answer the prompt already ends with (its tokens are in
+                `prompt`), put in front of the decoded answer.
 
         Raises:
             QueueFull: `max_queue` requests are already waiting or running.
@@ -259,8 +269,9 @@ class Engine:
         gens = [gens] if isinstance(gens, GenerationConfig) else list(gens)
         if not 1 <= len(gens) <= self.max_batch:
             raise GlmgymError(f"n must be in 1..{self.max_batch} (--max-batch), not {len(gens)}")
-        job = Job(list(prompt), gens, tuple(stop), asyncio.get_running_loop(), query, list(history), raw,
-                  logprobs, first_index, answers=[_Answer(IncrementalDecoder(self.tokenizer)) for _ in gens])
+        job = Job(list(prompt), gens, tuple(stop), asyncio.get_running_loop(), query, list(history), role,
+                  answer_prefix, raw, logprobs, first_index,
+                  answers=[_Answer(IncrementalDecoder(self.tokenizer)) for _ in gens])
         if events is not None:
             job.events = events
         with self._ready:
@@ -272,19 +283,27 @@ class Engine:
             self._ready.notify()
         return job
 
-    def chat(self, query: str, history: History, gen: dict[str, Any], *, n: int = 1,
-             stop: tuple[str, ...] = (), trim_history: bool = True, logprobs: int | None = None) -> Job:
-        """Fit a chat turn to the context (`template.fit_prompt`) and submit it; `n` answers with
+    def chat(self, query: str, history: list, gen: dict[str, Any], *, n: int = 1,
+             stop: tuple[str, ...] = (), trim_history: bool = True, logprobs: int | None = None,
+             role: str = "user", answer_prefix: str = "") -> Job:
+        """Fit a chat turn to the context (`ChatGLM.fit_prompt`) and submit it; `n` answers with
         seeds seed, seed + 1, ... when `gen` has a seed.
+
+        Args:
+            query, history, role: the turn, as `ChatGLM.chat` takes it.
+            answer_prefix: text the answer must start with (ChatGLM3/GLM-4: a tool call's name
+                line, to force a call); its tokens end the prompt.
 
         Raises:
             GlmgymError: bad options, or a prompt that does not fit (and is not trimmed).
             QueueFull, Draining: as `submit`.
         """
         cfg = GenerationConfig.of(gen)
-        ids, kept = fit_prompt(self.tokenizer, self.context, query, history, cfg, trim_history)
+        ids, kept = self.bot.fit_prompt(query, history, cfg, trim_history, role)
+        if answer_prefix:
+            ids = ids + self.tokenizer.tokenize(answer_prefix)
         return self.submit(ids, answer_configs(cfg, n), stop=stop, query=query, history=kept,
-                           logprobs=logprobs)
+                           logprobs=logprobs, role=role, answer_prefix=answer_prefix)
 
     def drain(self) -> None:
         """Refuse new requests from now on; those already taken go on."""
@@ -391,23 +410,32 @@ class Engine:
         job, i = self._running[out.row]
         answer = job.answers[i]
         cfg = job.gens[i]
-        answer.decoder.push(out.token)  # appends the new piece; the answer is not decoded again
-        if len(answer.tokens) == 1:
+        ended = out.token in self._stops
+        answer.generated += 1
+        if not ended:  # a stop token is no part of the text (the v2 tokenizers would write its name)
+            answer.decoder.push(out.token)  # appends the new piece; the answer is not decoded again
+        if answer.generated == 1:
             self.observer.first_token(now - job.submitted)
         else:
             self.observer.next_token(now - answer.last_at)
         answer.last_at = now
-        ended = out.token == self.tokenizer.eos_id
         limit = min(cfg.max_length, self.context) - len(job.prompt)
         if cfg.max_new_tokens is not None:
             limit = min(limit, cfg.max_new_tokens)
-        text = answer.decoder.finish() if ended or len(answer.tokens) >= limit else answer.decoder.text
-        if not job.raw:
-            text = process_response(text)
-        text, stopped = cut_at_stop(text, job.stop)
-        reply = Reply(text, [*job.history, (job.query, text)], len(job.prompt), len(answer.tokens), ended)
+        final = ended or answer.generated >= limit
+        text = job.answer_prefix + (answer.decoder.finish() if final else answer.decoder.text)
+        if job.raw:
+            response, history = text, [*job.history, (job.query, text)]
+        else:
+            response, history = self.bot.format.answer(text, job.history, job.query, job.role, final)
+        stopped = False
+        if isinstance(response, str):
+            response, stopped = cut_at_stop(response, job.stop)
+            if stopped and isinstance(history[-1], tuple):  # (query, answer) histories hold the cut answer
+                history = [*history[:-1], (job.query, response)]
+        reply = Reply(response, history, len(job.prompt), answer.generated, ended)
         job.emit(Chunk(job.first_index + i, reply, (out,) if job.logprobs is not None else ()), self._outbox)
-        if ended or stopped or len(answer.tokens) >= limit:
+        if ended or stopped or answer.generated >= limit:
             answer.done = True
             self._release(answer)
             job.emit(Done("stop" if ended or stopped else "length", job.first_index + i), self._outbox)

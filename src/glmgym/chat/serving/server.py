@@ -5,8 +5,13 @@ Routes (one FastAPI app, one model, one continuously batched `Engine` shared by 
 - `POST /`: the reference `api.py`: `{prompt, history, max_length?, top_p?, temperature?}` ->
   `{response, history, status, time}`. (`GET /` in a browser redirects to the web chat.)
 - `GET /v1/models`, `POST /v1/chat/completions` (with `stream: true` as server-sent events ending
-  with `data: [DONE]`): system messages are prepended to the first user message (ChatGLM-6B has no
-  system role), user/assistant pairs become the history. Beyond the reference: `temperature`
+  with `data: [DONE]`): for ChatGLM-6B and ChatGLM2-6B, which have no roles, system messages are
+  prepended to the first user message and user/assistant pairs become the history; ChatGLM3-6B
+  and GLM-4 take the messages as they are, with `tools` and `tool_choice` (auto, none, required
+  or a named function), assistant `tool_calls` and `tool` messages (observations); an answer
+  that calls a tool comes back as `tool_calls` (finish reason "tool_calls"; when streamed, as
+  one delta with the call's id and name and one with its arguments). `tools` sent to a model
+  without tool calls is a 400. Beyond the reference: `temperature`
   (0 = greedy), `top_p`, `max_tokens` (or `max_completion_tokens`), `stop` (a string or a list),
   `seed`, `n` (answers decoded as rows of one batch; seeds seed, seed + 1, ...), `logprobs` and
   `top_logprobs` (also when streaming) and `usage`; `user` is accepted and ignored;
@@ -95,19 +100,28 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        query, history = to_chatglm(req.messages)
+        if bot.format.tools:
+            turn = wire.to_chat(req.messages, bot.format.family, req.tools, req.tool_choice)
+        elif req.tools:
+            raise ApiError(400, f"{model_id} is a {bot.format.family} model, which cannot call tools "
+                                "(ChatGLM3-6B and GLM-4 can)", param="tools")
+        else:
+            turn = wire.ChatTurn(*to_chatglm(req.messages))
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         stop, logprobs = wire.stop_strings(req.stop), shape.chat if req.logprobs else None
         gen = wire.gen_options(context, req.temperature, req.top_p,
                                req.max_completion_tokens or req.max_tokens, req.seed)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        job = calls.start(lambda: engine.chat(query, history, gen, n=req.n, stop=stop,
-                                              trim_history=req.trim_history, logprobs=top))
+        job = calls.start(lambda: engine.chat(turn.query, turn.history, gen, n=req.n, stop=stop,
+                                              trim_history=req.trim_history, logprobs=top, role=turn.role,
+                                              answer_prefix=turn.answer_prefix))
         if req.stream:
-            stream = wire.chat_stream(job, req.n, meta("chatcmpl"), stop, req.include_usage, logprobs)
+            stream = wire.chat_stream(job, req.n, meta("chatcmpl"), stop, req.include_usage, logprobs,
+                                      turn.tools)
             return StreamingResponse(stream, **sse)
-        return wire.chat_completion(meta("chatcmpl"), await calls.gather([job], req.n, request), logprobs)
+        answers = await calls.gather([job], req.n, request)
+        return wire.chat_completion(meta("chatcmpl"), answers, logprobs, turn.tools)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(req: CompletionRequest, request: Request):
