@@ -423,6 +423,11 @@ class ChatCLIConfig(ModelOptions):
     """Sampling temperature."""
     seed: int | None = None
     """Sampling seed, for reproducible answers."""
+    system: str | None = field(default=None, metadata={"metavar": "TEXT"})
+    """A system prompt (ChatGLM3-6B, GLM-4)."""
+    tools: str | None = field(default=None, metadata={"metavar": "JSON"})
+    """A JSON file of tools in OpenAI's shape (`[{"type": "function", "function": {...}}]`) the
+    model may call (ChatGLM3-6B, GLM-4); you type each call's result."""
 
 
 @dataclass
