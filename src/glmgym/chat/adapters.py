@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from glmgym._io import read_json
-from glmgym.chat.model import GLMModel, PrefixEncoder
+from glmgym.chat.model import GLMModel
+from glmgym.chat.model_v2 import GLM2Model
 from glmgym.errors import GlmgymError
 
 __all__ = ["LoraAdapter", "load_ptuning", "merge_lora", "read_lora_adapter", "save_lora_weights"]
@@ -24,7 +25,7 @@ __all__ = ["LoraAdapter", "load_ptuning", "merge_lora", "read_lora_adapter", "sa
 _PREFIX = "transformer.prefix_encoder."
 
 
-def load_ptuning(model: GLMModel, checkpoint: str | Path) -> GLMModel:
+def load_ptuning(model: GLMModel | GLM2Model, checkpoint: str | Path) -> GLMModel:
     """Give `model` the prefix encoder of a P-Tuning v2 checkpoint (`pytorch_model.bin` holding
     `transformer.prefix_encoder.*`, and `config.json` with `pre_seq_len`).
 
@@ -47,7 +48,7 @@ def load_ptuning(model: GLMModel, checkpoint: str | Path) -> GLMModel:
         raise GlmgymError(f"{config_file} says pre_seq_len {saved['pre_seq_len']}, the weights {pre_seq_len}")
     cfg = model.config
     cfg.pre_seq_len, cfg.prefix_projection = pre_seq_len, "trans.0.weight" in prefix
-    encoder = PrefixEncoder(cfg)
+    encoder = model.new_prefix_encoder()
     want = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in prefix.items()}
     if want != got:
@@ -56,8 +57,7 @@ def load_ptuning(model: GLMModel, checkpoint: str | Path) -> GLMModel:
                          for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
         raise GlmgymError(f"the prefix of {weights_file} does not fit this model: {diff}")
     encoder.load_state_dict(prefix)
-    device = model.transformer.final_layernorm.weight.device
-    model.transformer.prefix_encoder = encoder.to(device).eval()  # fp32, as the reference keeps it
+    model.transformer.prefix_encoder = encoder.eval()  # fp32, as the reference keeps it
     return model
 
 

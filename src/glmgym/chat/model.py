@@ -280,6 +280,16 @@ class GLMModel(nn.Module):
         """Cache slots taken by the P-Tuning v2 prefix (0 without)."""
         return self.config.pre_seq_len or 0
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The transformer blocks."""
+        return self.transformer.layers
+
+    def new_prefix_encoder(self) -> PrefixEncoder:
+        """A fresh P-Tuning v2 prefix encoder for the config's `pre_seq_len` (fp32, on the model's
+        device, as the reference keeps it)."""
+        return PrefixEncoder(self.config).to(self.transformer.final_layernorm.weight.device)
+
     def prefix_kv(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix keys and values: [layers, B, heads, pre_seq_len, head_dim] each."""
         cfg = self.config

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from glmgym.chat.session import load
+from glmgym.chat.template import build_prompt
 from glmgym.chat.tuning.data import encode_example, make_batch, read_examples
 from glmgym.chat.tuning.finetune import FinetuneConfig, _prepare, finetune
 from glmgym.cli import main
@@ -72,8 +73,9 @@ def test_bad_data_gets_one_clear_error(tmp_path, text, message):
 def test_chat_rows_render_their_history(tmp_path):
     path = tmp_path / "chat.json"
     path.write_text(json.dumps({"prompt": "q2", "response": "a2", "history": [["q1", "a1"]]}) + "\n")
-    [(prompt, answer)] = read_examples(path, "prompt", "response", "history")
-    assert prompt == "[Round 0]\n问：q1\n答：a1\n[Round 1]\n问：q2\n答：" and answer == "a2"
+    [(query, history, answer)] = read_examples(path, "prompt", "response", "history")
+    assert (query, history, answer) == ("q2", [("q1", "a1")], "a2")
+    assert build_prompt(query, history) == "[Round 0]\n问：q1\n答：a1\n[Round 1]\n问：q2\n答："
 
 
 def test_ptuning_saves_only_the_prefix_in_thudms_layout_and_it_reloads(train_file, tmp_path):
@@ -234,7 +236,7 @@ def test_merged_and_unmerged_lora_give_the_same_logits(lora_run, tmp_path):
 
 
 def test_a_ptuning_checkpoint_loads_for_chat_and_matches_training(train_file, tmp_path):
-    from glmgym.chat.tuning.data import make_batch
+    from glmgym.chat.tuning.data import EncodedExample, make_batch
 
     run = finetune(_cfg(train_file, tmp_path / "pt", learning_rate=5e-2))
     bot = load("random:tiny", ptuning_checkpoint=str(run / "checkpoint-6"))
@@ -242,7 +244,7 @@ def test_a_ptuning_checkpoint_loads_for_chat_and_matches_training(train_file, tm
     # the generation path (prefix in the cache) equals the training path (prefix concatenated)
     text = "类型#裙*颜色#红色"
     ids = bot.tokenizer.encode(text)
-    e = type("E", (), {"input_ids": ids, "context_len": len(ids) - 1})()
+    e = EncodedExample(ids, len(ids) - 1, truncated=False)
     batch = make_batch([e], bot.tokenizer.pad_id, prefix_len=4)
     with torch.no_grad():
         trained = bot.model.eval()(batch.input_ids, batch.position_ids, batch.attention_mask)[0, -1]

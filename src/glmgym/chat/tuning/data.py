@@ -20,19 +20,20 @@ from pathlib import Path
 
 import torch
 
+from glmgym.chat.formats import ChatFormat
 from glmgym.chat.template import build_prompt
 from glmgym.chat.tokenizer import ChatGLMTokenizer
 from glmgym.errors import GlmgymError
 
-__all__ = ["EncodedExample", "TrainBatch", "encode_example", "make_batch", "read_examples"]
+__all__ = ["EncodedExample", "TrainBatch", "encode_chat", "encode_example", "make_batch", "read_examples"]
 
 IGNORE = -100
 """Label of positions that do not count in the loss."""
 
 
 def read_examples(path: str | Path, prompt_column: str, response_column: str,
-                  history_column: str | None = None) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs from a JSON-lines file.
+                  history_column: str | None = None) -> list[tuple[str, list, str]]:
+    """(query, history, answer) triples from a JSON-lines file (history: (query, answer) pairs).
 
     Raises:
         GlmgymError: a missing or empty file, a line that is not a JSON object, a missing column.
@@ -60,7 +61,7 @@ def read_examples(path: str | Path, prompt_column: str, response_column: str,
         query, answer = row[prompt_column], row[response_column]
         if not isinstance(query, str) or not isinstance(answer, str):
             raise GlmgymError(f"{path}:{n}: {prompt_column!r} and {response_column!r} must be strings")
-        examples.append((build_prompt(query, [tuple(t) for t in history or []]), answer))
+        examples.append((query, [tuple(t) for t in history or []], answer))
     if not examples:
         raise GlmgymError(f"{path} holds no examples")
     return examples
@@ -71,11 +72,13 @@ class EncodedExample:
     """One training sequence."""
 
     input_ids: list[int]
-    """`a + [gMASK, <sop>] + b + [<eop>]`."""
+    """v1: `a + [gMASK, <sop>] + b + [<eop>]`; v2: `prompt + answer + [eos]`."""
     context_len: int
-    """Index of `<sop>`: the tokens before it are the context."""
+    """v1: the index of `<sop>`; v2: the prompt's length. Labels start there."""
     truncated: bool
     """The prompt or the answer was cut to its maximum length."""
+    causal: bool = False
+    """For the v2 block (causal attention, 1D positions)."""
 
 
 def encode_example(tokenizer: ChatGLMTokenizer, prompt: str, answer: str, max_source_length: int,
@@ -88,6 +91,36 @@ def encode_example(tokenizer: ChatGLMTokenizer, prompt: str, answer: str, max_so
     return EncodedExample(ids, len(a) + 1, truncated)
 
 
+def encode_chat(fmt: ChatFormat, query: str, history: list, answer: str, max_source_length: int,
+                max_target_length: int) -> EncodedExample:
+    """The training sequence of one chat turn in `fmt`'s family, as its reference fine-tuning builds it.
+
+    - ChatGLM-6B: `encode_example` on the v1 prompt.
+    - ChatGLM2-6B (THUDM's `ptuning/main.py`): `[gMASK] sop` + the `[Round i]` prompt, cut to
+      `max_source_length` tokens in all; the answer cut to `max_target_length`; then `</s>`.
+    - ChatGLM3-6B / GLM-4 (their fine-tuning demos): the prompt up to `<|assistant|>` (cut from
+      the right, `<|assistant|>` kept), the assistant message's `\n` + answer cut to
+      `max_target_length - 1`, then `</s>` / `<|endoftext|>`.
+    """
+    if fmt.family == "chatglm":
+        return encode_example(fmt.tok, build_prompt(query, history), answer, max_source_length,
+                              max_target_length)
+    tok = fmt.tok
+    a = fmt.prompt_ids(query, fmt.as_history(history))
+    if fmt.family == "chatglm2":
+        b = tok.tokenize(answer)
+        truncated = len(a) > max_source_length or len(b) > max_target_length
+        a, b = a[:max_source_length], b[:max_target_length]
+    else:
+        # the assistant message after its role token: ChatGLM3 tokenizes "\n" apart, GLM-4 with the text
+        b = [*tok.tokenize("\n"), *tok.tokenize(answer)] if fmt.family == "chatglm3" else \
+            tok.tokenize("\n" + answer)
+        truncated = len(a) > max_source_length or len(b) > max_target_length - 1
+        a = a if len(a) <= max_source_length else [*a[: max_source_length - 1], a[-1]]
+        b = b[: max_target_length - 1]
+    return EncodedExample([*a, *b, tok.eos_id], len(a), truncated, causal=True)
+
+
 @dataclass
 class TrainBatch:
     """Right-padded sequences with the GLM's positions, mask and labels."""
@@ -95,7 +128,7 @@ class TrainBatch:
     input_ids: torch.Tensor
     """[B, L]."""
     position_ids: torch.Tensor
-    """[B, 2, L]: positions and block positions."""
+    """[B, 2, L]: positions and block positions (v1); [B, L] positions (v2, `causal`)."""
     attention_mask: torch.Tensor
     """[B, 1, L, prefix_len + L] bool, True = masked (prefix columns always visible)."""
     labels: torch.Tensor
@@ -104,7 +137,8 @@ class TrainBatch:
 
 def make_batch(examples: list[EncodedExample], pad_id: int, length: int | None = None,
                prefix_len: int = 0) -> TrainBatch:
-    """Pad `examples` on the right to `length` (default: the longest) and build the GLM inputs."""
+    """Pad `examples` on the right to `length` (default: the longest) and build the GLM inputs:
+    v1's prefix-LM over 2D positions, or (examples of the v2 block) causal attention over 1D ones."""
     L = length or max(len(e.input_ids) for e in examples)
     B = len(examples)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
@@ -115,6 +149,11 @@ def make_batch(examples: list[EncodedExample], pad_id: int, length: int | None =
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, e.context_len : n] = ids[i, e.context_len : n]
     r = torch.arange(L)[None, :]  # [1, L]
+    if examples[0].causal:
+        mask = ~torch.ones(L, L, dtype=torch.bool).tril()[None, None].expand(B, 1, L, L)
+        if prefix_len:
+            mask = torch.cat((torch.zeros(B, 1, L, prefix_len, dtype=torch.bool), mask), dim=-1)
+        return TrainBatch(ids, r.expand(B, L).clone(), mask, labels)
     gmask_pos = (ctx - 1)[:, None]
     pos = torch.where(r < ctx[:, None], r, gmask_pos)
     block = torch.clamp(r - ctx[:, None] + 1, min=0)

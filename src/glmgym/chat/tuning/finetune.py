@@ -38,12 +38,11 @@ from typing import Any
 
 from glmgym._io import atomic_dir, atomic_path, atomic_write_json
 from glmgym.chat.adapters import read_lora_adapter, save_lora_weights
-from glmgym.chat.checkpoint import load_model, save_model
+from glmgym.chat.checkpoint import build_model, load_model, save_model
 from glmgym.chat.config import FinetuneConfig
-from glmgym.chat.model import GLMModel, PrefixEncoder
 from glmgym.chat.quantize import QuantizedLinear
 from glmgym.chat.session import load
-from glmgym.chat.tuning.data import encode_example, make_batch, read_examples
+from glmgym.chat.tuning.data import encode_chat, make_batch, read_examples
 from glmgym.devices import resolve_device
 from glmgym.distributed import ProcessGroup
 from glmgym.errors import GlmgymError, import_extra
@@ -85,9 +84,10 @@ def _save(path: Path, cfg: FinetuneConfig, bot, optimizer_state: dict, scheduler
     model = bot.model
     if model_state is not None:  # FSDP: a plain model around the gathered full tensors
         with torch.device("meta"):
-            model = GLMModel(bot.model.config)
+            model = build_model(bot.model.config)
         model.load_state_dict(model_state, assign=True)
-        model.lm_head.weight = model.transformer.word_embeddings.weight
+        if model.config.tied_head:
+            model.lm_head.weight = model.transformer.word_embeddings.weight
     with atomic_dir(path) as tmp:
         if cfg.method == "ptuning":
             torch.save(_state_for(model, "ptuning"), tmp / "pytorch_model.bin")
@@ -130,8 +130,7 @@ def _prepare(bot, cfg: FinetuneConfig) -> list:
             raise GlmgymError(f"{bot.name} already has a P-Tuning prefix; fine-tune its base model")
         model.config.pre_seq_len, model.config.prefix_projection = cfg.pre_seq_len, cfg.prefix_projection
         torch.manual_seed(cfg.seed)
-        device = model.transformer.final_layernorm.weight.device
-        model.transformer.prefix_encoder = PrefixEncoder(model.config).to(device)  # fp32, as the reference
+        model.transformer.prefix_encoder = model.new_prefix_encoder()  # fp32, as the reference
         return list(model.transformer.prefix_encoder.parameters())
     peft = import_extra("peft", "finetune")
 
@@ -296,9 +295,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
     bot = load(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device,
                quantize=cfg.quantize, kernels=False)
 
-    def encode(ps: list) -> list:
-        return [encode_example(bot.tokenizer, p, a, cfg.max_source_length, cfg.max_target_length)
-                for p, a in ps]
+    def encode(examples: list) -> list:
+        return [encode_chat(bot.format, q, h, a, cfg.max_source_length, cfg.max_target_length)
+                for q, h, a in examples]
 
     examples, val_examples = encode(pairs), encode(val_pairs)
     params = _prepare(bot, cfg)
@@ -309,7 +308,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     if fsdp:  # full fine-tuning under torchrun: each process keeps a shard of every block (FSDP2)
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.transformer.layers:
+        for block in model.layers:
             fully_shard(block)
         fully_shard(model)
         params = list(model.parameters())
@@ -440,7 +439,7 @@ def _checkpoint_blocks(model) -> None:
     """Recompute each GLM block in the backward pass instead of keeping its activations."""
     import torch.utils.checkpoint as cp
 
-    for block in model.transformer.layers:
+    for block in model.layers:
         forward = block.forward
 
         def checkpointed(*args, _f=forward, **kwargs):
