@@ -124,7 +124,7 @@ class ChatGLM:
             yield replies[0]
 
     def stream_chat(self, query: str, history: list | None = None, role: str = "user",
-                    **gen) -> Iterator[tuple[str | dict, list]]:
+                    **gen: Any) -> Iterator[tuple[str | dict, list]]:
         """Yield `(response_so_far, history with this turn)` while generating.
 
         Args:

@@ -290,7 +290,14 @@ class Engine:
         seeds seed, seed + 1, ... when `gen` has a seed.
 
         Args:
-            query, history, role: the turn, as `ChatGLM.chat` takes it.
+            query: the message.
+            history: the turns before it, as `ChatGLM.chat` takes them.
+            gen: `GenerationConfig` fields.
+            n: answers.
+            stop: strings that end an answer.
+            trim_history: drop the oldest turns when the prompt does not fit.
+            logprobs: None, or the number of top alternatives to report with each token.
+            role: `user`, or `observation` for a tool's result (ChatGLM3/GLM-4).
             answer_prefix: text the answer must start with (ChatGLM3/GLM-4: a tool call's name
                 line, to force a call); its tokens end the prompt.
 
