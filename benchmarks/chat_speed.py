@@ -1,7 +1,9 @@
-"""ChatGLM-6B speed and memory on this machine: glmgym in bf16, INT8 and INT4, and chatglm.cpp.
+"""ChatGLM speed and memory on this machine: glmgym in bf16, INT8 and INT4, and chatglm.cpp.
 
-The model has the real ChatGLM-6B shapes (28 layers, hidden 4096, 32 heads, MLP 16384, vocab
-130528) with random weights: a fp16 checkpoint is written to `--workdir` tensor by tensor, each
+The model (`--model`: chatglm-6b, chatglm3-6b or glm-4-9b-chat) has the real shapes (ChatGLM-6B:
+28 layers, hidden 4096, 32 heads, MLP 16384, vocab 130528; ChatGLM3-6B: the v2 block, 28 layers,
+2 key/value groups, SwiGLU 13696, vocab 65024; GLM-4-9B: 40 such layers, vocab 151552) with
+random weights: a fp16 checkpoint is written to `--workdir` tensor by tensor, each
 tensor drawn from its own seed (so every format and chatglm.cpp convert the same weights). Then,
 each in a fresh process:
 
@@ -17,7 +19,8 @@ bandwidth measured here (summing a 4 GiB fp32 tensor with all threads: the media
 best single run varied from 42 to 64 GiB/s between runs of this script, the median is steadier).
 `--bounds-only` re-measures the bandwidth and recomputes the bound of every entry in the results.
 
-Results go under `by_cpu[KIND]` of `--out`, KIND being `avx2` or `avx512` as PyTorch dispatches here
+Results go under `by_cpu[KIND]` of `--out` (ChatGLM-6B; the others under `models[MODEL].by_cpu`),
+KIND being `avx2` or `avx512` as PyTorch dispatches here
 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2` measures an AVX-512
 machine as `avx2`; build chatglm.cpp with ggml's AVX-512 options off for that run), with the CPU
 flags seen; a run replaces only its own kind's entries.
@@ -55,6 +58,8 @@ FORMATS = {
     "int8_qe": (8, 0, True),  # the same for INT8 (chatglm.cpp's q8_0 quantizes its lm_head too)
 }
 CPP_TYPES = {"chatglm_cpp_q4_0": "q4_0", "chatglm_cpp_q8_0": "q8_0"}
+MODELS = ("chatglm-6b", "chatglm3-6b", "glm-4-9b-chat")
+"""`--model` choices: glmgym's config presets of the same names."""
 
 
 def _tensor(name: str, shape, torch):
@@ -65,22 +70,24 @@ def _tensor(name: str, shape, torch):
     return torch.randn(shape, generator=g) * 0.02
 
 
-def write_random_checkpoint(out: Path, layers: int) -> None:
-    """fp16 safetensors shards of ~1 GiB, config.json and a small ice_text.model."""
+def write_random_checkpoint(out: Path, layers: int, model: str = "chatglm-6b") -> None:
+    """fp16 safetensors shards of ~1 GiB, config.json and a small tokenizer of the model's kind."""
     import dataclasses
 
     import torch
     from safetensors.torch import save_file
 
     from glmgym._io import atomic_dir, atomic_write_json
+    from glmgym.chat.checkpoint import build_model
     from glmgym.chat.config import PRESETS
-    from glmgym.chat.model import GLMModel
     from glmgym.chat.tiny import tiny_corpus
     from glmgym.chat.tokenizer import train_sentencepiece
+    from glmgym.chat.tokenizer_v2 import train_bpe_file, train_sentencepiece_v2
 
-    cfg = dataclasses.replace(PRESETS["chatglm-6b"], num_layers=layers)
+    cfg = dataclasses.replace(PRESETS[model], num_layers=layers)
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in GLMModel(cfg).state_dict().items() if k != "lm_head.weight"}
+        shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()
+                  if k != "lm_head.weight" and not k.startswith("rope_")}
     with atomic_dir(out) as tmp:
         shard, size, n = {}, 0, 0
         for name, shape in shapes.items():
@@ -94,7 +101,12 @@ def write_random_checkpoint(out: Path, layers: int) -> None:
             n += 1
             save_file(shard, str(tmp / f"model-{n:05d}.safetensors"))
         atomic_write_json(tmp / "config.json", cfg.to_dict())
-        train_sentencepiece(tiny_corpus(400), tmp / "ice_text")
+        if cfg.version == 1:
+            train_sentencepiece(tiny_corpus(400), tmp / "ice_text")
+        elif cfg.family == "glm4":
+            train_bpe_file("\n".join(tiny_corpus(100)), tmp / "tokenizer.model", vocab_size=400)
+        else:
+            train_sentencepiece_v2(tiny_corpus(400), tmp / "tokenizer", vocab_size=1000)
 
 
 def quantize_child(src: Path, out: Path, bits: int, group: int, embeddings: bool) -> dict:
@@ -122,30 +134,42 @@ def measure_child(model_dir: Path, prompt: int, new: int, logits_out: Path) -> d
         return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
     # per decoded token every block weight and the lm_head are read once (the embedding: one row)
-    bytes_per_token = nbytes(model.transformer.layers) + nbytes(model.lm_head)
     cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(0, 130000, (prompt - 2,), generator=g).tolist()
-    ids = [*text, cfg.gmask_token_id, cfg.bos_token_id]
+    bytes_per_token = nbytes(model.layers) + nbytes(model.get_submodule(cfg.head_name))
+    ids = prompt_ids(cfg, prompt)
+    causal = cfg.version == 2
     reset_peak_rss()
     with torch.inference_mode():
         cache = KVCache.empty(cfg, 1, prompt + new + 1, torch.bfloat16, "cpu")
-        prefill(model, PromptBatch.build([ids[:8]], cfg.pad_token_id), cache)  # warm-up
+        prefill(model, PromptBatch.build([ids[:8]], cfg.pad_token_id, causal=causal), cache)  # warm-up
+        batch = PromptBatch.build([ids], cfg.pad_token_id, causal=causal)
         t0 = time.perf_counter()
-        logits = prefill(model, PromptBatch.build([ids], cfg.pad_token_id), cache)
+        logits = prefill(model, batch, cache)
         prefill_s = time.perf_counter() - t0
         torch.save(logits.float().clone(), logits_out)
         token = logits.argmax(-1, keepdim=True)
-        decode_one_token(model, token, torch.tensor([[[prompt - 2], [2]]]), None, cache, prompt)  # warm-up
+        decode_one_token(model, token, batch.decode_positions(0), None, cache, prompt)  # warm-up
         t0 = time.perf_counter()
         for i in range(new):
-            pos = torch.tensor([[[prompt - 2], [i + 2]]])
+            pos = batch.decode_positions(i)
             token = decode_one_token(model, token, pos, None, cache, prompt + i).argmax(-1, keepdim=True)
         decode_s = (time.perf_counter() - t0) / new
     return {"load_seconds": load_s, "load_peak_rss_gb": load_peak, "resident_gb": resident,
             "generate_peak_rss_gb": status_gb("VmHWM"), "weights_gb": nbytes(model) / GIB,
             "bytes_per_token_gb": bytes_per_token / GIB, "prefill_tokens_per_s": prompt / prefill_s,
             "decode_tokens_per_s": 1.0 / decode_s, "threads": torch.get_num_threads()}
+
+
+def prompt_ids(cfg, prompt: int) -> list[int]:
+    """The benchmark's prompt: random text ids (seed 0), ending with `[gMASK] <sop>` for v1 (v2
+    prompts need nothing at the end). Reads attributes only: chatglm.cpp's venv calls it too."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if getattr(cfg, "version", 1) == 1 and hasattr(cfg, "gmask_token_id"):
+        text = torch.randint(0, 130000, (prompt - 2,), generator=g).tolist()
+        return [*text, cfg.gmask_token_id, cfg.bos_token_id]
+    return torch.randint(0, 60000, (prompt,), generator=g).tolist()
 
 
 def cpp_child(src: Path, ggml_path: Path, ggml_type: str, prompt: int, new: int) -> dict:
@@ -156,12 +180,13 @@ def cpp_child(src: Path, ggml_path: Path, ggml_type: str, prompt: int, new: int)
 
     import chatglm_cpp
     import sentencepiece as spm
-    import torch
     from safetensors import safe_open
 
     result = {"chatglm_cpp_version": getattr(chatglm_cpp, "__version__", "?")}
+    raw_config = json.loads((src / "config.json").read_text())
+    v2 = "multi_query_group_num" in raw_config
     if not ggml_path.exists():
-        from chatglm_cpp.convert import ChatGLMConverter, GGMLType
+        from chatglm_cpp.convert import ChatGLM3Converter, ChatGLM4Converter, ChatGLMConverter, GGMLType
 
         files = sorted(src.glob("model-*.safetensors"))
         where = {}
@@ -181,15 +206,26 @@ def cpp_child(src: Path, ggml_path: Path, ggml_type: str, prompt: int, new: int)
             def __len__(self):
                 return len(where)
 
-        config = types.SimpleNamespace(**json.loads((src / "config.json").read_text()))
+        config = types.SimpleNamespace(**raw_config)
         model = types.SimpleNamespace(config=config, state_dict=LazyState)
-        sp = spm.SentencePieceProcessor(model_file=str(src / "ice_text.model"))
-        tokenizer = types.SimpleNamespace(sp_tokenizer=types.SimpleNamespace(
-            text_tokenizer=types.SimpleNamespace(sp=sp)))
+        glm4 = raw_config.get("glmgym_family") == "glm4"
+        if glm4:  # the converter reads the BPE file; it stores one end token
+            converter = ChatGLM4Converter
+            config.eos_token_id = config.eos_token_id[0]
+            tokenizer = types.SimpleNamespace(vocab_file=str(src / "tokenizer.model"))
+        elif v2:
+            converter = ChatGLM3Converter
+            sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+            tokenizer = types.SimpleNamespace(tokenizer=types.SimpleNamespace(sp_model=sp))
+        else:
+            converter = ChatGLMConverter
+            sp = spm.SentencePieceProcessor(model_file=str(src / "ice_text.model"))
+            tokenizer = types.SimpleNamespace(sp_tokenizer=types.SimpleNamespace(
+                text_tokenizer=types.SimpleNamespace(sp=sp)))
         t0 = time.perf_counter()
         tmp = ggml_path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            ChatGLMConverter.convert(f, model, tokenizer, GGMLType[ggml_type.upper()])
+            converter.convert(f, model, tokenizer, GGMLType[ggml_type.upper()])
         tmp.rename(ggml_path)
         result["convert_seconds"] = time.perf_counter() - t0
     reset_peak_rss()
@@ -198,10 +234,7 @@ def cpp_child(src: Path, ggml_path: Path, ggml_type: str, prompt: int, new: int)
     result.update(load_seconds=time.perf_counter() - t0, load_peak_rss_gb=status_gb("VmHWM"),
                   resident_gb=status_gb("VmRSS"), weights_gb=ggml_path.stat().st_size / GIB,
                   bytes_per_token_gb=ggml_path.stat().st_size / GIB)
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(0, 130000, (prompt - 2,), generator=g).tolist()
-    cfg = json.loads((src / "config.json").read_text())
-    ids = [*text, cfg["gmask_token_id"], cfg["bos_token_id"]]
+    ids = prompt_ids(types.SimpleNamespace(version=2 if v2 else 1, **raw_config), prompt)
     gen = chatglm_cpp._C.GenerationConfig()
     gen.max_length, gen.max_new_tokens, gen.do_sample = prompt + new + 8, new + 4, False
     model = pipe.model
@@ -243,7 +276,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--cpp-python", default=None, help="python of a venv with chatglm-cpp")
-    p.add_argument("--layers", type=int, default=28, help="transformer blocks (28 is the real model)")
+    p.add_argument("--model", default="chatglm-6b", choices=MODELS, help="the model's shapes")
+    p.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the real model's)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=16, help="decoded tokens")
     p.add_argument("--rounds", type=int, default=1,
@@ -254,11 +288,13 @@ def main() -> None:
                    help="re-measure the bandwidth and recompute every entry's bound; run nothing else")
     p.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
-    work = Path(args.workdir)
+    if args.layers is None:
+        args.layers = 40 if args.model == "glm-4-9b-chat" else 28
+    work = Path(args.workdir) if args.model == "chatglm-6b" else Path(args.workdir) / args.model
     if args._child:
         kind, *rest = args._child
         if kind == "random":
-            write_random_checkpoint(Path(rest[0]), args.layers)
+            write_random_checkpoint(Path(rest[0]), args.layers, args.model)
             out = {}
         elif kind == "quantize":
             out = quantize_child(Path(rest[0]), Path(rest[1]), *FORMATS[rest[2]])
@@ -270,8 +306,8 @@ def main() -> None:
         return
 
     def child(*argv: str, python: str = sys.executable) -> dict:
-        cmd = [python, __file__, "--layers", str(args.layers), "--prompt", str(args.prompt), "--new",
-               str(args.new), "--_child", *argv]
+        cmd = [python, __file__, "--model", args.model, "--layers", str(args.layers), "--prompt",
+               str(args.prompt), "--new", str(args.new), "--_child", *argv]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(out.stderr[-3000:])
@@ -284,8 +320,9 @@ def main() -> None:
 
     out_path = Path(args.out)
     everything = json.loads(out_path.read_text()) if out_path.exists() else {}
-    everything.setdefault("by_cpu", {})
-    result = everything["by_cpu"].setdefault(cpu_kind(), {})
+    home = everything if args.model == "chatglm-6b" else \
+        everything.setdefault("models", {}).setdefault(args.model, {})
+    result = home.setdefault("by_cpu", {}).setdefault(cpu_kind(), {})
     print(f"measuring as CPU kind {cpu_kind()!r}")
     bandwidth = read_bandwidth_gb_per_s()
     print(f"read bandwidth: {bandwidth:.1f} GiB/s")

@@ -180,6 +180,44 @@ def chat_speed(out: Path, img: Path) -> None:
     fig.tight_layout()
     fig.savefig(img / "chat_speed.png", dpi=110)
     plt.close(fig)
+    family_speed(result.get("models", {}), out)
+
+
+FAMILY_NAMES = {"chatglm3-6b": "ChatGLM3-6B", "glm-4-9b-chat": "GLM-4-9B-chat"}
+
+
+def family_speed(models: dict, out: Path) -> None:
+    """The later family's decode speed (`chat_speed.py --model`): one row per model and format."""
+    lines = [
+        "| model | format | CPU kind | decode tok/s (rounds) | % of bound | prefill tok/s | resident GiB |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    setups = []
+    for model, entry in models.items():
+        for kind, result in entry.get("by_cpu", {}).items():
+            for key, label in CHAT_FORMATS.items():
+                r = result.get(key)
+                if not r or "decode_tokens_per_s" not in r:
+                    continue
+                rounds = ", ".join(f"{x:.2f}" for x in r.get("decode_tokens_per_s_per_round", []))
+                lines.append(
+                    f"| {FAMILY_NAMES.get(model, model)} | {label} | {KINDS.get(kind, kind)} | "
+                    f"{r['decode_tokens_per_s']:.2f} ({rounds}) | {100 * r['fraction_of_bound']:.0f}% | "
+                    f"{r['prefill_tokens_per_s']:.1f} | {r['resident_gb']:.2f} |"
+                )
+            cfg = result.get("config", {})
+            if cfg:
+                flags = ", ".join(cfg.get("cpu_flags", [])) or "flags not recorded"
+                setups.append(
+                    f"{FAMILY_NAMES.get(model, model)} on {KINDS.get(kind, kind)}: {cfg.get('layers')} "
+                    f"layers, {cfg.get('prompt_tokens')}-token prompt, {cfg.get('new_tokens')} new tokens, "
+                    f"{cfg.get('cpu', 'x86_64')} ({flags}), {cfg.get('threads', '?')} threads, "
+                    f"{cfg.get('date', '?')}"
+                )
+    if len(lines) == 2:
+        return
+    lines += ["", "Median of the rounds (each format measured in turn per round). " + "; ".join(setups) + "."]
+    (out / "family_speed.md").write_text("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
