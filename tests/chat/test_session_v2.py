@@ -68,8 +68,8 @@ def test_a_saved_checkpoint_loads_back_with_its_tokenizer(bot, tmp_path):
     assert ChatGLM(model, tok).chat("hi", max_new_tokens=5, do_sample=False)[0] == a
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_int8_and_int4_checkpoints_of_the_v2_block(bot, tmp_path, bits):
+@pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 0)])  # (4, 0): THUDM's per-row INT4
+def test_int8_and_int4_checkpoints_of_the_v2_block(bot, tmp_path, bits, group):
     import torch
 
     from glmgym.chat.checkpoint import quantize_checkpoint
@@ -77,14 +77,14 @@ def test_int8_and_int4_checkpoints_of_the_v2_block(bot, tmp_path, bits):
     from glmgym.chat.quantize import QuantizedLinear
 
     src = save_model(bot.model, tmp_path / "float", tokenizer=bot.tokenizer)
-    out = quantize_checkpoint(src, tmp_path / f"int{bits}", bits)
+    out = quantize_checkpoint(src, tmp_path / f"int{bits}", bits, group)
     model = load_model(out, dtype=torch.float32, device="cpu")
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 4 * model.config.num_layers and model.config.quantization_bit == bits
     assert (
         model.transformer.encoder.layers[0].self_attention.dense.bias is None
     )  # no bias where the reference has none
-    on_load = load_model(src, dtype=torch.float32, device="cpu", quantize=bits)
+    on_load = load_model(src, dtype=torch.float32, device="cpu", quantize=bits, group_size=group)
     ids = [bot.tokenizer.prefix + bot.tokenizer.tokenize("你好 hello world")]
     batch = PromptBatch.build(ids, 0, causal=True)
     with torch.no_grad():
