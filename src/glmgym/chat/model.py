@@ -31,7 +31,7 @@ from glmgym.chat.config import GLM2Config, GLMConfig
 from glmgym.chat.kernels import avx2
 from glmgym.devices import native_bf16
 
-__all__ = ["GLMBlock", "GLMModel", "KVCache", "RotaryEmbedding"]
+__all__ = ["GLMBase", "GLMBlock", "GLMModel", "KVCache", "RotaryEmbedding"]
 
 _CPU_NATIVE_BF16 = native_bf16(torch.device("cpu"))
 
@@ -248,7 +248,116 @@ class Transformer(nn.Module):
             self.prefix_encoder = PrefixEncoder(cfg)
 
 
-class GLMModel(nn.Module):
+class GLMBase(nn.Module):
+    """What both GLM generations share: the P-Tuning v2 prefix and the stepping API (`embed`,
+    `run_layers`, `head`; `forward` is the three in a row). A server runs them apart, a prompt a
+    few layers per step (see `serving/batch.py`).
+
+    A generation gives its `layers`, `word_embeddings`, `final_norm`, `output_layer`, `rope`
+    (position ids -> the tables its blocks take) and `new_prefix_encoder`.
+    """
+
+    config: GLMConfig | GLM2Config
+
+    @property
+    def prefix_len(self) -> int:
+        """Cache slots taken by the P-Tuning v2 prefix (0 without)."""
+        return self.config.pre_seq_len or 0
+
+    def prefix_kv(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix keys and values: [layers, B, kv_heads, pre_seq_len, head_dim] each."""
+        cfg = self.config
+        enc = self.transformer.prefix_encoder
+        tokens = torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)
+        # the reference casts the prefix to the model's compute dtype (get_prompt's `dtype`, the
+        # input embeddings' dtype): an fp32 model keeps an fp32 prefix
+        kv = enc(tokens).to(dtype)
+        # [P, layers * 2 * G * d] -> [layers * 2, G, P, d]: keys at 2i, values at 2i + 1
+        kv = kv.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.kv_heads, cfg.head_dim)
+        kv = F.dropout(kv, 0.1, self.training)  # the reference's prefix dropout (training only)
+        kv = kv.permute(1, 2, 0, 3)
+        k, v = kv[0::2], kv[1::2]
+        return k.unsqueeze(1).expand(-1, batch, -1, -1, -1), v.unsqueeze(1).expand(-1, batch, -1, -1, -1)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, hidden] of `input_ids` [B, T]."""
+        return self.word_embeddings(input_ids)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [..., vocab] of the last layer's hidden states [..., hidden] (final norm, then
+        the output layer)."""
+        return self.output_layer(self.final_norm(h))
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        start: int | torch.Tensor,
+        layers: range,
+    ) -> torch.Tensor:
+        """Hidden states [B, T, hidden] through `layers` only (arguments as `hidden_states`).
+
+        A prompt can go through the model a few layers at a time, so that a server decodes the
+        running rows in between (GLM's prompt attends both ways: it cannot be cut into token
+        chunks without changing its keys and values, but it can be cut between layers).
+        """
+        rope = self.rope(position_ids, h.dtype)
+        allowed = None if attention_mask is None else ~attention_mask
+        kv_len = None if isinstance(start, int) else int(start.max()) + h.shape[1]
+        prefix_k = prefix_v = None
+        if kv_cache is None and self.prefix_len:
+            # training: the prefix from the encoder, concatenated in every layer (no cache)
+            prefix_k, prefix_v = self.prefix_kv(h.shape[0], h.dtype)
+        for i in layers:
+            cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
+            prefix = None if prefix_k is None else (prefix_k[i], prefix_v[i])
+            h = self.layers[i](h, rope, allowed, cache, start, prefix, kv_len)
+        return h
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+    ) -> torch.Tensor:
+        """Final hidden states [B, T, hidden] (after the final norm).
+
+        Args:
+            input_ids: [B, T] token ids.
+            position_ids: [B, 2, T] positions and block positions (v1); [B, T] positions (v2).
+            attention_mask: [B or 1, 1, T, S] bool, True where attention is NOT allowed; S is
+                start + T (cache slots 0..start+T-1, prefix included), or P + T without a cache
+                for a P-Tuning v2 model (the prefix first). None: no mask at all (v1: full
+                attention; v2 prompts need their causal mask, a one-token step none).
+            kv_cache: cache to read slots [0, start) from and write [start, start+T) to.
+            start: cache slot of the first input token; or a [B] tensor of one slot per row
+                (T == 1: rows of different lengths decoding together), S is then max(start) + 1.
+        """
+        h = self.run_layers(self.embed(input_ids), position_ids, attention_mask, kv_cache, start,
+                            range(self.config.num_layers))
+        return self.final_norm(h)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`); arguments as `hidden_states`."""
+        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, start)
+        if last_only:
+            h = h[:, -1:]
+        return self.output_layer(h)
+
+
+class GLMModel(GLMBase):
     """ChatGLM-6B: `transformer` + tied `lm_head`; parameter names match THUDM's checkpoints.
 
     Example:
@@ -276,118 +385,35 @@ class GLMModel(nn.Module):
         return self.transformer.final_layernorm.weight.dtype
 
     @property
-    def prefix_len(self) -> int:
-        """Cache slots taken by the P-Tuning v2 prefix (0 without)."""
-        return self.config.pre_seq_len or 0
-
-    @property
     def layers(self) -> nn.ModuleList:
         """The transformer blocks."""
         return self.transformer.layers
+
+    @property
+    def word_embeddings(self) -> nn.Module:
+        """The token embedding."""
+        return self.transformer.word_embeddings
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm after the last block."""
+        return self.transformer.final_layernorm
+
+    @property
+    def output_layer(self) -> nn.Module:
+        """hidden -> logits (the lm_head, tied to the embeddings)."""
+        return self.lm_head
 
     def new_prefix_encoder(self) -> PrefixEncoder:
         """A fresh P-Tuning v2 prefix encoder for the config's `pre_seq_len` (fp32, on the model's
         device, as the reference keeps it)."""
         return PrefixEncoder(self.config).to(self.transformer.final_layernorm.weight.device)
 
-    def prefix_kv(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefix keys and values: [layers, B, heads, pre_seq_len, head_dim] each."""
-        cfg = self.config
-        enc = self.transformer.prefix_encoder
-        tokens = torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)
-        # the reference casts the prefix to the model's compute dtype (get_prompt's `dtype`, the
-        # input embeddings' dtype): an fp32 model keeps an fp32 prefix
-        kv = enc(tokens).to(dtype)
-        # [P, layers * 2 * H * d] -> [layers * 2, H, P, d] -> keys, values of [layers, H, P, d]
-        kv = kv.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, cfg.head_dim)
-        kv = F.dropout(kv, 0.1, self.training)  # the reference's prefix dropout (training only)
-        kv = kv.permute(1, 2, 0, 3)
-        k, v = kv[0::2], kv[1::2]
-        return k.unsqueeze(1).expand(-1, batch, -1, -1, -1), v.unsqueeze(1).expand(-1, batch, -1, -1, -1)
-
-    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        # position_ids: [B, 2, T] -> four [B, 1, T, d] tables
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """position_ids [B, 2, T] -> cos/sin of the positions, then of the block positions:
+        four [B, 1, T, d] tables."""
         pos, block = position_ids[:, 0], position_ids[:, 1]
         tables = []
         for p in (pos, block):
             tables += [self.rotary.cos[p].unsqueeze(1).to(dtype), self.rotary.sin[p].unsqueeze(1).to(dtype)]
         return tuple(tables)
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        start: int | torch.Tensor = 0,
-    ) -> torch.Tensor:
-        """Final hidden states [B, T, hidden] (after final_layernorm).
-
-        Args:
-            input_ids: [B, T] token ids.
-            position_ids: [B, 2, T] positions and block positions.
-            attention_mask: [B or 1, 1, T, S] bool, True where attention is NOT allowed; S is
-                start + T (cache slots 0..start+T-1, prefix included), or P + T without a cache
-                for a P-Tuning v2 model (the prefix first). None: full attention.
-            kv_cache: cache to read slots [0, start) from and write [start, start+T) to.
-            start: cache slot of the first input token; or a [B] tensor of one slot per row
-                (T == 1: rows of different lengths decoding together), S is then max(start) + 1.
-        """
-        h = self.run_layers(self.embed(input_ids), position_ids, attention_mask, kv_cache, start,
-                            range(self.config.num_layers))
-        return self.transformer.final_layernorm(h)
-
-    # The stepping API: `embed`, `run_layers` (any range of layers), `head`. `forward` is the three
-    # in a row; a server runs them apart (a prompt a few layers per step, see `serving/batch.py`).
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [B, T, hidden] of `input_ids` [B, T]."""
-        return self.transformer.word_embeddings(input_ids)
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits [..., vocab] of the last layer's hidden states [..., hidden] (final layer norm,
-        then the tied lm_head)."""
-        return self.lm_head(self.transformer.final_layernorm(h))
-
-    def run_layers(
-        self,
-        h: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        kv_cache: KVCache | None,
-        start: int | torch.Tensor,
-        layers: range,
-    ) -> torch.Tensor:
-        """Hidden states [B, T, hidden] through `layers` only (arguments as `hidden_states`).
-
-        A prompt can go through the model a few layers at a time, so that a server decodes the
-        running rows in between (GLM's prompt attends both ways: it cannot be cut into token
-        chunks without changing its keys and values, but it can be cut between layers).
-        """
-        rope = self._rope(position_ids, h.dtype)
-        allowed = None if attention_mask is None else ~attention_mask
-        kv_len = None if isinstance(start, int) else int(start.max()) + h.shape[1]
-        prefix_k = prefix_v = None
-        if kv_cache is None and self.prefix_len:
-            # training: the prefix from the encoder, concatenated in every layer (no cache)
-            prefix_k, prefix_v = self.prefix_kv(h.shape[0], h.dtype)
-        for i in layers:
-            cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
-            prefix = None if prefix_k is None else (prefix_k[i], prefix_v[i])
-            h = self.transformer.layers[i](h, rope, allowed, cache, start, prefix, kv_len)
-        return h
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        start: int | torch.Tensor = 0,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`); arguments as `hidden_states`."""
-        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, start)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(h)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmgym.chat.config import GLM2Config
-from glmgym.chat.model import KVCache, decode_attention
+from glmgym.chat.model import GLMBase, decode_attention
 
 __all__ = ["GLM2Block", "GLM2Model", "RMSNorm", "rotary_tables"]
 
@@ -192,7 +192,7 @@ class Transformer(nn.Module):
             self.prefix_encoder = PrefixEncoder(cfg)
 
 
-class GLM2Model(nn.Module):
+class GLM2Model(GLMBase):
     """ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B-chat; parameter names match THUDM's checkpoints.
 
     Example:
@@ -224,105 +224,31 @@ class GLM2Model(nn.Module):
         return self.transformer.encoder.layers[0].input_layernorm.weight.dtype
 
     @property
-    def prefix_len(self) -> int:
-        """Cache slots taken by the P-Tuning v2 prefix (0 without)."""
-        return self.config.pre_seq_len or 0
-
-    @property
     def layers(self) -> nn.ModuleList:
         """The transformer blocks."""
         return self.transformer.encoder.layers
+
+    @property
+    def word_embeddings(self) -> nn.Module:
+        """The token embedding."""
+        return self.transformer.embedding.word_embeddings
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm after the last block (identity without `post_layer_norm`)."""
+        return self.transformer.encoder.final_layernorm
+
+    @property
+    def output_layer(self) -> nn.Module:
+        """hidden -> logits (untied)."""
+        return self.transformer.output_layer
 
     def new_prefix_encoder(self) -> PrefixEncoder:
         """A fresh P-Tuning v2 prefix encoder for the config's `pre_seq_len` (fp32, on the model's
         device, as the reference keeps it)."""
         return PrefixEncoder(self.config).to(self.transformer.embedding.word_embeddings.weight.device)
 
-    def prefix_kv(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefix keys and values: [layers, B, groups, pre_seq_len, head_dim] each."""
-        cfg = self.config
-        enc = self.transformer.prefix_encoder
-        kv = enc(torch.arange(cfg.pre_seq_len, device=enc.embedding.weight.device)).to(dtype)
-        # [P, layers * 2 * G * d] -> [layers * 2, G, P, d]: keys at 2i, values at 2i + 1
-        kv = kv.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.kv_heads, cfg.head_dim)
-        kv = F.dropout(kv, 0.1, self.training).permute(1, 2, 0, 3)
-        k, v = kv[0::2], kv[1::2]
-        return k.unsqueeze(1).expand(-1, batch, -1, -1, -1), v.unsqueeze(1).expand(-1, batch, -1, -1, -1)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [B, T, hidden] of `input_ids` [B, T]."""
-        return self.transformer.embedding.word_embeddings(input_ids)
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits [..., vocab] of the last layer's hidden states (final norm, output layer)."""
-        return self.transformer.output_layer(self.transformer.encoder.final_layernorm(h))
-
-    def run_layers(
-        self,
-        h: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        kv_cache: KVCache | None,
-        start: int | torch.Tensor,
-        layers: range,
-    ) -> torch.Tensor:
-        """Hidden states [B, T, hidden] through `layers` only (arguments as `hidden_states`)."""
-        # position_ids [B, T] -> cos/sin [B, 1, T, d/4]
-        rope = (
-            self.rope_cos[position_ids].unsqueeze(1).to(h.dtype),
-            self.rope_sin[position_ids].unsqueeze(1).to(h.dtype),
-        )
-        allowed = None if attention_mask is None else ~attention_mask
-        kv_len = None if isinstance(start, int) else int(start.max()) + h.shape[1]
-        prefix_k = prefix_v = None
-        if kv_cache is None and self.prefix_len:
-            prefix_k, prefix_v = self.prefix_kv(h.shape[0], h.dtype)
-        for i in layers:
-            cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
-            prefix = None if prefix_k is None else (prefix_k[i], prefix_v[i])
-            h = self.transformer.encoder.layers[i](h, rope, allowed, cache, start, prefix, kv_len)
-        return h
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        start: int | torch.Tensor = 0,
-    ) -> torch.Tensor:
-        """Final hidden states [B, T, hidden] (after the final norm).
-
-        Args:
-            input_ids: [B, T] token ids.
-            position_ids: [B, T] positions.
-            attention_mask: [B or 1, 1, T, S] bool, True where attention is NOT allowed (S as in
-                `GLMModel.hidden_states`). None: no mask at all, so pass the causal mask of a
-                prompt; a one-token step may pass None.
-            kv_cache: cache to read slots [0, start) from and write [start, start+T) to.
-            start: cache slot of the first input token, or one slot per row ([B], T == 1).
-        """
-        h = self.run_layers(
-            self.embed(input_ids),
-            position_ids,
-            attention_mask,
-            kv_cache,
-            start,
-            range(self.config.num_layers),
-        )
-        return self.transformer.encoder.final_layernorm(h)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        start: int | torch.Tensor = 0,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`); arguments as `hidden_states`."""
-        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, start)
-        if last_only:
-            h = h[:, -1:]
-        return self.transformer.output_layer(h)
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """position_ids [B, T] -> cos and sin [B, 1, T, d/4]."""
+        return (self.rope_cos[position_ids].unsqueeze(1).to(dtype),
+                self.rope_sin[position_ids].unsqueeze(1).to(dtype))
