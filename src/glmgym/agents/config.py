@@ -152,10 +152,11 @@ class TrainConfig:
     """Windows per gradient step (global: split across processes under torchrun)."""
     context_len: int = 20
     """K, the number of timesteps in a window."""
-    windows: str = field(default="start", metadata={"choices": ("start", "end")})
-    """How training windows are cut: start (a uniform start, as kzl/decision-transformer: an
-    episode's first steps are trained about 1/K as often as its middle) or end (a uniformly drawn
-    transition ends the window, as d3rlpy: every step as often)."""
+    windows: str = field(default="end", metadata={"choices": ("end", "start")})
+    """How training windows are cut: end (a uniformly drawn transition ends the window, as d3rlpy:
+    every step as often) or start (a uniform start, as kzl/decision-transformer: an episode's
+    first steps are trained about 1/K as often as its middle, and on mixed data the return-to-go
+    barely steers the model; see docs/agents/datasets.md)."""
     hidden_size: int = 128
     """Transformer width."""
     n_layer: int = 3

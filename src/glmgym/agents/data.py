@@ -412,7 +412,7 @@ class WindowSampler:
         reward_scale: float,
         max_ep_len: int,
         rng: np.random.Generator,
-        windows: str = "start",
+        windows: str = "end",
     ) -> None:
         if windows not in ("start", "end"):
             raise GlmgymError(f"windows must be 'start' or 'end', not {windows!r}")
