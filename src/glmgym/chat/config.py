@@ -133,17 +133,24 @@ class GLMConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> GLMConfig:
         """Read `config.json`."""
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise GlmgymError(f"{path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise GlmgymError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(_read_config_json(Path(path)))
 
     def to_dict(self) -> dict[str, Any]:
         """`config.json` content in THUDM's format."""
         return {"architectures": ["ChatGLMModel"], "model_type": "chatglm", **dataclasses.asdict(self)}
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    """A `config.json` as a dict; missing, malformed or non-object files get one clear error."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GlmgymError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GlmgymError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise GlmgymError(f"{path} is not a config (a JSON object)")
+    return data
 
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
@@ -296,14 +303,7 @@ def load_config(path: str | Path) -> GLMConfig | GLM2Config:
         GlmgymError: missing, not JSON, or not a ChatGLM config.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GlmgymError(f"{path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise GlmgymError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise GlmgymError(f"{path} is not a config (a JSON object)")
+    data = _read_config_json(path)
     if data.get("model_type", "chatglm") != "chatglm":
         raise GlmgymError(f"{path}: model_type {data['model_type']!r} is not a ChatGLM model")
     if not {"multi_query_group_num", "padded_vocab_size", "ffn_hidden_size"} & set(data):
