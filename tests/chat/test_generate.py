@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from glmgym.chat.generate import GenerationConfig, PromptBatch, generate, prefill, sample
+from glmgym.chat.generate import GenerationConfig, PromptBatch, generate, prefill
 from glmgym.chat.model import KVCache
+from glmgym.chat.sampling import sample
 from glmgym.errors import GlmgymError
 
 
@@ -98,7 +99,8 @@ def test_generation_stops_at_eop_and_at_max_length(tiny):
 
 
 def test_tiny_temperatures_never_sample_from_nan():
-    from glmgym.chat.generate import GenerationConfig, sample
+    from glmgym.chat.generate import GenerationConfig
+    from glmgym.chat.sampling import sample
 
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
     for t in (1e-117, 1e-6, 1e-3):

@@ -63,6 +63,14 @@ def test_one_shot_prompt_prints_the_answer(capsys):
     assert first.strip()
     main(argv)
     assert capsys.readouterr().out == first  # seeded: reproducible
+    greedy = ["chat", "--model", "random:tiny", "--prompt", "hi hi hi", "--temperature", "1e-6",
+              "--max-length", "48"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    assert main([*greedy, "--prompt-lookup", "4"]) == 0
+    assert capsys.readouterr().out == plain  # speculation changes the speed, not the answer
+    assert main([*greedy, "--prompt-lookup", "99"]) == 2
+    assert "prompt_lookup_num_tokens must be in 0..32" in capsys.readouterr().err
 
 
 def test_missing_weights_say_how_to_get_them(tmp_path):

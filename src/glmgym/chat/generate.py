@@ -15,10 +15,11 @@ import torch
 from glmgym.chat.config import GenerationConfig
 from glmgym.chat.model import GLMModel, KVCache
 from glmgym.chat.model_v2 import GLM2Model
+from glmgym.chat.sampling import sample
+from glmgym.chat.speculative import DraftStats, lookup_draft, verify
 from glmgym.errors import GlmgymError
 
-__all__ = ["GenerationConfig", "PromptBatch", "RowSampling", "decode_one_token", "generate", "prefill",
-           "sample"]
+__all__ = ["GenerationConfig", "PromptBatch", "decode_one_token", "generate", "prefill"]
 
 
 @dataclass
@@ -61,13 +62,15 @@ class PromptBatch:
         return cls(ids.to(device), torch.stack([pos, block], 1).to(device), pad.to(device), ctx.to(device),
                    lengths.to(device))
 
-    def decode_positions(self, step: int) -> torch.Tensor:
-        """Positions of the `step`-th generated token (0: the first), [B, 2, 1] or [B, 1]: v1's
-        sits after <sop> ([gMASK]'s position, block position step + 2), v2's after the prompt."""
+    def decode_positions(self, step: int, count: int = 1) -> torch.Tensor:
+        """Positions of generated tokens `step` .. `step + count - 1` (0: the first), [B, 2, count]
+        or [B, count]: v1's sit after <sop> ([gMASK]'s position, block positions from step + 2),
+        v2's after the prompt."""
+        i = torch.arange(step, step + count, device=self.lengths.device)
         if self.causal:
-            return (self.lengths + step)[:, None]
-        mask_pos = self.context_len - 1
-        return torch.stack([mask_pos, torch.full_like(mask_pos, step + 2)], dim=1)[:, :, None]
+            return self.lengths[:, None] + i
+        mask_pos = (self.context_len - 1)[:, None].expand(-1, count)
+        return torch.stack([mask_pos, (i + 2).expand_as(mask_pos)], dim=1)
 
     def attention_mask(self, prefix_len: int = 0) -> torch.Tensor:
         """[B, 1, T, P + T] bool, True = masked: prefix-LM (causal for v2) over real tokens, pads
@@ -102,108 +105,17 @@ def decode_one_token(model: GLMModel, token: torch.Tensor, position_ids: torch.T
     return model(token, position_ids, mask, kv_cache=cache, start=start)[:, -1]
 
 
-@dataclass
-class RowSampling:
-    """Sampling options of each row of a batch, as [B] tensors (rows may differ in every option),
-    with what the rows have in common worked out once (a decoding step then skips the checks)."""
-
-    temperature: torch.Tensor
-    """[B] float."""
-    top_k: torch.Tensor
-    """[B] long (0: off)."""
-    top_p: torch.Tensor
-    """[B] float."""
-    repetition_penalty: torch.Tensor
-    """[B] float (1: off)."""
-    sampled_rows: torch.Tensor
-    """[S] long: the rows that sample (the others are greedy)."""
-    any_top_k: bool
-    """Some sampled row has top_k > 0."""
-    any_top_p: bool
-    """Some sampled row has top_p < 1."""
-    any_penalty: bool
-    """Some row has a repetition penalty."""
-
-    @classmethod
-    def of(cls, cfgs: list[GenerationConfig], device: torch.device | str = "cpu") -> RowSampling:
-        """The options of `cfgs`, one per row."""
-        def t(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        # below 1e-5 the tempered distribution is a point mass to fp32 precision (and 1/T overflows)
-        sampled = [i for i, c in enumerate(cfgs) if c.do_sample and c.temperature >= 1e-5]
-        return cls(t([c.temperature for c in cfgs], torch.float32),
-                   t([c.top_k for c in cfgs], torch.long), t([c.top_p for c in cfgs], torch.float32),
-                   t([c.repetition_penalty for c in cfgs], torch.float32), t(sampled, torch.long),
-                   any(cfgs[i].top_k > 0 for i in sampled), any(cfgs[i].top_p < 1.0 for i in sampled),
-                   any(c.repetition_penalty != 1.0 for c in cfgs))
-
-
-def sample(logits: torch.Tensor, cfg: GenerationConfig | RowSampling, vocab_limit: int,
-           previous: torch.Tensor | None = None,
-           generator: torch.Generator | list[torch.Generator | None] | None = None) -> torch.Tensor:
-    """Pick the next token of each row of `logits` [B, V]; never an id >= vocab_limit.
-
-    Args:
-        logits: [B, V] next-token logits (not modified).
-        cfg: one `GenerationConfig` for every row, or a `RowSampling` with each row's options.
-        vocab_limit: ids from here on are never picked.
-        previous: [B, N] ids each row has seen, for the repetition penalty (a row may repeat one
-            of its ids as padding: a repeated id is penalized once).
-        generator: one generator for all rows, or one per row (None: torch's global one). Rows
-            that share a generator draw in one call, so a row with its own generator draws the
-            same whatever else is in the batch.
-    """
-    B = logits.shape[0]
-    opts = cfg if isinstance(cfg, RowSampling) else RowSampling.of([cfg] * B, logits.device)
-    logits = logits.float().clone()
-    bad = ~torch.isfinite(logits).all(dim=-1)
-    if bad.any():  # the reference's InvalidScoreLogitsProcessor: zeros, and token 5 made likely
-        logits[bad] = 0.0
-        logits[bad, 5] = 5e4
-    logits[:, vocab_limit:] = float("-inf")  # rows past the tokenizer's pieces are unused
-    if previous is not None and opts.any_penalty:
-        penalty = opts.repetition_penalty[:, None]
-        seen = logits.gather(1, previous)
-        seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-        logits = logits.scatter(1, previous, seen)
-    tokens = logits.argmax(dim=-1)
-    rows = opts.sampled_rows
-    if not len(rows):
-        return tokens
-    x = logits[rows]
-    # shift the max to 0 first: a small temperature then gives -inf, never inf - inf = NaN
-    x = (x - x.max(dim=-1, keepdim=True).values) / opts.temperature[rows, None]
-    if opts.any_top_k:
-        top_k = opts.top_k[rows]
-        k = top_k.clamp(1, x.shape[-1])
-        kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
-        x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
-    if opts.any_top_p:
-        top_p = opts.top_p[rows, None]
-        sorted_x, order = x.sort(dim=-1, descending=True)
-        probs = sorted_x.softmax(dim=-1)
-        # drop a token when the more likely ones already reach top_p (the first always stays)
-        drop = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)
-        drop[:, 0] = False  # also when top_p rounds to 0 in fp32
-        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
-    probs = x.softmax(dim=-1)
-    gens = generator if isinstance(generator, list) else [generator] * B
-    groups: dict[int, list[int]] = {}
-    for i, row in enumerate(rows.tolist()):
-        groups.setdefault(id(gens[row]), []).append(i)
-    for members in groups.values():
-        picked = torch.multinomial(probs[members], 1, generator=gens[int(rows[members[0]])]).squeeze(1)
-        tokens[rows[members]] = picked
-    return tokens
-
-
 @torch.inference_mode()
 def generate(model: GLMModel | GLM2Model, prompts: list[list[int]], cfg: GenerationConfig, *,
-             eos_id: int | Sequence[int], pad_id: int, vocab_limit: int) -> Iterator[list[list[int]]]:
-    """Yield the new tokens of every prompt after each step (streaming); a row stops at its
-    first `eos_id` (one id, or several: the v2 chat models stop at a role token too).
+             eos_id: int | Sequence[int], pad_id: int, vocab_limit: int,
+             stats: DraftStats | None = None) -> Iterator[list[list[int]]]:
+    """Yield the new tokens of every prompt after each step (streaming; a step adds one token to
+    each row, or several with `cfg.prompt_lookup_num_tokens`); a row stops at its first `eos_id`
+    (one id, or several: the v2 chat models stop at a role token too).
+
+    With prompt lookup, every row drafts from its own sequence; one forward verifies all rows'
+    drafts and every row keeps as many tokens as the row that kept fewest (so the rows stay at one
+    cache slot; each row's tokens are still exactly its own decoding's). `stats` counts the drafts.
 
     Raises:
         GlmgymError: a prompt leaves no room for an answer within max_length.
@@ -231,23 +143,58 @@ def generate(model: GLMModel | GLM2Model, prompts: list[list[int]], cfg: Generat
         key_masked = torch.zeros(B, P + T + steps, dtype=torch.bool, device=device)
         key_masked[:, P:P + T] = torch.arange(T, device=device)[None, :] < batch.pad[:, None]
     history = batch.input_ids
+    stops = set([eos_id] if isinstance(eos_id, int) else eos_id)
+    seqs = [list(p) for p in prompts]  # each row's prompt and answer, where drafts are looked up
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B
+    n = 0  # tokens generated per row (every row moves on together)
     logits = prefill(model, batch, cache)
-    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
-    for step in range(steps):
-        token = sample(logits, cfg, vocab_limit, history, generator)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        for b, t in enumerate(token.tolist()):
-            if not done[b]:
+    verified: list[list[int]] | None = None
+    while True:
+        if verified is None:  # a plain step: one token from the logits
+            new = [[t] for t in sample(logits, cfg, vocab_limit, history, generator).tolist()]
+        else:  # a verified step: as many tokens as the row that kept fewest
+            m = min(len(verified[b]) for b in range(B) if not done[b])
+            new = [row[:m] + [pad_id] * (m - len(row[:m])) for row in verified]
+        for b, tokens in enumerate(new):
+            if done[b]:
+                new[b] = [pad_id] * len(tokens)
+                continue
+            for t in tokens:
                 out[b].append(t)
-        done |= torch.isin(token, stops)
+                if t in stops:
+                    done[b] = True
+                    break
+            seqs[b] += tokens
+        n += len(new[0])
         yield out
-        if bool(done.all()) or step == steps - 1:
+        if all(done) or n >= steps:
             return
+        fed = torch.tensor(new, device=device)  # [B, m]
         if cfg.repetition_penalty != 1.0:  # the only reader of the growing sequence
-            history = torch.cat([history, token[:, None]], dim=1)
-        pos = batch.decode_positions(step)
-        start = P + T + step
-        km = None if key_masked is None else key_masked[:, : start + 1]
-        logits = decode_one_token(model, token[:, None], pos, km, cache, start)
+            history = torch.cat([history, fed], dim=1)
+        start = P + T + n - 1  # cache slot of the last token
+        drafts = [[] if done[b] else lookup_draft(seqs[b], cfg.prompt_lookup_num_tokens) for b in range(B)]
+        # a forward emits at most K + 1 tokens: no more than the answer has room for
+        K = min(max(map(len, drafts)), steps - n - 1)
+        if K <= 0:
+            km = None if key_masked is None else key_masked[:, : start + 1]
+            logits = decode_one_token(model, fed[:, -1:], batch.decode_positions(n - 1), km, cache, start)
+            verified = None
+            continue
+        lengths = [min(len(d), K) for d in drafts]
+        draft_ids = torch.tensor([d[:K] + [pad_id] * (K - len(d[:K])) for d in drafts], device=device)
+        ids = torch.cat([fed[:, -1:], draft_ids], dim=1)  # [B, K + 1]
+        # causal over the new tokens; pad slots stay hidden
+        slots = torch.arange(start + K + 1, device=device)
+        mask = slots[None, :] > start + torch.arange(K + 1, device=device)[:, None]  # [K + 1, S]
+        if key_masked is not None:
+            mask = mask[None] | key_masked[:, None, : start + K + 1]
+        mask = mask.expand(B, K + 1, start + K + 1)[:, None]
+        logits = model(ids, batch.decode_positions(n - 1, K + 1), mask, kv_cache=cache, start=start)
+        verified = verify(logits, draft_ids, lengths, [cfg] * B, vocab_limit,
+                          history if cfg.repetition_penalty != 1.0 else None, generator)
+        if stats is not None:
+            stats.forwards += 1
+            stats.drafted += sum(lengths)
+            stats.accepted += sum(len(v) - 1 for v in verified)

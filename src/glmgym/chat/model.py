@@ -31,7 +31,7 @@ from glmgym.chat.config import GLM2Config, GLMConfig
 from glmgym.chat.kernels import avx2
 from glmgym.devices import native_bf16
 
-__all__ = ["GLMBase", "GLMBlock", "GLMModel", "KVCache", "RotaryEmbedding"]
+__all__ = ["GLMBase", "GLMBlock", "GLMModel", "KVCache", "RotaryEmbedding", "write_cache"]
 
 _CPU_NATIVE_BF16 = native_bf16(torch.device("cpu"))
 
@@ -130,6 +130,29 @@ class KVCache:
         return cls(k, torch.zeros_like(k))
 
 
+def write_cache(cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                start: int | torch.Tensor, kv_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write one layer's new keys and values [B, heads, T, d] into its cache and return the cache's
+    keys and values up to `kv_len` (`start + T` for an int `start`).
+
+    `start` is one slot for every row, or a [B] tensor of one slot per row (continuous batching:
+    row b writes slots start[b] .. start[b] + T - 1; T > 1 verifies speculative drafts).
+    """
+    k_cache, v_cache = cache
+    T = k.shape[2]
+    if isinstance(start, int):
+        k_cache[:, :, start : start + T] = k
+        v_cache[:, :, start : start + T] = v
+        kv_len = start + T
+    else:
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+        slots = start[:, None] + torch.arange(T, device=k.device)  # [B, T]
+        # advanced indices around a slice put their dims first: [B, T, heads, d] <- k [B, heads, T, d]
+        k_cache[rows, :, slots] = k.transpose(1, 2)
+        v_cache[rows, :, slots] = v.transpose(1, 2)
+    return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: GLMConfig) -> None:
         super().__init__()
@@ -161,16 +184,7 @@ class SelfAttention(nn.Module):
         q = torch.cat((_apply_rotary(q1, cos1, sin1), _apply_rotary(q2, cos2, sin2)), dim=-1)
         k = torch.cat((_apply_rotary(k1, cos1, sin1), _apply_rotary(k2, cos2, sin2)), dim=-1)
         if cache is not None:
-            k_cache, v_cache = cache
-            if isinstance(start, int):
-                k_cache[:, :, start : start + T] = k
-                v_cache[:, :, start : start + T] = v
-                kv_len = start + T
-            else:  # one token per row, each at its own slot `start[b]` (continuous batching)
-                rows = torch.arange(B, device=k.device)
-                k_cache[rows, :, start] = k[:, :, 0]  # [B, H, d] into [B, H, slot, d]
-                v_cache[rows, :, start] = v[:, :, 0]
-            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+            k, v = write_cache(cache, k, v, start, kv_len)
         elif prefix is not None:  # training: [B, H, P, d] prefix keys/values in front, no rotary
             k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
         if T == 1:  # decoding: the path picked for this device and dtype (see `decode_attention`)
@@ -335,7 +349,8 @@ class GLMBase(nn.Module):
                 attention; v2 prompts need their causal mask, a one-token step none).
             kv_cache: cache to read slots [0, start) from and write [start, start+T) to.
             start: cache slot of the first input token; or a [B] tensor of one slot per row
-                (T == 1: rows of different lengths decoding together), S is then max(start) + 1.
+                (rows of different lengths decoding together), S is then max(start) + T and the
+                mask must hide each row's slots past its own.
         """
         h = self.run_layers(self.embed(input_ids), position_ids, attention_mask, kv_cache, start,
                             range(self.config.num_layers))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmgym.chat.config import GLM2Config
-from glmgym.chat.model import GLMBase, decode_attention
+from glmgym.chat.model import GLMBase, decode_attention, write_cache
 
 __all__ = ["GLM2Block", "GLM2Model", "RMSNorm", "rotary_tables"]
 
@@ -94,16 +94,7 @@ class SelfAttention(nn.Module):
         cos, sin = rope
         q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
         if cache is not None:
-            k_cache, v_cache = cache
-            if isinstance(start, int):
-                k_cache[:, :, start : start + T] = k
-                v_cache[:, :, start : start + T] = v
-                kv_len = start + T
-            else:  # one token per row, each at its own slot (continuous batching)
-                rows = torch.arange(B, device=k.device)
-                k_cache[rows, :, start] = k[:, :, 0]
-                v_cache[rows, :, start] = v[:, :, 0]
-            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+            k, v = write_cache(cache, k, v, start, kv_len)
         elif prefix is not None:  # training: the prefix's keys/values in front, no rotary
             k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
         if T == 1 and x.device.type == "cpu":

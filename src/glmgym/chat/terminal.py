@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from glmgym.chat.config import ChatCLIConfig
+from glmgym.chat.config import ChatCLIConfig, GenerationConfig
 from glmgym.chat.session import load_with
 from glmgym.chat.template import HistoryTrimmedWarning
 from glmgym.errors import GlmgymError
@@ -51,12 +51,13 @@ def run_chat(cfg: ChatCLIConfig) -> int:
     """Run the terminal chat (or the one-shot prompt); return the exit code."""
 
     tools = read_tools(cfg.tools) if cfg.tools else None  # before the model loads: bad files fail fast
+    gen = {"max_length": cfg.max_length, "top_p": cfg.top_p, "temperature": cfg.temperature,
+           "seed": cfg.seed, "prompt_lookup_num_tokens": cfg.prompt_lookup}
+    GenerationConfig.of(gen)  # bad options fail before the model loads
     bot = load_with(cfg)
     if (tools or cfg.system) and not bot.format.roles:
         raise GlmgymError(f"{NAMES[bot.format.family]} has no system prompt or tools "
                           "(ChatGLM3-6B and GLM-4 have)")
-    gen = {"max_length": cfg.max_length, "top_p": cfg.top_p, "temperature": cfg.temperature,
-           "seed": cfg.seed}
     if bot.name.startswith("random:tiny"):
         print(f"note: {bot.name} is a tiny model with random weights; its answers are noise.",
               file=sys.stderr)

@@ -99,6 +99,32 @@ def test_openai_client_plain_streamed_and_error(bot):
                                            messages=[{"role": "user", "content": "hello " * 20}])
 
 
+def test_prompt_lookup_per_request_and_as_the_server_default_gives_the_same_answers():
+    import openai
+    import torch
+
+    bot = load("random:tiny", dtype="float32")
+    torch.manual_seed(0)
+    with torch.no_grad():  # wider weights than the default: greedy answers that are not empty
+        for p in bot.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    kwargs = {"model": "m", "max_tokens": 24, "temperature": 0,
+              "messages": [{"role": "user", "content": "copy: 1 2 3 4 5 1 2 3 4 5 1 2 3"}]}
+    answers = []
+    for default in (0, 6):
+        with live_server(build_app(bot, max_queue=4, ui=False, prompt_lookup=default)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            for extra in ({}, {"prompt_lookup_num_tokens": 4}, {"prompt_lookup_num_tokens": 0}):
+                plain = client.chat.completions.create(**kwargs, extra_body=extra)
+                answers.append(plain.choices[0].message.content)
+                chunks = client.chat.completions.create(**kwargs, extra_body=extra, stream=True)
+                answers.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+            with pytest.raises(openai.BadRequestError, match="prompt_lookup_num_tokens"):
+                client.chat.completions.create(**kwargs, extra_body={"prompt_lookup_num_tokens": 33})
+    assert len(answers[0]) > 10 and len(set(answers)) == 1
+
+
 def test_stop_strings_and_reference_api(bot):
     from fastapi.testclient import TestClient
 
@@ -534,6 +560,8 @@ def test_serve_cli_rejects_bad_options(capsys):
     assert "--max-queue" in capsys.readouterr().err
     assert main(["chat", "serve", "--model", "random:tiny", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+    assert main(["chat", "serve", "--model", "random:tiny", "--prompt-lookup", "33"]) == 2
+    assert "--prompt-lookup" in capsys.readouterr().err
 
 
 def test_serve_defaults_bind_loopback():

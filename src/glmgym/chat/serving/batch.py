@@ -5,7 +5,9 @@ row: waiting for their prompt to run, prefilling, and decoding. Each `step()`:
 
 1. gathers the rows that arrived since the last step into a new prefill group (their prompts
    padded on the right to one length);
-2. decodes one token for every decoding row, each at its own cache slot (`start` per row);
+2. decodes one token for every decoding row, each at its own cache slot (`start` per row); rows
+   that asked for prompt lookup (`prompt_lookup_num_tokens`) send their drafts along in the same
+   forward, and each keeps as many tokens as its own drafts earned (see `speculative.py`);
 3. runs a few layers of the prefill groups in flight, as `PrefillScheduler` decides (shortest
    remaining first, no starvation, at most `prefill_chunk` prompt tokens' worth of work per
    step, cut short after any layer when a request is waiting). Prefill is cut between layers,
@@ -32,10 +34,12 @@ from dataclasses import dataclass, field
 import torch
 
 from glmgym.chat.config import GenerationConfig
-from glmgym.chat.generate import PromptBatch, RowSampling, sample
+from glmgym.chat.generate import PromptBatch
 from glmgym.chat.model import GLMModel, KVCache
 from glmgym.chat.model_v2 import GLM2Model
+from glmgym.chat.sampling import RowSampling, sample
 from glmgym.chat.serving.prefill import PrefillScheduler
+from glmgym.chat.speculative import lookup_draft, verify
 from glmgym.errors import GlmgymError
 
 __all__ = ["RunningBatch", "TokenOut"]
@@ -248,7 +252,9 @@ class RunningBatch:
     def _decode(self) -> list[TokenOut]:
         rows = self._decoding
         n = len(rows)
-        self._ensure(n, max(r.length for r in rows) + 1)
+        drafts = [self._draft(r) for r in rows]
+        K = max(map(len, drafts))
+        self._ensure(n, max(r.length for r in rows) + 1 + K)
         # per row: the last token, its position and block position (v1: a generated token sits
         # after <sop>: [gMASK]'s position, 1 + its index; v2: its index in the sequence), its cache
         # slot; one tensor, then views
@@ -262,6 +268,8 @@ class RunningBatch:
             tokens, pos, slots = state[:, :1], state[:, 1:3, None], state[:, 3]  # [n, 1], [n, 2, 1], [n]
         cache = KVCache(self._cache.k[:, :n], self._cache.v[:, :n])
         lengths = [r.length for r in rows]
+        if K:
+            return self._verify(rows, drafts, K, tokens, pos, slots, cache)
         if min(lengths) == max(lengths):  # one length: a plain slice, no mask
             logits = self.model(tokens, pos, None, kv_cache=cache, start=lengths[0])[:, -1]
         else:
@@ -272,18 +280,59 @@ class RunningBatch:
             r.length += 1
         return self._sample(rows, logits)
 
+    def _draft(self, row: _Row) -> list[int]:
+        """Prompt-lookup drafts of a row that asked for them, no more than its answer has room for
+        (a verifying forward yields up to one token more than it drafted)."""
+        k = row.cfg.prompt_lookup_num_tokens
+        if not k:
+            return []
+        room = min(row.cfg.max_length, self.model.config.max_sequence_length) - len(row.prompt)
+        if row.cfg.max_new_tokens is not None:
+            room = min(room, row.cfg.max_new_tokens)
+        k = min(k, room - len(row.tokens) - 1, self.max_slots - row.length - 1)
+        return lookup_draft(row.prompt + row.tokens, k) if k > 0 else []
+
+    def _verify(self, rows: list[_Row], drafts: list[list[int]], K: int, tokens: torch.Tensor,
+                pos: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> list[TokenOut]:
+        """One forward over each row's last token and its drafts (padded to K); each row keeps
+        its own share (`verify`) and moves on by as many cache slots."""
+        n = len(rows)
+        i = torch.arange(K + 1, device=self.device)
+        padded = torch.tensor([d + [0] * (K - len(d)) for d in drafts], device=self.device)
+        ids = torch.cat([tokens, padded], dim=1)  # [n, K + 1]
+        pos = pos + (i if self.causal else torch.stack([torch.zeros_like(i), i]))  # [n, K+1] or [n, 2, K+1]
+        S = int(slots.max()) + K + 1
+        masked = torch.arange(S, device=self.device)[None, None, :] > (slots[:, None] + i)[:, :, None]
+        logits = self.model(ids, pos, masked[:, None], kv_cache=cache, start=slots)  # [n, K + 1, V]
+        kept = verify(logits, ids[:, 1:], [len(d) for d in drafts], [r.cfg for r in rows], self.vocab_limit,
+                      self._previous(rows), [r.generator for r in rows])
+        for r, ks in zip(rows, kept):
+            r.length += len(ks)  # the fed token and the kept drafts: their keys and values stand
+        out = []
+        for j in range(max(map(len, kept))):  # position by position, each row's j-th new token
+            at = [b for b in range(n) if len(kept[b]) > j]
+            out += self._emit([rows[b] for b in at], logits[at, j], [kept[b][j] for b in at])
+        return out
+
+    def _previous(self, rows: list[_Row]) -> torch.Tensor | None:
+        """[n, N] ids each row has seen, for the repetition penalty (None when no row has one)."""
+        if all(r.cfg.repetition_penalty == 1.0 for r in rows):
+            return None
+        seqs = [r.prompt + r.tokens for r in rows]
+        width = max(map(len, seqs))
+        # pad with each row's own first id: a repeated id is penalized once
+        return torch.tensor([s + [s[0]] * (width - len(s)) for s in seqs], device=self.device)
+
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenOut]:
         key = tuple(r.id for r in rows)
         if self._options[0] != key:  # the rows changed: their options once, not every step
             self._options = (key, RowSampling.of([r.cfg for r in rows], self.device))
-        opts = self._options[1]
-        previous = None
-        if any(r.cfg.repetition_penalty != 1.0 for r in rows):
-            seqs = [r.prompt + r.tokens for r in rows]
-            width = max(map(len, seqs))
-            # pad with each row's own first id: a repeated id is penalized once
-            previous = torch.tensor([s + [s[0]] * (width - len(s)) for s in seqs], device=self.device)
-        picked = sample(logits, opts, self.vocab_limit, previous, [r.generator for r in rows]).tolist()
+        picked = sample(logits, self._options[1], self.vocab_limit, self._previous(rows),
+                        [r.generator for r in rows]).tolist()
+        return self._emit(rows, logits, picked)
+
+    def _emit(self, rows: list[_Row], logits: torch.Tensor, picked: list[int]) -> list[TokenOut]:
+        """Append each row's new token; with logprobs, score it by `logits` [n, V]."""
         want = [i for i, r in enumerate(rows) if r.logprobs is not None]
         lp = top = None
         if want:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
 
+from glmgym.chat.config import MAX_DRAFT_TOKENS
 from glmgym.chat.serving.batch import TokenOut
 from glmgym.chat.serving.engine import Chunk, Done, Failed, Job
 from glmgym.chat.session import Reply
@@ -113,6 +114,7 @@ def request_models() -> dict[str, type]:
         top_p: float | None = Field(None, gt=0, le=1)
         stop: str | list[str] | None = Field(None, max_length=16)
         seed: int | None = Field(None, ge=0, le=2**63 - 1)
+        prompt_lookup_num_tokens: int | None = Field(None, ge=0, le=MAX_DRAFT_TOKENS)  # glmgym's
         n: int = Field(1, ge=1, le=64)
         stream: bool = False
         stream_options: StreamOptions | None = None
@@ -288,9 +290,11 @@ def to_chat(messages, family: str, tools=None, tool_choice=None) -> ChatTurn:
 
 
 def gen_options(context: int, temperature: float | None, top_p: float | None, max_tokens: int | None,
-                seed: int | None, max_length: int | None = None) -> dict[str, Any]:
+                seed: int | None, max_length: int | None = None, prompt_lookup: int = 0) -> dict[str, Any]:
     """Request sampling fields -> `GenerationConfig` fields (temperature 0 means greedy)."""
     gen: dict[str, Any] = {"max_length": max_length or context}
+    if prompt_lookup:
+        gen["prompt_lookup_num_tokens"] = prompt_lookup
     if temperature == 0:
         gen["do_sample"] = False
     elif temperature is not None:

@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 
-from glmgym.chat.config import ServeConfig
+from glmgym.chat.config import MAX_DRAFT_TOKENS, ServeConfig
 from glmgym.chat.serving import openai_api as wire
 from glmgym.chat.serving.engine import Draining, Engine, Job, QueueFull, answer_configs
 from glmgym.chat.serving.openai_api import Answer, ApiError, error_body, request_models, to_chatglm
@@ -59,8 +59,10 @@ DISCONNECT_POLL_S = 0.5
 
 
 def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui: bool = True,
-              max_batch: int = 8, prefill_chunk: int = 512, request_timeout: float | None = None):
-    """The FastAPI app serving `bot` (see the module docstring); `app.state.engine` is its engine."""
+              max_batch: int = 8, prefill_chunk: int = 512, request_timeout: float | None = None,
+              prompt_lookup: int = 0):
+    """The FastAPI app serving `bot` (see the module docstring); `app.state.engine` is its engine.
+    `prompt_lookup`: draft tokens per step for requests that do not set `prompt_lookup_num_tokens`."""
     import_extra("fastapi", "serve")
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import StreamingResponse
@@ -77,6 +79,10 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
     model_id = bot.name.rstrip("/").rsplit("/", 1)[-1] or "chatglm-6b"
     context = bot.model.config.max_sequence_length
     auth = [Depends(_check_auth(api_key))]
+
+    def _lookup(req) -> int:
+        return prompt_lookup if req.prompt_lookup_num_tokens is None else req.prompt_lookup_num_tokens
+
     app = FastAPI(title="glmgym ChatGLM-6B server", version="1",
                   description="OpenAI-compatible chat completions and completions, the api.py endpoint, "
                               "Prometheus metrics, a web chat.")
@@ -92,7 +98,7 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
     async def reference_api(req: ApiRequest, request: Request) -> dict:
         if not req.prompt.strip():
             raise ApiError(400, "prompt is empty", param="prompt")
-        gen = wire.gen_options(context, req.temperature, req.top_p, None, None, req.max_length)
+        gen = wire.gen_options(context, req.temperature, req.top_p, None, None, req.max_length, prompt_lookup)
         job = calls.start(lambda: engine.chat(req.prompt, [tuple(h) for h in req.history], gen))
         (answer,) = await calls.gather([job], 1, request)
         now = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -110,8 +116,9 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         stop, logprobs = wire.stop_strings(req.stop), shape.chat if req.logprobs else None
-        gen = wire.gen_options(context, req.temperature, req.top_p,
-                               req.max_completion_tokens or req.max_tokens, req.seed)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        gen = wire.gen_options(context, req.temperature, req.top_p, max_tokens, req.seed,
+                               prompt_lookup=_lookup(req))
         top = (req.top_logprobs or 0) if req.logprobs else None
         job = calls.start(lambda: engine.chat(turn.query, turn.history, gen, n=req.n, stop=stop,
                                               trim_history=req.trim_history, logprobs=top, role=turn.role,
@@ -129,7 +136,8 @@ def build_app(bot: ChatGLM, max_queue: int = 32, api_key: str | None = None, ui:
             raise ApiError(400, "echo is not supported", param="echo")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         stop, logprobs = wire.stop_strings(req.stop), shape.legacy if req.logprobs is not None else None
-        gen = wire.gen_options(context, req.temperature, req.top_p, req.max_tokens, req.seed)
+        gen = wire.gen_options(context, req.temperature, req.top_p, req.max_tokens, req.seed,
+                               prompt_lookup=_lookup(req))
         jobs = calls.start(lambda: _submit_prompts(engine, bot, prompts, gen, req.n, stop, req.logprobs))
         total = len(prompts) * req.n
         if req.stream:
@@ -306,10 +314,12 @@ def serve(cfg: ServeConfig) -> int:
                           f"{cfg.max_queue}, {cfg.max_batch}, {cfg.prefill_chunk}")
     if (cfg.request_timeout is not None and cfg.request_timeout <= 0) or cfg.drain_seconds < 0:
         raise GlmgymError("--request-timeout must be positive and --drain-seconds at least 0")
+    if not 0 <= cfg.prompt_lookup <= MAX_DRAFT_TOKENS:
+        raise GlmgymError(f"--prompt-lookup must be in 0..{MAX_DRAFT_TOKENS}, not {cfg.prompt_lookup}")
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
     bot = load_with(cfg)
     app = build_app(bot, cfg.max_queue, api_key, cfg.ui, cfg.max_batch, cfg.prefill_chunk,
-                    cfg.request_timeout)
+                    cfg.request_timeout, cfg.prompt_lookup)
     where = f"http://{cfg.host}:{cfg.port}"
     print(f"serving {bot.name} on {where} (API: {where}/v1, web chat: {where}/ui"
           f"{', API key required' if api_key else ''})", flush=True)

@@ -1,0 +1,126 @@
+"""Sampling as the reference's logits processors do it, per row: NaN/Inf guard, repetition
+penalty, temperature, top-k, top-p; each row may have its own options and its own generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from glmgym.chat.config import GenerationConfig
+
+__all__ = ["RowSampling", "process_logits", "sample"]
+
+
+@dataclass
+class RowSampling:
+    """Sampling options of each row of a batch, as [B] tensors (rows may differ in every option),
+    with what the rows have in common worked out once (a decoding step then skips the checks)."""
+
+    temperature: torch.Tensor
+    """[B] float."""
+    top_k: torch.Tensor
+    """[B] long (0: off)."""
+    top_p: torch.Tensor
+    """[B] float."""
+    repetition_penalty: torch.Tensor
+    """[B] float (1: off)."""
+    sampled_rows: torch.Tensor
+    """[S] long: the rows that sample (the others are greedy)."""
+    any_top_k: bool
+    """Some sampled row has top_k > 0."""
+    any_top_p: bool
+    """Some sampled row has top_p < 1."""
+    any_penalty: bool
+    """Some row has a repetition penalty."""
+
+    @classmethod
+    def of(cls, cfgs: list[GenerationConfig], device: torch.device | str = "cpu") -> RowSampling:
+        """The options of `cfgs`, one per row."""
+        def t(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        # below 1e-5 the tempered distribution is a point mass to fp32 precision (and 1/T overflows)
+        sampled = [i for i, c in enumerate(cfgs) if c.do_sample and c.temperature >= 1e-5]
+        return cls(t([c.temperature for c in cfgs], torch.float32),
+                   t([c.top_k for c in cfgs], torch.long), t([c.top_p for c in cfgs], torch.float32),
+                   t([c.repetition_penalty for c in cfgs], torch.float32), t(sampled, torch.long),
+                   any(cfgs[i].top_k > 0 for i in sampled), any(cfgs[i].top_p < 1.0 for i in sampled),
+                   any(c.repetition_penalty != 1.0 for c in cfgs))
+
+
+def process_logits(logits: torch.Tensor, opts: RowSampling, vocab_limit: int,
+                   previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference's logits processors, for every row of `logits` [B, V] (not modified).
+
+    Returns:
+        The scores [B, V] after the NaN/Inf guard, the vocabulary limit and the repetition
+        penalty (a greedy row picks their argmax), and the sampled rows' (`opts.sampled_rows`)
+        tempered, top-k and top-p filtered scores [S, V] (their softmax is what a row draws
+        from), or None when no row samples.
+    """
+    logits = logits.float().clone()
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    if bad.any():  # the reference's InvalidScoreLogitsProcessor: zeros, and token 5 made likely
+        logits[bad] = 0.0
+        logits[bad, 5] = 5e4
+    logits[:, vocab_limit:] = float("-inf")  # rows past the tokenizer's pieces are unused
+    if previous is not None and opts.any_penalty:
+        penalty = opts.repetition_penalty[:, None]
+        seen = logits.gather(1, previous)
+        seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+        logits = logits.scatter(1, previous, seen)
+    rows = opts.sampled_rows
+    if not len(rows):
+        return logits, None
+    x = logits[rows]
+    # shift the max to 0 first: a small temperature then gives -inf, never inf - inf = NaN
+    x = (x - x.max(dim=-1, keepdim=True).values) / opts.temperature[rows, None]
+    if opts.any_top_k:
+        top_k = opts.top_k[rows]
+        k = top_k.clamp(1, x.shape[-1])
+        kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
+    if opts.any_top_p:
+        top_p = opts.top_p[rows, None]
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(dim=-1)
+        # drop a token when the more likely ones already reach top_p (the first always stays)
+        drop = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)
+        drop[:, 0] = False  # also when top_p rounds to 0 in fp32
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
+    return logits, x
+
+
+def sample(logits: torch.Tensor, cfg: GenerationConfig | RowSampling, vocab_limit: int,
+           previous: torch.Tensor | None = None,
+           generator: torch.Generator | list[torch.Generator | None] | None = None) -> torch.Tensor:
+    """Pick the next token of each row of `logits` [B, V]; never an id >= vocab_limit.
+
+    Args:
+        logits: [B, V] next-token logits (not modified).
+        cfg: one `GenerationConfig` for every row, or a `RowSampling` with each row's options.
+        vocab_limit: ids from here on are never picked.
+        previous: [B, N] ids each row has seen, for the repetition penalty (a row may repeat one
+            of its ids as padding: a repeated id is penalized once).
+        generator: one generator for all rows, or one per row (None: torch's global one). Rows
+            that share a generator draw in one call, so a row with its own generator draws the
+            same whatever else is in the batch.
+    """
+    B = logits.shape[0]
+    opts = cfg if isinstance(cfg, RowSampling) else RowSampling.of([cfg] * B, logits.device)
+    scores, x = process_logits(logits, opts, vocab_limit, previous)
+    tokens = scores.argmax(dim=-1)
+    if x is None:
+        return tokens
+    rows = opts.sampled_rows
+    probs = x.softmax(dim=-1)
+    gens = generator if isinstance(generator, list) else [generator] * B
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(rows.tolist()):
+        groups.setdefault(id(gens[row]), []).append(i)
+    for members in groups.values():
+        picked = torch.multinomial(probs[members], 1, generator=gens[int(rows[members[0]])]).squeeze(1)
+        tokens[rows[members]] = picked
+    return tokens
