@@ -422,7 +422,101 @@ def dt_sweep(out: Path, img: Path) -> None:
     plt.close(fig)
 
 
-MAKERS = (dt_table, dt_sweep, chat_speed, serve_load, finetune, dt_speed)
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding (prompt lookup)
+
+SPEC_MODELS = {"chatglm-6b": "ChatGLM-6B", **FAMILY_NAMES}
+
+
+def speculative(out: Path, img: Path) -> None:
+    """`chat_speculative.py`: the cost of verifying k drafts on the full-size model, the drafts a
+    trained model keeps on a grounded task, and the speedup of both together."""
+    result = _load("chat_speculative.json")
+    if not result:
+        return
+    lines = []
+    for kind, entry in result.get("by_cpu", {}).items():
+        facts = entry.get("machine", {})
+        flags = ", ".join(facts.get("cpu_flags", []))
+        where = f"{facts.get('cpu', 'x86_64')} ({flags}), {facts.get('threads', '?')} threads"
+        cost, accept = entry.get("cost", {}), entry.get("accept")
+        if cost:
+            lines += [
+                f"**Cost of a verifying forward, {KINDS.get(kind, kind)}** (random full-size weights, "
+                "time of one forward over the last token and k drafts, relative to k = 0):",
+                "",
+                "| model | format | k = 0 (ms) | k = 1 | k = 2 | k = 4 | k = 8 |",
+                "|---|---|---:|---:|---:|---:|---:|",
+            ]
+            for model, formats in cost.items():
+                for fmt, c in formats.items():
+                    r = c["ratio"]
+                    lines.append(
+                        f"| {SPEC_MODELS.get(model, model)} | {CHAT_FORMATS.get(fmt, fmt)} | "
+                        f"{c['ms']['0']:.0f} | " + " | ".join(f"{r[str(k)]:.2f}" for k in (1, 2, 4, 8)) + " |"
+                    )
+            dates = sorted({c.get("date", "?") for f in cost.values() for c in f.values()})
+            first = next(c for f in cost.values() for c in f.values())
+            lines += [
+                "",
+                f"After a {first['prompt']}-token prompt, median of {first['rounds']} rounds (k = 0..8 "
+                f"in turn); {where}, {', '.join(dates)}.",
+                "",
+            ]
+        if accept:
+            projected = entry.get("projected_speedup", {})
+            heads = [
+                f"{SPEC_MODELS.get(m, m)} {CHAT_FORMATS.get(f, f)}" for m, fs in projected.items() for f in fs
+            ]
+            lines += [
+                f"**Drafts kept on a grounded task, {KINDS.get(kind, kind)}** (the small GLM, greedy, "
+                f"{accept['dev']} prompts, {accept['tokens']} tokens; answers equal to plain decoding):",
+                "",
+                "| k | drafts kept | tokens per forward | small GLM speedup (measured) | "
+                + " | ".join(f"{h} (projected)" for h in heads)
+                + " |",
+                "|---:|---:|---:|---:|" + "---:|" * len(heads),
+            ]
+            for k, r in accept["by_k"].items():
+                proj = [fs[f][k] for fs in projected.values() for f in fs]
+                lines.append(
+                    f"| {k} | {100 * r['acceptance']:.0f}% | {r['tokens_per_forward']:.2f} | "
+                    f"{r['speedup']:.2f}x | " + " | ".join(f"{x:.2f}x" for x in proj) + " |"
+                )
+            lines += [
+                "",
+                f"Plain greedy decoding of the small GLM: {accept['plain_tokens_per_s']:.0f} tokens/s; "
+                f"{accept['exact_answers']}/{accept['dev']} answers equal the reference answer; "
+                f"{where}, {accept.get('date', '?')}. Projected: the same forwards at the full-size "
+                "model's measured cost of each draft count.",
+                "",
+            ]
+    if not lines:
+        return
+    (out / "speculative.md").write_text("\n".join(lines).rstrip() + "\n")
+
+    curves = [
+        (f"{SPEC_MODELS.get(m, m)} {CHAT_FORMATS.get(f, f)} ({KINDS.get(kind, kind)})", c["ratio"])
+        for kind, e in result["by_cpu"].items()
+        for m, fs in e.get("cost", {}).items()
+        for f, c in fs.items()
+    ]
+    if curves:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for label, ratio in curves:
+            ks = sorted(int(k) for k in ratio)
+            ax.plot(ks, [ratio[str(k)] for k in ks], marker="o", ms=3, label=label)
+        ks = range(0, 9)
+        ax.plot(ks, [k + 1 for k in ks], color="grey", lw=0.8, ls=":", label="k + 1 plain steps")
+        ax.set_xlabel("draft tokens verified (k)")
+        ax.set_ylabel("forward time / one-token step")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(img / "speculative.png", dpi=110)
+        plt.close(fig)
+
+
+MAKERS = (dt_table, dt_sweep, chat_speed, serve_load, finetune, dt_speed, speculative)
 
 
 def main(argv: list[str] | None = None) -> None:

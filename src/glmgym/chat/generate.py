@@ -15,7 +15,7 @@ import torch
 from glmgym.chat.config import GenerationConfig
 from glmgym.chat.model import GLMModel, KVCache
 from glmgym.chat.model_v2 import GLM2Model
-from glmgym.chat.sampling import sample
+from glmgym.chat.sampling import RowSampling, sample  # noqa: F401 (RowSampling: the old import path)
 from glmgym.chat.speculative import DraftStats, lookup_draft, verify
 from glmgym.errors import GlmgymError
 
@@ -178,6 +178,9 @@ def generate(model: GLMModel | GLM2Model, prompts: list[list[int]], cfg: Generat
         # a forward emits at most K + 1 tokens: no more than the answer has room for
         K = min(max(map(len, drafts)), steps - n - 1)
         if K <= 0:
+            if stats is not None:
+                stats.sizes.append(0)
+                stats.kept.append(0)
             km = None if key_masked is None else key_masked[:, : start + 1]
             logits = decode_one_token(model, fed[:, -1:], batch.decode_positions(n - 1), km, cache, start)
             verified = None
@@ -195,6 +198,5 @@ def generate(model: GLMModel | GLM2Model, prompts: list[list[int]], cfg: Generat
         verified = verify(logits, draft_ids, lengths, [cfg] * B, vocab_limit,
                           history if cfg.repetition_penalty != 1.0 else None, generator)
         if stats is not None:
-            stats.forwards += 1
-            stats.drafted += sum(lengths)
-            stats.accepted += sum(len(v) - 1 for v in verified)
+            stats.sizes.append(sum(lengths))
+            stats.kept.append(sum(len(v) - 1 for v in verified))

@@ -22,7 +22,7 @@ Either way each forward yields at least one token: the model's own after the las
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,14 +37,27 @@ MAX_NGRAM = 3
 
 @dataclass
 class DraftStats:
-    """What speculation did in one generation (rows summed)."""
+    """What speculation did, forward by forward (rows summed)."""
 
-    forwards: int = 0
-    """Forwards that verified drafts."""
-    drafted: int = 0
-    """Draft tokens verified."""
-    accepted: int = 0
-    """Draft tokens kept."""
+    sizes: list[int] = field(default_factory=list)
+    """Draft tokens verified by each decoding forward (0: a plain one-token step)."""
+    kept: list[int] = field(default_factory=list)
+    """Draft tokens kept of each."""
+
+    @property
+    def forwards(self) -> int:
+        """Decoding forwards (prefill not counted)."""
+        return len(self.sizes)
+
+    @property
+    def drafted(self) -> int:
+        """Draft tokens verified."""
+        return sum(self.sizes)
+
+    @property
+    def accepted(self) -> int:
+        """Draft tokens kept."""
+        return sum(self.kept)
 
     @property
     def acceptance(self) -> float:

@@ -138,9 +138,12 @@ class ChatGLMTokenizer:
         return [[self.pad_id] * p + e for p, e in zip(pads, encoded)], pads
 
 
-def train_sentencepiece(lines: list[str], prefix: str | Path, vocab_size: int = 1000) -> Path:
+def train_sentencepiece(lines: list[str], prefix: str | Path, vocab_size: int = 1000,
+                        max_piece_length: int = 16) -> Path:
     """Train a small SentencePiece model with ChatGLM's special and text pieces (tests, demos).
 
+    `max_piece_length` caps a piece's characters (SentencePiece's default 16 lets a small corpus
+    make whole phrases single pieces; ChatGLM's own pieces hold one to a few Chinese characters).
     Returns the path of the `.model` file.
     """
     spm = import_extra("sentencepiece", "chat")
@@ -151,6 +154,6 @@ def train_sentencepiece(lines: list[str], prefix: str | Path, vocab_size: int = 
         model_type="unigram", character_coverage=1.0, byte_fallback=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
         user_defined_symbols=[*SPECIAL_TOKENS, *TEXT_PIECES], pad_id=3, unk_id=0, bos_id=1, eos_id=2,
-        hard_vocab_limit=False, minloglevel=2,
+        hard_vocab_limit=False, max_sentencepiece_length=max_piece_length, minloglevel=2,
     )
     return Path(f"{prefix}.model")
