@@ -1,6 +1,8 @@
 """Prompt-lookup speculative decoding: drafts, the acceptance rule, and exactness end to end (greedy
 output equal to plain decoding, sampling that keeps the model's distribution)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -80,7 +82,8 @@ def _vocab(cfg):
     return cfg.vocab_size if cfg.version == 1 else cfg.padded_vocab_size
 
 
-@pytest.mark.parametrize("cfg", [PRESETS["tiny"], V2], ids=["v1", "v2"])
+@pytest.mark.parametrize("cfg", [PRESETS["tiny"], dataclasses.replace(PRESETS["tiny"], pre_seq_len=4), V2],
+                         ids=["v1", "v1-ptuning", "v2"])
 @pytest.mark.parametrize("options", [{"do_sample": False}, {"do_sample": False, "repetition_penalty": 1.3},
                                      {"top_k": 1, "temperature": 0.7}], ids=["greedy", "penalty", "top_k_1"])
 def test_generation_with_prompt_lookup_equals_plain_decoding(cfg, options):
