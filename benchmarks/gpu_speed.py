@@ -1,5 +1,6 @@
-"""Speed on one NVIDIA GPU: ChatGLM-6B decoding in bf16, INT8 and INT4 on the full-size random model,
-DT training steps/s, and vectorized vs sequential evaluation. Run by benchmarks/gpu_check.sh.
+"""Speed on one NVIDIA GPU: ChatGLM-6B decoding in bf16, INT8 and INT4 on the full-size random model
+(and the cost of a speculative verifying forward over 1 + k tokens against one), DT training
+steps/s, and vectorized vs sequential evaluation. Run by benchmarks/gpu_check.sh.
 
 The GLM is built in GPU memory (random N(0, 0.02) weights, no checkpoint on disk); each quantized
 format is made from a fresh copy with `quantize_model`, whose layers pick their CUDA kernels (and
@@ -64,8 +65,31 @@ def decode_speed(model, prompt: int, new: int) -> dict:
             token = decode_one_token(model, token, pos, None, cache, prompt + i).argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         decode_s = (time.perf_counter() - t0) / (new - 2)
+        verify = verify_cost(model, cache, prompt - 2, prompt + new - 10, dev)
     return {"prefill_tokens_per_s": prompt / prefill_s, "decode_tokens_per_s": 1 / decode_s,
-            "gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+            "verify_ratio": verify, "gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def verify_cost(model, cache, mask_pos: int, start: int, dev, rounds: int = 5) -> dict[int, float]:
+    """Time of a forward over 1 + k tokens (speculative decoding's verifying step) against one token
+    (k = 0), ChatGLM-6B positions, at cache slot `start`: medians of `rounds` turns over k."""
+    times: dict[int, list[float]] = {k: [] for k in (0, 1, 2, 4, 8)}
+    sync = torch.cuda.synchronize if torch.device(dev).type == "cuda" else (lambda: None)
+    for r in range(rounds + 1):  # round 0 warms every shape up
+        for k in times:
+            ids = torch.full((1, k + 1), 100, device=dev)
+            block = torch.arange(2, k + 3, device=dev)
+            pos = torch.stack([torch.full_like(block, mask_pos), block])[None]  # [1, 2, k + 1]
+            slots = torch.arange(start + k + 1, device=dev)
+            mask = (slots[None, :] > start + torch.arange(k + 1, device=dev)[:, None])[None, None]
+            sync()
+            t0 = time.perf_counter()
+            model(ids, pos, mask, kv_cache=cache, start=start)
+            sync()
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    base = float(np.median(times[0]))
+    return {k: float(np.median(v)) / base for k, v in times.items()}
 
 
 def chat_speeds(prompt: int, new: int) -> dict:
@@ -81,8 +105,10 @@ def chat_speeds(prompt: int, new: int) -> dict:
         entry = decode_speed(model, prompt, new)
         entry["backend"] = getattr(model.transformer.layers[0].mlp.dense_h_to_4h, "backend", "bf16")
         out[name] = entry
+        ratio = ", ".join(f"k={k}: {v:.2f}" for k, v in entry["verify_ratio"].items())
         print(f"chat {name} ({entry['backend']}): prefill {entry['prefill_tokens_per_s']:.0f} tok/s, "
-              f"decode {entry['decode_tokens_per_s']:.1f} tok/s", flush=True)
+              f"decode {entry['decode_tokens_per_s']:.1f} tok/s; verifying k drafts / one step: {ratio}",
+              flush=True)
         del model
         torch.cuda.empty_cache()
     return out
