@@ -108,3 +108,37 @@ def test_tiny_temperatures_never_sample_from_nan():
         assert token.tolist() == [1]
     # a top_p that rounds to 0 in fp32 keeps the most likely token
     assert sample(logits, GenerationConfig(top_p=1e-100), vocab_limit=4).tolist() == [1]
+
+
+def test_top_p_among_the_candidates_keeps_what_a_full_sort_keeps(monkeypatch):
+    from glmgym.chat import sampling
+
+    g = torch.Generator().manual_seed(0)
+    V = 5000
+    x = torch.randn(5, V, generator=g) * torch.tensor([[8.0], [4.0], [6.0], [3.0], [0.1]])
+    x[3, :3000] = float("-inf")
+    top_p = torch.tensor([[0.7], [0.95], [1.0], [0.8], [0.9]])
+    sorts = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort",
+                        lambda self, *a, **k: sorts.append(1) or real_sort(self, *a, **k))
+    fast = sampling._top_p(x[:4], top_p[:4])  # peaked rows and a top_p 1 row: the candidates reach it
+    flat = sampling._top_p(x[4:], top_p[4:])  # a flat row: 1024 candidates do not, so a full sort
+    assert len(sorts) == 1
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", V)  # every token a candidate: the full sort
+    full = sampling._top_p(x, top_p)
+    both = torch.cat([fast, flat])
+    assert torch.equal(torch.isfinite(both), torch.isfinite(full))
+    assert torch.equal(both[torch.isfinite(both)], full[torch.isfinite(full)])
+    kept = torch.isfinite(full).sum(dim=-1).tolist()
+    assert 1 <= kept[0] < kept[1] < 1024 and kept[2] == V and kept[4] > 1024
+
+
+def test_a_row_with_an_infinity_falls_back_like_the_reference():
+    logits = torch.zeros(2, 10)
+    logits[1, 3] = float("inf")
+    cfg = GenerationConfig(do_sample=False)
+    assert sample(logits, cfg, 10).tolist()[1] == 5  # zeros, then token 5 made likely
+    big = torch.full((1, 10), 3e38)  # its sum overflows, yet every value is finite
+    big[0, 7] = 3.3e38
+    assert sample(big, cfg, 10).item() == 7

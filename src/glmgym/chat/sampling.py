@@ -60,8 +60,11 @@ def process_logits(logits: torch.Tensor, opts: RowSampling, vocab_limit: int,
         from), or None when no row samples.
     """
     logits = logits.float().clone()
-    bad = ~torch.isfinite(logits).all(dim=-1)
-    if bad.any():  # the reference's InvalidScoreLogitsProcessor: zeros, and token 5 made likely
+    # a row's sum is finite unless the row holds a NaN or an infinity (or overflows: then the
+    # exact test decides); one reduction instead of a full-size mask on every step
+    if not bool(torch.isfinite(logits.sum(dim=-1)).all()):
+        bad = ~torch.isfinite(logits).all(dim=-1)
+        # the reference's InvalidScoreLogitsProcessor: zeros, and token 5 made likely
         logits[bad] = 0.0
         logits[bad, 5] = 5e4
     logits[:, vocab_limit:] = float("-inf")  # rows past the tokenizer's pieces are unused
@@ -83,14 +86,35 @@ def process_logits(logits: torch.Tensor, opts: RowSampling, vocab_limit: int,
         x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
     if opts.any_top_p:
         top_p = opts.top_p[rows, None]
-        sorted_x, order = x.sort(dim=-1, descending=True)
-        probs = sorted_x.softmax(dim=-1)
-        # drop a token when the more likely ones already reach top_p (the first always stays)
-        drop = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)
-        drop[:, 0] = False  # also when top_p rounds to 0 in fp32
-        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
+        x = _top_p(x, top_p)
     return logits, x
+
+
+TOP_P_CANDIDATES = 1024
+"""Top-p looks among this many most likely tokens first (a full sort of a 130k vocabulary is tens
+of ms a token on a CPU); when they do not reach top_p it sorts them all."""
+
+
+def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's smallest set of most likely tokens whose mass reaches top_p [S, 1]: a token
+    is dropped when the more likely ones already reach it (the first always stays)."""
+    n = min(TOP_P_CANDIDATES, x.shape[-1])
+    if n < x.shape[-1]:
+        probs = x.softmax(dim=-1)
+        cand_p, cand_i = probs.topk(n, dim=-1)  # [S, n], most likely first
+        if bool(((cand_p.sum(dim=-1, keepdim=True) >= top_p) | (top_p >= 1.0)).all()):
+            # every token outside the candidates has at least their mass before it: dropped
+            drop = (cand_p.cumsum(dim=-1) - cand_p >= top_p) & (top_p < 1.0)
+            drop[:, 0] = False
+            kept = x.gather(1, cand_i).masked_fill(drop, float("-inf"))
+            kept = torch.full_like(x, float("-inf")).scatter(1, cand_i, kept)
+            return torch.where(top_p >= 1.0, x, kept)  # rows without top-p keep everything
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    probs = sorted_x.softmax(dim=-1)
+    drop = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)
+    drop[:, 0] = False  # also when top_p rounds to 0 in fp32
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
 
 
 def sample(logits: torch.Tensor, cfg: GenerationConfig | RowSampling, vocab_limit: int,
