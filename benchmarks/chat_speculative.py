@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine_facts
 from chat_speed import FORMATS, prompt_ids, quantize_child, write_random_checkpoint
-from finetune_quality import CLAUSES, COLORS, FITS, MATERIALS, STYLES, TYPES, WORDS
+from finetune_quality import CLAUSES, COLORS, FITS, MATERIALS, STYLES, TYPES, WORDS, save_small_glm
 
 DRAFTS = range(0, 9)
 LOOKUPS = (2, 4, 8)
@@ -90,14 +90,10 @@ def grounded_example(rng: random.Random) -> dict[str, str]:
 
 
 def accept_part(args, work: Path) -> dict:
-    import dataclasses
 
-    import torch
 
-    from glmgym.chat.checkpoint import save_model
-    from glmgym.chat.config import PRESETS, GenerationConfig
+    from glmgym.chat.config import GenerationConfig
     from glmgym.chat.generate import generate
-    from glmgym.chat.model import GLMModel
     from glmgym.chat.session import load
     from glmgym.chat.speculative import DraftStats
     from glmgym.chat.tokenizer import ChatGLMTokenizer, train_sentencepiece
@@ -116,19 +112,7 @@ def accept_part(args, work: Path) -> dict:
         # tokens (with longer pieces this corpus makes each clause one token, nothing to draft)
         model_file = train_sentencepiece(lines, work / "ice_text", vocab_size=600, max_piece_length=2)
         tok = ChatGLMTokenizer(model_file)
-        cfg = dataclasses.replace(
-            PRESETS["tiny"], num_layers=4, hidden_size=256, inner_hidden_size=1024, num_attention_heads=4,
-            vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-            mask_token_id=tok.mask_id, gmask_token_id=tok.gmask_id, pad_token_id=tok.pad_id,
-            max_sequence_length=256)
-        torch.manual_seed(0)
-        model = GLMModel(cfg)
-        for name, prm in model.named_parameters():
-            if prm.dim() > 1:
-                torch.nn.init.normal_(prm, std=0.02)
-            elif name.endswith("bias"):
-                torch.nn.init.zeros_(prm)
-        save_model(model, work / "random-init", tokenizer=tok)
+        save_small_glm(tok, work / "random-init", layers=4, width=256)
         t0 = time.perf_counter()
         finetune(FinetuneConfig(
             out=str(work / "grounded"), model=str(work / "random-init"), train_file=str(data), method="full",

@@ -59,6 +59,32 @@ def _example(rng: random.Random, kind: str, task: bool) -> dict[str, str]:
     return {"content": content, "summary": text}
 
 
+def save_small_glm(tok, out: Path, layers: int, width: int):
+    """A random small GLM over `tok` (N(0, 0.02) weights, zero biases, seed 0) saved to `out` as a
+    checkpoint; returns its config."""
+
+    import torch
+
+    from glmgym.chat.checkpoint import save_model
+    from glmgym.chat.config import PRESETS
+    from glmgym.chat.model import GLMModel
+
+    cfg = dataclasses.replace(
+        PRESETS["tiny"], num_layers=layers, hidden_size=width, inner_hidden_size=4 * width,
+        num_attention_heads=max(1, width // 64), vocab_size=tok.vocab_size,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, mask_token_id=tok.mask_id,
+        gmask_token_id=tok.gmask_id, pad_token_id=tok.pad_id, max_sequence_length=256)
+    torch.manual_seed(0)
+    model = GLMModel(cfg)
+    for name, prm in model.named_parameters():
+        if prm.dim() > 1:
+            torch.nn.init.normal_(prm, std=0.02)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(prm)
+    save_model(model, out, tokenizer=tok)
+    return cfg
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -81,14 +107,10 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/finetune_quality.json")
     args = p.parse_args()
 
-    import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
     from _machine import machine_facts, peak_rss_gb, reset_peak_rss
     from glmgym._io import atomic_write_json
-    from glmgym.chat.checkpoint import save_model
-    from glmgym.chat.config import PRESETS
-    from glmgym.chat.model import GLMModel
     from glmgym.chat.tokenizer import ChatGLMTokenizer, train_sentencepiece
     from glmgym.chat.tuning.finetune import FinetuneConfig, finetune
     from glmgym.chat.tuning.predict import ChatEvalConfig, evaluate_generation
@@ -106,19 +128,7 @@ def main() -> None:
     # tokenizer on every text the models will see, and a random small GLM saved as a checkpoint
     lines = [r[k] for r in pre + task for k in ("content", "summary")]
     tok = ChatGLMTokenizer(train_sentencepiece(lines, work / "ice_text", vocab_size=600))
-    cfg = dataclasses.replace(
-        PRESETS["tiny"], num_layers=args.layers, hidden_size=args.width, inner_hidden_size=4 * args.width,
-        num_attention_heads=max(1, args.width // 64), vocab_size=tok.vocab_size,
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, mask_token_id=tok.mask_id,
-        gmask_token_id=tok.gmask_id, pad_token_id=tok.pad_id, max_sequence_length=256)
-    torch.manual_seed(0)
-    model = GLMModel(cfg)
-    for name, prm in model.named_parameters():
-        if prm.dim() > 1:
-            torch.nn.init.normal_(prm, std=0.02)
-        elif name.endswith("bias"):
-            torch.nn.init.zeros_(prm)
-    save_model(model, work / "random-init", tokenizer=tok)
+    cfg = save_small_glm(tok, work / "random-init", args.layers, args.width)
 
     results: dict = {"config": {**vars(args), "model": {"layers": cfg.num_layers, "width": cfg.hidden_size,
                                                           "heads": cfg.num_attention_heads,
