@@ -142,3 +142,40 @@ def test_a_row_with_an_infinity_falls_back_like_the_reference():
     big = torch.full((1, 10), 3e38)  # its sum overflows, yet every value is finite
     big[0, 7] = 3.3e38
     assert sample(big, cfg, 10).item() == 7
+
+
+@pytest.mark.parametrize("V", [40, 5000])  # a full sort, and the candidates' path
+def test_one_top_p_for_every_row_filters_as_per_row_values_do(V):
+    from glmgym.chat import sampling
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, V, generator=g) * torch.tensor([[8.0], [3.0], [0.5]])
+    for p in (0.3, 0.9):
+        column = sampling._top_p(x, torch.full((3, 1), p))
+        one = sampling._top_p(x, p)
+        assert torch.equal(one, column)
+
+
+def test_rows_sharing_their_options_draw_as_the_reference_does():
+    # the one-draw path (every row samples, one generator) and the general one (a greedy row
+    # beside) give the sampled rows the same tokens, and both match the reference's recipe
+    from glmgym.chat.sampling import RowSampling
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 300, generator=g) * 4
+    cfg = GenerationConfig(top_p=0.8, temperature=0.7)
+    opts = RowSampling.of([cfg] * 3)
+    assert opts.all_sampled and isinstance(opts.sampled_top_p, float)
+    fast = sample(logits, opts, 300, generator=torch.Generator().manual_seed(5))
+    scores = (logits - logits.max(dim=-1, keepdim=True).values) / 0.7
+    s, order = scores.sort(dim=-1, descending=True)
+    probs = s.softmax(dim=-1)
+    s = s.masked_fill(probs.cumsum(dim=-1) - probs >= 0.8, float("-inf"))
+    reference = torch.full_like(scores, float("-inf")).scatter(1, order, s).softmax(dim=-1)
+    expected = torch.multinomial(reference, 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
+    assert torch.equal(fast, expected)
+    mixed = RowSampling.of([cfg, cfg, GenerationConfig(do_sample=False)])
+    assert not mixed.all_sampled
+    general = sample(logits, mixed, 300, generator=torch.Generator().manual_seed(5))
+    rows2 = torch.multinomial(reference[:2], 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
+    assert torch.equal(general[:2], rows2) and general[2] == logits[2].argmax()

@@ -148,3 +148,29 @@ class _Counting:
     def attend_decode(self, *args):
         self.calls.append(args[1].shape)
         return self.module.attend_decode(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_2d_rotary_equals_the_reference_per_half_rotary(dtype):
+    # the reference: each half of a head rotates by its own table (positions, block positions),
+    # NeoX style: x * cos + cat(-x2, x1) * sin, for q and k apart
+    from glmgym.chat.model import RotaryEmbedding, _apply_rotary_2d
+
+    B, T, H, d = 2, 7, 3, 16
+    model = GLMModel(GLMConfig(vocab_size=64, hidden_size=H * d, num_layers=1, num_attention_heads=H,
+                               inner_hidden_size=32, max_sequence_length=50))
+    assert isinstance(model.rotary, RotaryEmbedding)
+    g = torch.Generator().manual_seed(0)
+    position_ids = torch.randint(0, 50, (B, 2, T), generator=g)
+    qk = torch.randn(B, T, H, 2, d, generator=g).to(dtype)
+    got = _apply_rotary_2d(qk, *model.rope(position_ids, dtype))
+
+    def rotate(x, p):  # x [B, T, H, 2, d/2], p [B, T]
+        cos = model.rotary.cos[p][:, :, None, None].to(dtype)
+        sin = model.rotary.sin[p][:, :, None, None].to(dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    first, second = qk.chunk(2, dim=-1)
+    expected = torch.cat((rotate(first, position_ids[:, 0]), rotate(second, position_ids[:, 1])), dim=-1)
+    assert torch.equal(got, expected)

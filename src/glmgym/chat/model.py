@@ -101,16 +101,23 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, dim]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        # rotate-half's signs: the first half of the rotated vector is -x2
+        self.register_buffer("sin_signs", torch.cat((-torch.ones(dim // 2), torch.ones(dim // 2))),
+                             persistent=False)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """GLM's 2D rotary on x [..., d]: each half of a head rotates NeoX style (rotate-half) by its
+    own table, `cos` and `signed_sin` [..., d] (the position's, then the block position's; the
+    sine negated where rotate-half negates, see `GLMModel.rope`).
 
-
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, d]; cos/sin: [B, 1, T, d] (NeoX rotate-half style)."""
-    return x * cos + _rotate_half(x) * sin
+    One pass over both halves instead of a rotary per half and per tensor (the reference's
+    chunk, negate, cat, multiply and cat): about 25 fewer small ops a layer, which a one-token
+    decoding step of a small model pays for in dispatch. The values are the same bit for bit:
+    (-a) * b and a * (-b) round alike.
+    """
+    quarters = x.unflatten(-1, (2, 2, x.shape[-1] // 4))  # [..., half, quarter, d/4]
+    return x * cos + quarters.flip(-2).flatten(-3) * signed_sin
 
 
 @dataclass
@@ -164,7 +171,7 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
         allowed: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
         start: int | torch.Tensor,
@@ -173,16 +180,12 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, C = x.shape
         H, d = self.num_heads, self.head_dim
-        # The fused projection is interleaved per head: [B, T, H, 3d] -> q, k, v of [B, T, H, d].
-        qkv = self.query_key_value(x).view(B, T, H, 3 * d)
-        q, k, v = qkv.split(d, dim=-1)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, d]
-        # 2D rotary: the first half of each head rotates by position, the second by block position.
-        cos1, sin1, cos2, sin2 = rope
-        q1, q2 = q.chunk(2, dim=-1)
-        k1, k2 = k.chunk(2, dim=-1)
-        q = torch.cat((_apply_rotary(q1, cos1, sin1), _apply_rotary(q2, cos2, sin2)), dim=-1)
-        k = torch.cat((_apply_rotary(k1, cos1, sin1), _apply_rotary(k2, cos2, sin2)), dim=-1)
+        # The fused projection is interleaved per head: [B, T, H, 3d] -> [B, T, H, 3, d] (q, k, v).
+        qkv = self.query_key_value(x).view(B, T, H, 3, d)
+        # 2D rotary of q and k together: the first half of each head rotates by position, the
+        # second by block position (`rope`'s [B, T, 1, 1, d] tables).
+        q, k = _apply_rotary_2d(qkv[:, :, :, :2], *rope).unbind(3)  # [B, T, H, d] each
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, :, 2].transpose(1, 2)  # [B, H, T, d]
         if cache is not None:
             k, v = write_cache(cache, k, v, start, kv_len)
         elif prefix is not None:  # training: [B, H, P, d] prefix keys/values in front, no rotary
@@ -424,11 +427,13 @@ class GLMModel(GLMBase):
         device, as the reference keeps it)."""
         return PrefixEncoder(self.config).to(self.transformer.final_layernorm.weight.device)
 
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        """position_ids [B, 2, T] -> cos/sin of the positions, then of the block positions:
-        four [B, 1, T, d] tables."""
-        pos, block = position_ids[:, 0], position_ids[:, 1]
-        tables = []
-        for p in (pos, block):
-            tables += [self.rotary.cos[p].unsqueeze(1).to(dtype), self.rotary.sin[p].unsqueeze(1).to(dtype)]
-        return tuple(tables)
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, 2, T] -> the cosine and the signed sine tables of `_apply_rotary_2d`,
+        [B, T, 1, 1, head_dim] each: over a head's first half those of the positions, over its
+        second half those of the block positions; the sine negated on each half's first quarter
+        (rotate-half puts -x2 there)."""
+        r = self.rotary
+        # [B, 2, T] -> [B, T, 2 (pos, block), d/2] -> [B, T, 1, 1, d]
+        cos = r.cos[position_ids.transpose(1, 2)].flatten(-2)[:, :, None, None].to(dtype)
+        sin = (r.sin * r.sin_signs)[position_ids.transpose(1, 2)].flatten(-2)[:, :, None, None].to(dtype)
+        return cos, sin

@@ -64,11 +64,11 @@ def rotary_tables(cfg: GLM2Config, positions: int) -> tuple[torch.Tensor, torch.
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, d]; cos/sin: [B, 1, T, d/4]. Rotates the pairs (x[2i], x[2i+1]) of the
+    """x: [B, T, heads, d]; cos/sin: [B, T, 1, d/4]. Rotates the pairs (x[2i], x[2i+1]) of the
     first half of each head; the second half passes."""
     rot = cos.shape[-1] * 2
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    pairs = x_rot.unflatten(-1, (-1, 2))  # [B, heads, T, rot/2, 2]
+    pairs = x_rot.unflatten(-1, (-1, 2))  # [B, T, heads, rot/2, 2]
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
     return torch.cat((out, x_pass), dim=-1)
@@ -86,13 +86,12 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, allowed, cache, start, prefix=None, kv_len=None):
         B, T, _ = x.shape
         H, G, d = self.num_heads, self.groups, self.head_dim
-        # [B, T, (H + 2G) d] -> q [B, H, T, d], k and v [B, G, T, d] (queries, then keys, then values)
-        q, k, v = self.query_key_value(x).split([H * d, G * d, G * d], dim=-1)
-        q = q.view(B, T, H, d).transpose(1, 2)
-        k = k.view(B, T, G, d).transpose(1, 2)
+        # [B, T, (H + 2G) d] -> q [B, H, T, d], k and v [B, G, T, d] (queries, then keys, then values);
+        # q and k rotate together, [B, T, H + G, d] (half the small ops of a decoding step's rotary)
+        qk, v = self.query_key_value(x).split([(H + G) * d, G * d], dim=-1)
+        q, k = _apply_rotary(qk.view(B, T, H + G, d), *rope).split([H, G], dim=2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, G, d).transpose(1, 2)
-        cos, sin = rope
-        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = write_cache(cache, k, v, start, kv_len)
         elif prefix is not None:  # training: the prefix's keys/values in front, no rotary
@@ -240,6 +239,6 @@ class GLM2Model(GLMBase):
         return PrefixEncoder(self.config).to(self.transformer.embedding.word_embeddings.weight.device)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        """position_ids [B, T] -> cos and sin [B, 1, T, d/4]."""
-        return (self.rope_cos[position_ids].unsqueeze(1).to(dtype),
-                self.rope_sin[position_ids].unsqueeze(1).to(dtype))
+        """position_ids [B, T] -> cos and sin [B, T, 1, d/4]."""
+        return (self.rope_cos[position_ids].unsqueeze(2).to(dtype),
+                self.rope_sin[position_ids].unsqueeze(2).to(dtype))

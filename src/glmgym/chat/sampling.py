@@ -33,6 +33,13 @@ class RowSampling:
     """Some sampled row has top_p < 1."""
     any_penalty: bool
     """Some row has a repetition penalty."""
+    all_sampled: bool = False
+    """Every row samples (`sampled_rows` is 0..B-1): the sampled rows need no gather."""
+    sampled_temperature: torch.Tensor | float = 1.0
+    """The sampled rows' temperatures: [S, 1], or one float when they all have the same (the
+    common case: the step then does fewer tensor ops)."""
+    sampled_top_p: torch.Tensor | float = 1.0
+    """The sampled rows' top_p: [S, 1], or one float when they all have the same."""
 
     @classmethod
     def of(cls, cfgs: list[GenerationConfig], device: torch.device | str = "cpu") -> RowSampling:
@@ -46,7 +53,15 @@ class RowSampling:
                    t([c.top_k for c in cfgs], torch.long), t([c.top_p for c in cfgs], torch.float32),
                    t([c.repetition_penalty for c in cfgs], torch.float32), t(sampled, torch.long),
                    any(cfgs[i].top_k > 0 for i in sampled), any(cfgs[i].top_p < 1.0 for i in sampled),
-                   any(c.repetition_penalty != 1.0 for c in cfgs))
+                   any(c.repetition_penalty != 1.0 for c in cfgs), len(sampled) == len(cfgs),
+                   _column_or_float([cfgs[i].temperature for i in sampled], device),
+                   _column_or_float([cfgs[i].top_p for i in sampled], device))
+
+
+def _column_or_float(values: list[float], device) -> torch.Tensor | float:
+    """One float when every row has the same value (as fp32 rounds it), else an [S, 1] column."""
+    column = torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1)
+    return float(column[0]) if len(set(values)) == 1 else column
 
 
 def process_logits(logits: torch.Tensor, opts: RowSampling, vocab_limit: int,
@@ -76,17 +91,16 @@ def process_logits(logits: torch.Tensor, opts: RowSampling, vocab_limit: int,
     rows = opts.sampled_rows
     if not len(rows):
         return logits, None
-    x = logits[rows]
+    x = logits if opts.all_sampled else logits[rows]
     # shift the max to 0 first: a small temperature then gives -inf, never inf - inf = NaN
-    x = (x - x.max(dim=-1, keepdim=True).values) / opts.temperature[rows, None]
+    x = (x - x.max(dim=-1, keepdim=True).values) / opts.sampled_temperature
     if opts.any_top_k:
         top_k = opts.top_k[rows]
         k = top_k.clamp(1, x.shape[-1])
         kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
         x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
     if opts.any_top_p:
-        top_p = opts.top_p[rows, None]
-        x = _top_p(x, top_p)
+        x = _top_p(x, opts.sampled_top_p)
     return logits, x
 
 
@@ -95,23 +109,30 @@ TOP_P_CANDIDATES = 1024
 of ms a token on a CPU); when they do not reach top_p it sorts them all."""
 
 
-def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep each row's smallest set of most likely tokens whose mass reaches top_p [S, 1]: a token
-    is dropped when the more likely ones already reach it (the first always stays)."""
+def _top_p(x: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tensor:
+    """Keep each row's smallest set of most likely tokens whose mass reaches top_p ([S, 1], or one
+    float below 1 for every row): a token is dropped when the more likely ones already reach it
+    (the first always stays)."""
+    per_row = isinstance(top_p, torch.Tensor)
     n = min(TOP_P_CANDIDATES, x.shape[-1])
     if n < x.shape[-1]:
         probs = x.softmax(dim=-1)
         cand_p, cand_i = probs.topk(n, dim=-1)  # [S, n], most likely first
-        if bool(((cand_p.sum(dim=-1, keepdim=True) >= top_p) | (top_p >= 1.0)).all()):
+        reached = cand_p.sum(dim=-1, keepdim=True) >= top_p
+        if bool((reached | (top_p >= 1.0) if per_row else reached).all()):
             # every token outside the candidates has at least their mass before it: dropped
-            drop = (cand_p.cumsum(dim=-1) - cand_p >= top_p) & (top_p < 1.0)
+            drop = cand_p.cumsum(dim=-1) - cand_p >= top_p
+            if per_row:
+                drop &= top_p < 1.0
             drop[:, 0] = False
             kept = x.gather(1, cand_i).masked_fill(drop, float("-inf"))
             kept = torch.full_like(x, float("-inf")).scatter(1, cand_i, kept)
-            return torch.where(top_p >= 1.0, x, kept)  # rows without top-p keep everything
+            return torch.where(top_p >= 1.0, x, kept) if per_row else kept  # rows without top-p keep all
     sorted_x, order = x.sort(dim=-1, descending=True)
     probs = sorted_x.softmax(dim=-1)
-    drop = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)
+    drop = probs.cumsum(dim=-1) - probs >= top_p
+    if per_row:
+        drop &= top_p < 1.0
     drop[:, 0] = False  # also when top_p rounds to 0 in fp32
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
@@ -135,12 +156,14 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig | RowSampling, vocab_limi
     B = logits.shape[0]
     opts = cfg if isinstance(cfg, RowSampling) else RowSampling.of([cfg] * B, logits.device)
     scores, x = process_logits(logits, opts, vocab_limit, previous)
-    tokens = scores.argmax(dim=-1)
     if x is None:
-        return tokens
+        return scores.argmax(dim=-1)
     rows = opts.sampled_rows
     probs = x.softmax(dim=-1)
     gens = generator if isinstance(generator, list) else [generator] * B
+    if opts.all_sampled and all(g is gens[0] for g in gens):  # one draw, no greedy rows to pick
+        return torch.multinomial(probs, 1, generator=gens[0]).squeeze(1)
+    tokens = scores.argmax(dim=-1)
     groups: dict[int, list[int]] = {}
     for i, row in enumerate(rows.tolist()):
         groups.setdefault(id(gens[row]), []).append(i)
