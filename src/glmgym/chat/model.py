@@ -208,8 +208,12 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The reference's gelu_impl is the tanh approximation.
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        # The reference's gelu_impl is the tanh approximation. A quantized layer applies it in its
+        # kernel's epilogue (`QuantizedLinear.forward_gelu`); LoRA-wrapped and float ones do not.
+        up = self.dense_h_to_4h
+        fused = getattr(up, "forward_gelu", None)
+        h = fused(x) if fused is not None else F.gelu(up(x), approximate="tanh")
+        return self.dense_4h_to_h(h)
 
 
 class GLMBlock(nn.Module):

@@ -256,6 +256,10 @@ class QuantizedLinear(nn.Module):
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """`gelu(self(x))` with GELU's tanh approximation (a kernel may fuse it into its epilogue)."""
+        return torch.nn.functional.gelu(self(x), approximate="tanh")
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ W.t()` for x [M, K], in x's dtype, by this layer's kernel."""
         raise NotImplementedError
@@ -295,15 +299,29 @@ class _Int4PackCuda(QuantizedLinear):
 
 
 class _Avx2(QuantizedLinear):
-    """glmgym's own integer dot-product kernels (CPU with AVX2 only)."""
+    """glmgym's own integer dot-product kernels (CPU with AVX2 only). The bias, the cast to the
+    activations' dtype and, in `forward_gelu`, the GELU run in one pass over the kernel's fp32
+    output (`avx2.epilogue`): rounded once to bf16 instead of after each op."""
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            return avx2.q4_matmul(x, self.weight, self.scale, self.zero, self.out_features,
+                                  self.group_size or self.in_features)
+        return avx2.q8_matmul(x, self.weight, self.scale)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits == 4:
-            y = avx2.q4_matmul(x, self.weight, self.scale, self.zero, self.out_features,
-                               self.group_size or self.in_features)
-        else:
-            y = avx2.q8_matmul(x, self.weight, self.scale)
-        return y.to(x.dtype)
+        return self._product(x).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            y = super().forward(x)
+            return torch.nn.functional.gelu(y, approximate="tanh") if gelu else y
+        y = self._product(x.reshape(-1, self.in_features))  # [..., K] -> [M, K] -> [M, N] fp32
+        bias = None if self.bias is None else self.bias.float()
+        return avx2.epilogue(y, bias, gelu, x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x, gelu=True)
 
 
 class _Dequant(QuantizedLinear):

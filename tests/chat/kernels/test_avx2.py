@@ -257,3 +257,54 @@ def test_an_untied_or_float_lm_head_keeps_its_weights(monkeypatch):
     assert type(model.transformer.word_embeddings) is torch.nn.Embedding
     if avx2.load() is not None:
         assert model.lm_head.weight is untied  # Bf16DecodeLinear on the head's own weight
+
+
+@needs_kernels
+@pytest.mark.parametrize(("M", "N"), [(1, 16384), (1, 13), (3, 100), (2, 8), (5, 4099)])
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_epilogue_adds_the_bias_applies_gelu_and_casts_in_one_pass(M, N, gelu, with_bias):
+    g = torch.Generator().manual_seed(M * N)
+    y = torch.randn(M, N, generator=g) * 4
+    y[0, : min(N, 6)] = torch.tensor([0.0, -0.0, 30.0, -30.0, 1e-30, -200.0])[: min(N, 6)]
+    bias = torch.randn(N, generator=g) if with_bias else None
+    ref = y if bias is None else y + bias
+    ref = F.gelu(ref, approximate="tanh") if gelu else ref
+    fp32 = avx2.epilogue(y.clone(), bias, gelu, torch.float32)
+    assert fp32.dtype == torch.float32 and fp32.shape == (M, N)
+    torch.testing.assert_close(fp32, ref, rtol=2e-6, atol=1e-6)
+    bf16 = avx2.epilogue(y.clone(), bias, gelu, torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    if not gelu:  # a plain sum rounds exactly as PyTorch's cast does
+        assert torch.equal(bf16, ref.to(torch.bfloat16))
+    else:
+        # within one bf16 step of the cast of PyTorch's GELU (values near a rounding tie), or 1e-6
+        # where PyTorch's 1 + tanh(u) cancels to 0 for x below about -5 and the sigmoid form keeps
+        # the tiny true value
+        ulp = (ref.abs() * 2.0**-7).clamp(min=1e-6)
+        assert bool(((bf16.float() - ref.to(torch.bfloat16).float()).abs() <= ulp).all())
+        # (below about -3 PyTorch's cancellation costs it more than a bf16 step: compare above)
+        accurate = (y if bias is None else y + bias) > -3
+        assert (bf16 == ref.to(torch.bfloat16))[accurate].float().mean() > 0.99
+    nan = avx2.epilogue(torch.full((1, 9), float("nan")), None, gelu, torch.bfloat16)
+    assert bool(nan.isnan().all())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx2_layer_with_bias_and_fused_gelu_follows_the_unfused_ops(dtype):
+    from glmgym.chat.quantize import _avx2_tensors
+
+    g = torch.Generator().manual_seed(0)
+    K, N = 256, 300
+    t = quantize_weight(torch.randn(N, K, generator=g) * 0.02, 4, 64)
+    bias = (torch.randn(N, generator=g) * 0.1).to(dtype)
+    layer = QuantizedLinear(K, N, 4, 64, "avx2", _avx2_tensors(t, 4, 64), bias)
+    x = (torch.randn(2, 3, K, generator=g)).to(dtype)
+    product = avx2.q4_matmul(x.reshape(-1, K), layer.weight, layer.scale, layer.zero, N, 64).view(2, 3, N)
+    y = layer(x)
+    assert y.shape == (2, 3, N) and y.dtype == dtype
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-3}
+    torch.testing.assert_close(y.float(), product + bias.float(), **tol)
+    gelu = F.gelu(product + bias.float(), approximate="tanh")
+    torch.testing.assert_close(layer.forward_gelu(x).float(), gelu, **tol)

@@ -23,8 +23,8 @@ import torch
 
 from glmgym._io import atomic_path
 
-__all__ = ["TILE_ROWS", "attend_decode", "bf16_matmul", "load", "pack_int4", "q4_matmul", "q8_matmul",
-           "tile_q4", "unavailable_reason", "unpack_int4"]
+__all__ = ["TILE_ROWS", "attend_decode", "bf16_matmul", "epilogue", "load", "pack_int4", "q4_matmul",
+           "q8_matmul", "tile_q4", "unavailable_reason", "unpack_int4"]
 
 _SOURCE = Path(__file__).with_name("lowbit_avx2.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
@@ -111,8 +111,22 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.glmgym_bf16_matmul.argtypes = [p, i64, i64, p, i64, p, i32]
     lib.glmgym_attn_decode.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, p, i64,
                                        ctypes.c_float, p, i32]
-    for f in (lib.glmgym_q4_matmul, lib.glmgym_q8_matmul, lib.glmgym_bf16_matmul, lib.glmgym_attn_decode):
+    lib.glmgym_epilogue.argtypes = [p, i64, i64, p, i32, i32, p, i32]
+    for f in (lib.glmgym_q4_matmul, lib.glmgym_q8_matmul, lib.glmgym_bf16_matmul, lib.glmgym_attn_decode,
+              lib.glmgym_epilogue):
         f.restype = i32
+
+
+def epilogue(y: torch.Tensor, bias: torch.Tensor | None, gelu: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized layer's output from its kernel's fp32 product y [M, N] (contiguous) in one pass:
+    `y + bias` (bias: fp32 [N] or None), then GELU's tanh approximation when `gelu`, in `dtype`
+    (fp32: written over y; bf16: rounded to nearest even, as a cast is)."""
+    lib = load()
+    M, N = y.shape
+    out = y if dtype == torch.float32 else torch.empty(M, N, dtype=torch.bfloat16)
+    lib.glmgym_epilogue(y.data_ptr(), M, N, None if bias is None else bias.data_ptr(), int(gelu),
+                        int(dtype == torch.bfloat16), out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def _acts(x: torch.Tensor) -> torch.Tensor:
