@@ -445,10 +445,9 @@ def _avx2_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) -> dic
     0..15 and fp32 scales and zeros in tiles of `avx2.TILE_ROWS` rows (see `tile_q4`)."""
     scale = t["weight_scale"].float()
     if bits == 8:
-        # a copy in anonymous memory: a memory-mapped file would be paged in during the first
-        # tokens and read through 4 KiB pages
-        weight = t["weight"].clone(memory_format=torch.contiguous_format)
-        return {"weight": weight, "scale": scale.contiguous()}
+        # a copy in anonymous memory, on huge pages where Linux gives them: a memory-mapped file
+        # would be paged in during the first tokens and read through 4 KiB pages
+        return {"weight": avx2.hugepage_copy(t["weight"]), "scale": scale.contiguous()}
 
     if group_size == 0:  # per row, symmetric: one group spanning the row, codes q + 8, zero -8 * scale
         scale = scale[:, None]  # [N] -> [N, 1]
@@ -552,7 +551,7 @@ def use_decode_kernels(model: nn.Module, quantized: bool) -> nn.Module:
     tied = head.weight is model.get_submodule(model.config.embeddings_name).weight
     if quantized and (tied or not model.config.tied_head):  # v1 tied, or the v2 block's own head
         t = quantize_weight(head.weight.detach(), 8, INT8_HEAD_GROUP)
-        codes, scale = t["weight"], t["weight_scale"].float()  # [V, H] int8, [V, H / 32] fp32
+        codes, scale = avx2.hugepage_copy(t["weight"]), t["weight_scale"].float()  # [V, H] int8, [V, H / 32]
         if tied:
             emb_parent, emb_attr = _parent(model, model.config.embeddings_name)
             setattr(emb_parent, emb_attr, QuantizedEmbedding({"weight": codes, "weight_scale": scale}, 8,

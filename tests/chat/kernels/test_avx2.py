@@ -308,3 +308,13 @@ def test_avx2_layer_with_bias_and_fused_gelu_follows_the_unfused_ops(dtype):
     torch.testing.assert_close(y.float(), product + bias.float(), **tol)
     gelu = F.gelu(product + bias.float(), approximate="tanh")
     torch.testing.assert_close(layer.forward_gelu(x).float(), gelu, **tol)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (1024, 1024), (700, 3001)])  # under and over 2 MiB
+def test_hugepage_copy_is_a_contiguous_equal_copy(shape):
+    x = torch.randint(-128, 128, shape, dtype=torch.int8).t()  # not contiguous
+    y = avx2.hugepage_copy(x)
+    assert y.is_contiguous() and y.dtype == x.dtype and torch.equal(y, x)
+    assert y.data_ptr() != x.data_ptr()
+    f = torch.randn(shape)
+    assert torch.equal(avx2.hugepage_copy(f), f)
