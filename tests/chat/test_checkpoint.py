@@ -83,6 +83,10 @@ def test_bad_checkpoints(tiny, tmp_path):
     (tmp_path / "other" / "model.safetensors").write_bytes(weights)
     with pytest.raises(GlmgymError, match=r"config\.json implies"):
         load_model(tmp_path / "other")
+    cfg["hidden_size"], cfg["position_encoding_2d"] = model.config.hidden_size, False
+    (tmp_path / "other" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GlmgymError, match="position_encoding_2d false is not a published configuration"):
+        load_model(tmp_path / "other")
 
 
 def test_hub_id_without_cache_or_network_says_how_to_get_it(monkeypatch, tmp_path):

@@ -254,7 +254,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     if config.version == 2:
         model.set_rotary(device)
     else:
-        rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
+        rot_dim = config.head_dim // 2  # each half of a head rotates by its own position
         model.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1).to(device)
     if spec:
         config.quantization_bit, config.quantization_group_size = spec.bits, spec.group_size

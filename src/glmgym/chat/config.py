@@ -82,7 +82,9 @@ class GLMConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise GlmgymError("hidden_size must be divisible by num_attention_heads")
-        if self.position_encoding_2d and (self.hidden_size // self.num_attention_heads) % 4:
+        if not self.position_encoding_2d:  # every published ChatGLM-6B uses the 2D rotary embedding
+            raise GlmgymError("position_encoding_2d false is not a published configuration")
+        if (self.hidden_size // self.num_attention_heads) % 4:
             raise GlmgymError("2D rotary embedding needs a head size divisible by 4")
 
     @property

@@ -398,7 +398,7 @@ class GLMModel(GLMBase):
         self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.word_embeddings.weight  # tied, as in the reference
-        rot_dim = config.head_dim // 2 if config.position_encoding_2d else config.head_dim
+        rot_dim = config.head_dim // 2  # each half of a head rotates by its own position
         self.rotary = RotaryEmbedding(rot_dim, config.max_sequence_length + 1)
 
     @property
