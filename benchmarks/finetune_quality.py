@@ -68,6 +68,7 @@ def save_small_glm(tok, out: Path, layers: int, width: int):
     from glmgym.chat.checkpoint import save_model
     from glmgym.chat.config import PRESETS
     from glmgym.chat.model import GLMModel
+    from glmgym.chat.tiny import init_random_weights
 
     cfg = dataclasses.replace(
         PRESETS["tiny"], num_layers=layers, hidden_size=width, inner_hidden_size=4 * width,
@@ -76,11 +77,7 @@ def save_small_glm(tok, out: Path, layers: int, width: int):
         gmask_token_id=tok.gmask_id, pad_token_id=tok.pad_id, max_sequence_length=256)
     torch.manual_seed(0)
     model = GLMModel(cfg)
-    for name, prm in model.named_parameters():
-        if prm.dim() > 1:
-            torch.nn.init.normal_(prm, std=0.02)
-        elif name.endswith("bias"):
-            torch.nn.init.zeros_(prm)
+    init_random_weights(model)
     save_model(model, out, tokenizer=tok)
     return cfg
 

@@ -22,7 +22,7 @@ from glmgym.chat.tokenizer_v2 import (
     train_sentencepiece_v2,
 )
 
-__all__ = ["TINY_FAMILIES", "build_tiny", "build_tiny_v2", "tiny_corpus"]
+__all__ = ["TINY_FAMILIES", "build_tiny", "build_tiny_v2", "init_random_weights", "tiny_corpus"]
 
 TINY_FAMILIES = ("chatglm2", "chatglm3", "glm4")
 """Families of `random:tiny-<family>` (plain `random:tiny` is ChatGLM-6B's v1 block)."""
@@ -32,6 +32,16 @@ _EN = ("the model answers questions about reinforcement learning and language wi
        "agent reward policy transformer token decoder encoder return state action value").split(" ")
 _ZH = list("你好世界今天天气很好我们一起学习机器学习模型训练时间强化学习语言中文英文"
            "问题回答谢谢请什么为何怎么")
+
+
+def init_random_weights(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """GPT-style random weights, in place: matrices N(0, std), biases zero (norm weights stay 1)."""
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=std)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+    return model
 
 
 def tiny_corpus(lines: int = 400, seed: int = 0) -> list[str]:
@@ -60,11 +70,7 @@ def build_tiny(seed: int = 0, vocab_size: int = 1000, num_layers: int | None = N
         num_layers=num_layers or PRESETS["tiny"].num_layers)
     torch.manual_seed(seed)
     model = GLMModel(cfg)
-    for name, p in model.named_parameters():  # N(0, 0.02) like the reference's init
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.02)
-        elif name.endswith("bias"):
-            torch.nn.init.zeros_(p)
+    init_random_weights(model)  # N(0, 0.02) like the reference's init
     return model.eval(), tokenizer
 
 
@@ -88,9 +94,5 @@ def build_tiny_v2(family: str, seed: int = 0,
                      rope_ratio=500.0 if family == "glm4" else 1.0)
     torch.manual_seed(seed)
     model = GLM2Model(cfg)
-    for name, p in model.named_parameters():
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.02)
-        elif name.endswith("bias"):
-            torch.nn.init.zeros_(p)
+    init_random_weights(model)
     return model.eval(), tokenizer
