@@ -90,3 +90,27 @@ def test_bf16_logits_stay_close_to_fp32():
         ref = model(ids, batch.position_ids, batch.attention_mask())
         low = model.to(torch.bfloat16)(ids, batch.position_ids, batch.attention_mask()).float()
     assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", ["glm2_chatglm3", "glm2_glm4"])
+def test_bf16_cached_steps_follow_the_bf16_forward_over_the_whole_sequence(name):
+    """bf16 decoding on the CPU takes the grouped one-query path (glmgym's kernel where bf16 is not
+    native): each cached step's logits stay as close to the fp32 reference as the uncached bf16
+    forward over the whole sequence does."""
+    model, g = _load(name)
+    model = model.to(torch.bfloat16)
+    ids = g["prefill_ids"]
+    B, T = ids.shape
+    full = torch.cat([ids, g["step0_ids"], g["step1_ids"]], dim=1)
+    cache = KVCache.empty(model.config, B, T + 4, torch.bfloat16, "cpu")
+    prompt, both = (PromptBatch.build(x.tolist(), 0, causal=True) for x in (ids, full))
+    with torch.no_grad():
+        model(ids, prompt.position_ids, prompt.attention_mask(), kv_cache=cache, start=0)
+        steps = [model(g[f"step{s}_ids"], torch.full((B, 1), T + s), None, kv_cache=cache, start=T + s)
+                 for s in range(2)]
+        whole = model(full, both.position_ids, both.attention_mask())
+    for s in range(2):
+        ref = g[f"step{s}_logits"][:, -1]
+        err_step = (steps[s][:, -1].float() - ref).abs().max()
+        err_whole = (whole[:, T + s].float() - ref).abs().max()
+        assert err_step <= max(2 * err_whole, 0.02 * ref.abs().max())

@@ -317,8 +317,7 @@ class _Avx2(QuantizedLinear):
             y = super().forward(x)
             return torch.nn.functional.gelu(y, approximate="tanh") if gelu else y
         y = self._product(x.reshape(-1, self.in_features))  # [..., K] -> [M, K] -> [M, N] fp32
-        bias = None if self.bias is None else self.bias.float()
-        return avx2.epilogue(y, bias, gelu, x.dtype).view(*x.shape[:-1], self.out_features)
+        return avx2.epilogue(y, self.bias, gelu, x.dtype).view(*x.shape[:-1], self.out_features)
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         return self(x, gelu=True)

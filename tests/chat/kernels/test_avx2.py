@@ -101,6 +101,29 @@ def test_decode_attention_matches_fp32_sdpa_on_a_bf16_cache_slice(B, H, S, d, sl
 
 
 @needs_kernels
+@pytest.mark.parametrize(("B", "H", "S", "d"), [(1, 32, 140, 128), (2, 3, 9, 24), (1, 2, 1, 8)])
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_reads_queries_in_place_where_the_rotary_leaves_them(B, H, S, d, qdtype):
+    """Queries strided as the rotary leaves them ([B, 1, heads, 2, d] unbound, then transposed) are
+    read without a copy, and a bf16 query gets its result rounded once, as a cast of fp32 is."""
+    g = torch.Generator().manual_seed(S * d + H)
+    k, v = (torch.randn(B, H, S + 3, d, generator=g).bfloat16()[:, :, :S] for _ in range(2))
+    q = torch.randn(B, 1, H, 2, d, generator=g).to(qdtype).unbind(3)[0].transpose(1, 2)  # [B, H, 1, d]
+    assert not q.is_contiguous()
+    allowed = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    allowed[..., -1] = True
+    for mask in (None, allowed):
+        y = avx2.attend_decode(q, k, v, mask)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        assert y.shape == (B, H, 1, d) and y.dtype == qdtype
+        assert _rel(y.float(), ref) < (1e-2 if qdtype == torch.bfloat16 else 1e-6)
+        if qdtype == torch.bfloat16:
+            assert torch.equal(y, avx2.attend_decode(q.float(), k, v, mask).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="do not fit"):
+        avx2.attend_decode(torch.zeros(B, H, 1, d + 8).bfloat16(), k, v)
+
+
+@needs_kernels
 def test_decode_attention_keeps_sharp_softmaxes_exact():
     """Scores far apart (exp underflows to 0 for all but one key) and a masked-out maximum."""
     H, S, d = 2, 40, 16
@@ -288,6 +311,10 @@ def test_epilogue_adds_the_bias_applies_gelu_and_casts_in_one_pass(M, N, gelu, w
         assert (bf16 == ref.to(torch.bfloat16))[accurate].float().mean() > 0.99
     nan = avx2.epilogue(torch.full((1, 9), float("nan")), None, gelu, torch.bfloat16)
     assert bool(nan.isnan().all())
+    if bias is not None:  # a bf16 bias (a bf16 model's own) is read as its exact fp32 value
+        b16 = bias.bfloat16()
+        assert torch.equal(avx2.epilogue(y.clone(), b16, gelu, torch.bfloat16),
+                           avx2.epilogue(y.clone(), b16.float(), gelu, torch.bfloat16))
 
 
 @needs_kernels

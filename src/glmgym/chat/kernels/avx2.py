@@ -139,9 +139,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.glmgym_q4_matmul.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, i32]
     lib.glmgym_q8_matmul.argtypes = [p, i32, i64, i64, p, p, i64, i64, p, i32]
     lib.glmgym_bf16_matmul.argtypes = [p, i64, i64, p, i64, p, i32]
-    lib.glmgym_attn_decode.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, p, i64,
-                                       ctypes.c_float, p, i32]
-    lib.glmgym_epilogue.argtypes = [p, i64, i64, p, i32, i32, p, i32]
+    lib.glmgym_attn_decode.argtypes = [p, i32, i64, i64, p, p, i64, i64, i64, i64, i64, i64, i64,
+                                       p, i64, ctypes.c_float, p, i32, i32]
+    lib.glmgym_epilogue.argtypes = [p, i64, i64, p, i32, i32, i32, p, i32]
     for f in (lib.glmgym_q4_matmul, lib.glmgym_q8_matmul, lib.glmgym_bf16_matmul, lib.glmgym_attn_decode,
               lib.glmgym_epilogue):
         f.restype = i32
@@ -149,12 +149,15 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def epilogue(y: torch.Tensor, bias: torch.Tensor | None, gelu: bool, dtype: torch.dtype) -> torch.Tensor:
     """A quantized layer's output from its kernel's fp32 product y [M, N] (contiguous) in one pass:
-    `y + bias` (bias: fp32 [N] or None), then GELU's tanh approximation when `gelu`, in `dtype`
-    (fp32: written over y; bf16: rounded to nearest even, as a cast is)."""
+    `y + bias` (bias: contiguous fp32 or bf16 [N], or None), then GELU's tanh approximation when
+    `gelu`, in `dtype` (fp32: written over y; bf16: rounded to nearest even, as a cast is)."""
     lib = load()
     M, N = y.shape
     out = y if dtype == torch.float32 else torch.empty(M, N, dtype=torch.bfloat16)
-    lib.glmgym_epilogue(y.data_ptr(), M, N, None if bias is None else bias.data_ptr(), int(gelu),
+    if bias is not None and (bias.dtype not in (torch.float32, torch.bfloat16) or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    lib.glmgym_epilogue(y.data_ptr(), M, N, None if bias is None else bias.data_ptr(),
+                        int(bias is not None and bias.dtype == torch.bfloat16), int(gelu),
                         int(dtype == torch.bfloat16), out.data_ptr(), torch.get_num_threads())
     return out
 
@@ -261,7 +264,8 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Softmax attention of one query per row and head over a bf16 key/value cache.
 
     Args:
-        q: [B, H, 1, d] queries (any float dtype), d a multiple of 8 up to 256.
+        q: [B, H, 1, d] queries (any float dtype; fp32 and bf16 with unit stride over d are read in
+            place), d a multiple of 8 up to 256.
         k, v: [B, H, S, d] bf16 keys and values with unit stride over d (a slice of the cache).
         allowed: None, or bool broadcastable to [B, 1, 1, S]: True where a position may be attended.
 
@@ -272,14 +276,18 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, H, S, d = k.shape
     if k.stride() != v.stride() or k.stride(-1) != 1 or {k.dtype, v.dtype} != {torch.bfloat16}:
         raise ValueError("attend_decode needs bf16 keys and values of one layout, unit stride over d")
-    qf = q.reshape(B, H, d).float().contiguous()  # [B, H, 1, d] -> [B, H, d]
+    if q.shape != (B, H, 1, d):
+        raise ValueError(f"attend_decode: queries {tuple(q.shape)} do not fit keys {tuple(k.shape)}")
+    qk = q if q.dtype in (torch.float32, torch.bfloat16) and q.stride(-1) == 1 else q.float().contiguous()
     mask = None
     if allowed is not None:
         mask = allowed.expand(B, 1, 1, S).reshape(B, S).to(torch.uint8).contiguous()  # [B, 1, 1, S] -> [B, S]
-    y = torch.empty(B, H, d, dtype=torch.float32)
+    out_bf16 = q.dtype == torch.bfloat16
+    y = torch.empty(B, H, 1, d, dtype=torch.bfloat16 if out_bf16 else torch.float32)
     sb, sh, ss, _ = k.stride()
-    rc = lib.glmgym_attn_decode(qf.data_ptr(), k.data_ptr(), v.data_ptr(), B, H, S, d, sb, sh, ss,
+    rc = lib.glmgym_attn_decode(qk.data_ptr(), int(qk.dtype == torch.bfloat16), qk.stride(0), qk.stride(1),
+                                k.data_ptr(), v.data_ptr(), B, H, S, d, sb, sh, ss,
                                 None if mask is None else mask.data_ptr(), S, d**-0.5, y.data_ptr(),
-                                torch.get_num_threads())
+                                int(out_bf16), torch.get_num_threads())
     _check(rc, "attend_decode")
-    return y.view(B, H, 1, d).to(q.dtype)
+    return y if y.dtype == q.dtype else y.to(q.dtype)

@@ -274,16 +274,31 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+/* 8 fp32 -> 8 bf16, rounding to nearest even as PyTorch's cast does (a NaN becomes a quiet NaN). */
+static inline __m128i bf16x8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    /* packus works per 128-bit lane: [r0..3 r0..3 | r4..7 r4..7] -> qwords 0, 2 hold r0..7 */
+    __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    return _mm256_castsi256_si128(p);
+}
+
 /* Attention of one query per (row, head) over a bf16 key/value cache: the decoding step on a CPU
  * without native bf16, where PyTorch's bf16 SDPA runs generic code and converting the cache to
  * fp32 first costs more than reading it. Reads each cached key and value once, in fp32 registers.
  *
- * q: [B, H, d] fp32; k, v: bf16 with element strides (sb, sh, ss) for row, head and position
- * (unit stride over d); S cached positions; mask: NULL or uint8 [B, S] (row stride msb), 0 where
- * a position may not be attended; y: [B, H, d] fp32. d a multiple of 8, at most 256. */
-int glmgym_attn_decode(const float *q, const uint16_t *k, const uint16_t *v, int64_t B, int64_t H,
-                       int64_t S, int64_t d, int64_t sb, int64_t sh, int64_t ss, const uint8_t *mask,
-                       int64_t msb, float scale, float *y, int nthreads) {
+ * q: H query heads per row, fp32 or bf16 (q_bf16), element strides (qsb, qsh) for row and head,
+ * unit stride over d (the rotary's output, read in place); k, v: bf16 with element strides
+ * (sb, sh, ss) for row, head and position (unit stride over d); S cached positions; mask: NULL or uint8 [B, S] (row stride msb), 0 where a position
+ * may not be attended; y: [B, H, d], fp32 or bf16 (y_bf16, rounded to nearest even).
+ * d a multiple of 8, at most 256. */
+int glmgym_attn_decode(const void *q, int q_bf16, int64_t qsb, int64_t qsh, const uint16_t *k,
+                       const uint16_t *v, int64_t B, int64_t H, int64_t S, int64_t d,
+                       int64_t sb, int64_t sh, int64_t ss, const uint8_t *mask, int64_t msb, float scale,
+                       void *y, int y_bf16, int nthreads) {
     if (d % 8 || d > 256 || S < 1) return -2;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -297,10 +312,15 @@ int glmgym_attn_decode(const float *q, const uint16_t *k, const uint16_t *v, int
         for (int64_t bh = 0; bh < B * H; bh++) {
             if (!p) continue;
             const int64_t b = bh / H, h = bh % H;
-            const float *qv = q + bh * d;
+            float qv[256], out[256];
+            if (q_bf16) {
+                const uint16_t *qb = (const uint16_t *)q + b * qsb + h * qsh;
+                for (int64_t i = 0; i < d; i += 8) _mm256_storeu_ps(qv + i, load_bf16x8(qb + i));
+            } else {
+                memcpy(qv, (const float *)q + b * qsb + h * qsh, sizeof(float) * d);
+            }
             const uint16_t *kb = k + b * sb + h * sh, *vb = v + b * sb + h * sh;
             const uint8_t *mb = mask ? mask + b * msb : NULL;
-            float *out = y + bh * d;
             /* scores: q . k_j * scale, -inf where masked */
             float smax = -INFINITY;
             for (int64_t j = 0; j < S; j++) {
@@ -344,34 +364,29 @@ int glmgym_attn_decode(const float *q, const uint16_t *k, const uint16_t *v, int
                 for (int c = 0; c < w / 8; c++)
                     _mm256_storeu_ps(out + i0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
             }
+            if (y_bf16) {
+                for (int64_t i = 0; i < d; i += 8)
+                    _mm_storeu_si128((__m128i *)((uint16_t *)y + bh * d + i), bf16x8(_mm256_loadu_ps(out + i)));
+            } else {
+                memcpy((float *)y + bh * d, out, sizeof(float) * d);
+            }
         }
         free(p);
     }
     return failed ? -1 : 0;
 }
 
-/* 8 fp32 -> 8 bf16, rounding to nearest even as PyTorch's cast does (a NaN becomes a quiet NaN). */
-static inline __m128i bf16x8(__m256 v) {
-    __m256i u = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-    /* packus works per 128-bit lane: [r0..3 r0..3 | r4..7 r4..7] -> qwords 0, 2 hold r0..7 */
-    __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
-    return _mm256_castsi256_si128(p);
-}
 
 #define EPI_BLOCK 1024 /* columns per unit of work: rows of one token split over the threads too */
 
 /* The epilogue of a quantized linear layer, in one pass over its fp32 output y [M, N]: add the bias
- * (NULL: none), apply the tanh-approximated GELU when act = 1, and write fp32 (out_bf16 = 0, may be
- * y itself) or bf16. Instead of three PyTorch ops on bf16 tensors (cast, add, GELU; PyTorch's tanh
+ * (NULL: none; fp32, or bf16 when bias_bf16: the layer's own bias, not a per-call fp32 copy), apply
+ * the tanh-approximated GELU when act = 1, and write fp32 (out_bf16 = 0, may be y itself) or bf16. Instead of three PyTorch ops on bf16 tensors (cast, add, GELU; PyTorch's tanh
  * runs about 5 ns an element on AVX2) it is one read of y.
  * GELU as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the same function as
  * 0.5 x (1 + tanh(u)), without the cancellation of 1 + tanh(u) for negative u. */
-int glmgym_epilogue(const float *y, int64_t M, int64_t N, const float *bias, int act, int out_bf16,
-                    void *out, int nthreads) {
+int glmgym_epilogue(const float *y, int64_t M, int64_t N, const void *bias, int bias_bf16, int act,
+                    int out_bf16, void *out, int nthreads) {
     const __m256 c0 = _mm256_set1_ps(-2.f * 0.7978845608028654f), c1 = _mm256_set1_ps(0.044715f);
     const __m256 one = _mm256_set1_ps(1.f), cap = _mm256_set1_ps(80.f);
     const int64_t nblocks = (N + EPI_BLOCK - 1) / EPI_BLOCK;
@@ -386,9 +401,16 @@ int glmgym_epilogue(const float *y, int64_t M, int64_t N, const float *bias, int
             __m256 v;
             if (w == 8) {
                 v = _mm256_loadu_ps(ym + n);
-                if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+                if (bias)
+                    v = _mm256_add_ps(v, bias_bf16 ? load_bf16x8((const uint16_t *)bias + n)
+                                                   : _mm256_loadu_ps((const float *)bias + n));
             } else {
-                for (int i = 0; i < 8; i++) buf[i] = i < w ? ym[n + i] + (bias ? bias[n + i] : 0.f) : 0.f;
+                for (int i = 0; i < 8; i++) {
+                    float bi = !bias || i >= w ? 0.f
+                               : bias_bf16 ? bf16_to_f32(((const uint16_t *)bias)[n + i])
+                                           : ((const float *)bias)[n + i];
+                    buf[i] = i < w ? ym[n + i] + bi : 0.f;
+                }
                 v = _mm256_loadu_ps(buf);
             }
             if (act == 1) {
