@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -364,6 +365,50 @@ def dt_speed(out: Path, img: Path) -> None:
     (out / "dt_speed.md").write_text("\n".join(lines) + "\n")
 
 
+def quickstart(out: Path, img: Path) -> None:
+    """`quickstart_schedule.py`: the Quickstart recipe's score along its run, per schedule and seed."""
+    result = _load("quickstart_schedule.json")
+    if result is None:
+        return
+    scheds = result["schedules"]
+    steps = sorted({int(s) for sc in scheds.values() for s in sc["by_step"]})
+    lines = [
+        "| steps | " + " | ".join(f"{n} steps, {sc['warmup_steps']} warmup: mean ± std (per seed)"
+                                   for n, sc in scheds.items()) + " |",
+        "|---:|" + "---:|" * len(scheds),
+    ]
+    for step in steps:
+        cells = []
+        for sc in scheds.values():
+            e = sc["by_step"].get(str(step))
+            cells.append("" if e is None else f"{e['normalized_mean']:.1f} ± {e['normalized_std']:.1f} "
+                         f"({', '.join(f'{x:.1f}' for x in e['per_seed'])})")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"`{result['dataset']}`, normalized return at target {result['target_return']:.0f}, "
+        f"{result['eval_episodes']} episodes per evaluation, seeds {', '.join(map(str, result['seeds']))}. "
+        "The learning rate is constant after warmup, so each row is also the final score of a run "
+        "of that length with that warmup.",
+    ]
+    (out / "quickstart.md").write_text("\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, sc in scheds.items():
+        x = sorted(int(s) for s in sc["by_step"])
+        mean = np.array([sc["by_step"][str(s)]["normalized_mean"] for s in x])
+        std = np.array([sc["by_step"][str(s)]["normalized_std"] for s in x])
+        line, = ax.plot(x, mean, marker="o", ms=3, label=f"{name} steps, {sc['warmup_steps']} warmup")
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("gradient steps")
+    ax.set_ylabel("normalized return (mean ± std over seeds)")
+    ax.set_title(f"{result['dataset']}: score along the run")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(img / "quickstart_schedule.png", dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------
 # Return conditioning: achieved against target return
 
@@ -516,7 +561,7 @@ def speculative(out: Path, img: Path) -> None:
         plt.close(fig)
 
 
-MAKERS = (dt_table, dt_sweep, chat_speed, serve_load, finetune, dt_speed, speculative)
+MAKERS = (dt_table, dt_sweep, chat_speed, serve_load, finetune, dt_speed, quickstart, speculative)
 
 
 def main(argv: list[str] | None = None) -> None:
