@@ -84,7 +84,7 @@ def test_datasets_lists_the_embedded_ones(capsys):
 
 def test_train_without_arguments_uses_the_embedded_dataset(capsys, tmp_path):
     assert TrainConfig().dataset == "embedded:hopper-medium"
-    assert TrainConfig().steps == PRESETS["cpu"]["steps"] == 4_000  # the cpu preset
+    assert TrainConfig().steps == PRESETS["cpu"]["steps"] == 1_250  # the cpu preset
     # the no-argument command, shortened for the test
     rc = main(["agent", "train", "--steps", "3", "--eval-episodes", "0", "--no-progress",
                "--hidden-size", "32"])
