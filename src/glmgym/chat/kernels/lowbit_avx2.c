@@ -51,25 +51,40 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
  * zero part). */
 static void quantize_row(const void *x, int x_bf16, int64_t K, int64_t B, int64_t G, int8_t *q,
                          float *d, float *gsum) {
-    float buf[QP];
+    /* B is 32 or 64: the block in four or eight vectors of 8, quantized 32 at a time in registers
+     * (the same values as a scalar loop: absmax, x * (1 / d) rounded to nearest even, as lrintf) */
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256 v[QP / 8];
     for (int64_t g = 0; g < K / G; g++) gsum[g] = 0.f;
     for (int64_t b = 0; b < K / B; b++) {
-        float amax = 0.f;
-        for (int j = 0; j < B; j++) {
-            int64_t k = b * B + j;
-            buf[j] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
-            float a = fabsf(buf[j]);
-            amax = a > amax ? a : amax;
+        __m256 vmax = _mm256_setzero_ps();
+        for (int i = 0; i < B / 8; i++) {
+            const int64_t k = b * B + 8 * i;
+            v[i] = x_bf16 ? load_bf16x8((const uint16_t *)x + k) : _mm256_loadu_ps((const float *)x + k);
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v[i]));
         }
-        float scale = amax / 127.f;
-        float inv = scale > 0.f ? 1.f / scale : 0.f;
-        int sum = 0;
-        for (int j = 0; j < B; j++) {
-            q[b * B + j] = (int8_t)lrintf(buf[j] * inv);
-            sum += q[b * B + j];
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        const float scale = _mm_cvtss_f32(m) / 127.f;
+        const __m256 inv = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+        __m256i sum = _mm256_setzero_si256();
+        for (int i = 0; i < B / 8; i += 4) {
+            __m256i r[4];
+            for (int c = 0; c < 4; c++) {
+                r[c] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i + c], inv));
+                sum = _mm256_add_epi32(sum, r[c]);
+            }
+            /* packs work per 128-bit lane: the permute puts the 32 bytes back in column order */
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+            _mm256_storeu_si256((__m256i *)(q + b * B + 8 * i), _mm256_permutevar8x32_epi32(p, order));
         }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
         d[b] = scale;
-        gsum[b * B / G] += scale * (float)sum;
+        gsum[b * B / G] += scale * (float)_mm_cvtsi128_si32(s4);
     }
 }
 
