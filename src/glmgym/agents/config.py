@@ -124,8 +124,8 @@ class DTConfig:
 # Schedules: "paper" is the paper's (100k steps, 10k warmup); "cpu" trains the same network for
 # 1250 steps with 250 warmup and evaluates once, at the end, so that the default `glmgym agent
 # train` finishes within 10 minutes, install included, on a slow 2-core AVX2 CPU (2.0 GHz EPYC).
-# It scores as the 4k-step schedule it replaced: 3 seeds each, `benchmarks/quickstart_schedule.py`
-# (docs/agents/training.md).
+# Over 3 seeds it scores about 6 normalized points below the 4k-step schedule it replaced, and
+# varies more (`benchmarks/quickstart_schedule.py`, docs/agents/training.md).
 PRESETS = {
     "paper": {"steps": 100_000, "warmup_steps": 10_000, "eval_every": 10_000, "save_every": 10_000},
     "cpu": {"steps": 1_250, "warmup_steps": 250, "eval_every": 1_250, "save_every": 625},
