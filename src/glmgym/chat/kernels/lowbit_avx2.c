@@ -24,6 +24,12 @@
 
 #define QK 32 /* INT8: activations quantized per block of 32 */
 #define QP 64 /* INT4: columns per 32-byte chunk of codes, and per activation block */
+/* Weights are read once per product: they are prefetched this many bytes ahead with the
+ * non-temporal hint, so that streaming them does not evict everything else from the caches (the
+ * activations, norms, KV cache and the interpreter's own working set, which the small ops between
+ * two products then miss). ChatGLM-6B INT4 on a 2-core AVX2 EPYC, 28 decoding layers: 203-233
+ * against 231-246 ms; the ops between the products took 23-25 against 32 ms. */
+#define PREFETCH_AHEAD 2048
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -162,7 +168,9 @@ static inline __attribute__((always_inline)) void q4_tile(const QActs *a, int64_
             __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + c * QP));
             __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + c * QP + QP / 2));
             __m256 dx = _mm256_set1_ps(xd[c]);
-            const uint8_t *wc = w + c * (ROWS * QP / 2);
+            const uint8_t *wc = w + c * (ROWS * QP / 2); /* ROWS * 32 bytes: two cache lines */
+            _mm_prefetch((const char *)(wc + PREFETCH_AHEAD), _MM_HINT_NTA);
+            _mm_prefetch((const char *)(wc + PREFETCH_AHEAD + 64), _MM_HINT_NTA);
             for (int r = 0; r < ROWS; r++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(wc + r * (QP / 2)));
                 __m256i wa = _mm256_and_si256(v, low);
