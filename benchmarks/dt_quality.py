@@ -22,7 +22,12 @@ environment of its own (it pins gymnasium 1.0.0):
 
 Results are cached per (dataset, method, seed) in the output JSON as each run ends, so an
 interrupted run resumes and the table can be filled over several sessions; a dataset's cached
-runs are dropped when its file (sha256) or the settings change.
+runs are dropped when its file (sha256) or the settings change. Seeds run in parallel processes
+write separate output files (`--out`); `--merge PART.json ...` then folds their runs into `--out`
+(same data and settings only) and summarizes, without training anything:
+
+    python benchmarks/dt_quality.py --methods glmgym_dt --datasets hopper-medium --seeds 1 --out part1.json
+    python benchmarks/dt_quality.py --merge part1.json part2.json --out benchmarks/results/dt_quality.json
 """
 
 from __future__ import annotations
@@ -177,6 +182,29 @@ def average(datasets: dict) -> dict:
     return out
 
 
+def merge(result: dict, parts: list[Path], data_dir: Path, made_dir: Path) -> None:
+    """Fold the runs of other output files into `result`, dataset by dataset, and summarize.
+
+    A dataset's runs merge only when both files ran it with the same data and settings; a run
+    `result` already holds is kept."""
+    for part in parts:
+        if not part.is_file():
+            raise SystemExit(f"--merge: {part} does not exist")
+        for name, other in json.loads(part.read_text()).get("datasets", {}).items():
+            entry = result["datasets"].setdefault(name, {"config": other["config"], "runs": {}})
+            if entry["config"] != other["config"]:
+                raise SystemExit(f"--merge: {part} ran {name} with other data or settings than {name} "
+                                 "in --out; nothing merged")
+            for key, run in other.get("runs", {}).items():
+                entry["runs"].setdefault(key, run)
+            path = find_dataset(name, data_dir, made_dir)
+            if path is None:
+                raise SystemExit(f"--merge: {name}'s data not found (needed for its mean score)")
+            ds = load_dataset(f"d4rl:{path}")
+            env_id = entry["config"]["env_id"]
+            summarize(entry, reference_scores(env_id, ds.metadata), ds)
+
+
 def table(result: dict) -> str:
     """The results as a Markdown table (normalized scores, mean ± std over seeds)."""
     rows = ["| dataset | glmgym DT | d3rlpy DT | BC | data mean | paper DT (D4RL) |",
@@ -213,6 +241,8 @@ def main() -> None:
     p.add_argument("--d3rlpy-python", default=None, help="python of a venv with d3rlpy")
     p.add_argument("--runs", default="benchmarks/runs", help="where glmgym's runs go")
     p.add_argument("--out", default="benchmarks/results/dt_quality.json")
+    p.add_argument("--merge", nargs="+", default=None, metavar="PART",
+                   help="fold these output files' runs into --out and summarize; trains nothing")
     args = p.parse_args()
 
     out = Path(args.out)
@@ -224,6 +254,12 @@ def main() -> None:
     def save() -> None:
         result["average"] = average(result["datasets"])
         atomic_write_json(out, result)
+
+    if args.merge:
+        merge(result, [Path(m) for m in args.merge], Path(args.data_dir), runs_root / "data")
+        save()
+        print(table(result))
+        return
 
     missing = []
     for name in args.datasets:
