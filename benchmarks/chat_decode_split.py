@@ -4,6 +4,8 @@ Loads a checkpoint the way `glmgym chat` does (bf16 compute), prefills `--prompt
 times `--new` greedy decode steps, with the time spent inside each `kernels.avx2` function summed
 (the q4 / q8 block kernels, the bf16 lm_head and decoding attention); the rest is layer norms, rotary,
 GELU, residuals and Python dispatch. Prints one line; the machine should be otherwise idle.
+Any family member: ChatGLM-6B (2D positions after [gMASK] <sop>) or the v2 block (ChatGLM2/3,
+GLM-4: 1D positions, causal).
 
     python benchmarks/chat_decode_split.py benchmarks/runs/chat_speed/int4-28l [--prompt 128] [--new 10]
 """
@@ -46,14 +48,18 @@ def main() -> None:
         timed(name)
     model = load_model(args.model_dir, torch.bfloat16)
     cfg = model.config
-    ids = [*range(100, 100 + args.prompt - 2), cfg.gmask_token_id, cfg.bos_token_id]
+    v2 = cfg.version == 2
+    ids = [*range(100, 100 + args.prompt)] if v2 else \
+        [*range(100, 100 + args.prompt - 2), cfg.gmask_token_id, cfg.bos_token_id]
     P = len(ids)
     with torch.inference_mode():
         cache = KVCache.empty(cfg, 1, P + args.new + 3, torch.bfloat16, "cpu")
-        token = prefill(model, PromptBatch.build([ids], cfg.pad_token_id), cache).argmax(-1, keepdim=True)
+        batch = PromptBatch.build([ids], cfg.pad_token_id, causal=v2)
+        token = prefill(model, batch, cache).argmax(-1, keepdim=True)
 
         def step(i: int) -> torch.Tensor:
-            pos = torch.tensor([[[P - 2], [i + 2]]])
+            # the new token's position: [B, 1] (v2), or [B, 2, 1] position and block position (v1)
+            pos = torch.tensor([[P + i]]) if v2 else torch.tensor([[[P - 2], [i + 2]]])
             return decode_one_token(model, token, pos, None, cache, P + i).argmax(-1, keepdim=True)
 
         for i in range(2):  # warm-up
