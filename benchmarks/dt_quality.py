@@ -183,10 +183,12 @@ def average(datasets: dict) -> dict:
 
 
 def merge(result: dict, parts: list[Path], data_dir: Path, made_dir: Path) -> None:
-    """Fold the runs of other output files into `result`, dataset by dataset, and summarize.
+    """Fold the runs of other output files into `result`, dataset by dataset, and summarize each
+    dataset they touched once.
 
     A dataset's runs merge only when both files ran it with the same data and settings; a run
     `result` already holds is kept."""
+    touched: set[str] = set()
     for part in parts:
         if not part.is_file():
             raise SystemExit(f"--merge: {part} does not exist")
@@ -197,12 +199,14 @@ def merge(result: dict, parts: list[Path], data_dir: Path, made_dir: Path) -> No
                                  "in --out; nothing merged")
             for key, run in other.get("runs", {}).items():
                 entry["runs"].setdefault(key, run)
-            path = find_dataset(name, data_dir, made_dir)
-            if path is None:
-                raise SystemExit(f"--merge: {name}'s data not found (needed for its mean score)")
-            ds = load_dataset(f"d4rl:{path}")
-            env_id = entry["config"]["env_id"]
-            summarize(entry, reference_scores(env_id, ds.metadata), ds)
+            touched.add(name)
+    for name in sorted(touched):
+        path = find_dataset(name, data_dir, made_dir)
+        if path is None:
+            raise SystemExit(f"--merge: {name}'s data not found (needed for its mean score)")
+        ds = load_dataset(f"d4rl:{path}")
+        entry = result["datasets"][name]
+        summarize(entry, reference_scores(entry["config"]["env_id"], ds.metadata), ds)
 
 
 def table(result: dict) -> str:

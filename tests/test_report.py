@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PLOTS = ("dt_table.png", "dt_sweep.png", "chat_speed.png", "serve_load.png", "speculative.png",
+         "quickstart_schedule.png")
 
 
 def test_report_makes_the_committed_tables_and_the_plots(tmp_path):
@@ -18,13 +20,11 @@ def test_report_makes_the_committed_tables_and_the_plots(tmp_path):
     assert set(made) == tables
     for name, text in made.items():
         assert committed.get(name) == text, f"docs/results/{name} is stale: run python benchmarks/report.py"
-    for plot in ("dt_table.png", "dt_sweep.png", "chat_speed.png", "serve_load.png", "speculative.png",
-                 "quickstart_schedule.png"):
+    for plot in PLOTS:
         data = (tmp_path / "p" / plot).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000, plot
     page = (ROOT / "docs" / "benchmarks.md").read_text()
     for name in made:  # every table is on the page, every plot too
         assert f'--8<-- "results/{name}"' in page
-    for plot in ("dt_table.png", "dt_sweep.png", "chat_speed.png", "serve_load.png", "speculative.png",
-                 "quickstart_schedule.png"):
+    for plot in PLOTS:
         assert f"img/{plot}" in page
