@@ -99,3 +99,52 @@ def test_evaluate_sweep_reports_the_slope_and_spread_and_draws_the_curve(tmp_pat
     assert c["spread"] > 20 and c["slope"] > 0.4  # from the left path's return up to the right's
     assert main(["agent", "evaluate", "--checkpoint", str(run), "--sweep", "1"]) == 2
     assert "--sweep N needs N >= 2" in capsys.readouterr().err
+
+
+def test_variant_max_return_goes_the_best_way_unasked_and_keeps_the_transformer(tmp_path, monkeypatch,
+                                                                                capsys):
+    import importlib
+    from functools import partial
+
+    from safetensors.torch import load_file
+
+    from glmgym.agents.return_model import RETURN_MODEL_FILE
+    from glmgym.cli import main
+
+    # a smaller fit than the default keeps the test short; the rule it tests is the same
+    train_module = importlib.import_module("glmgym.agents.train")  # the module, not the function
+    monkeypatch.setattr(train_module, "fit_return_model",
+                        partial(train_module.fit_return_model, steps=800, hidden_size=64))
+    data = _two_mode_file(tmp_path / "two_paths.hdf5")
+    common = dict(dataset=f"d4rl:{data}", env=ENV_ID, steps=400, warmup_steps=40, batch_size=32,
+                  hidden_size=32, n_layer=1, context_len=5, learning_rate=1e-3, reward_scale=10.0,
+                  max_ep_len=STEPS, eval_episodes=2, eval_every=0, progress=False, precision="fp32")
+    plain = train(TrainConfig(**common, out=str(tmp_path / "plain")))
+    variant = train(TrainConfig(**common, variant="max-return", out=str(tmp_path / "variant")))
+    ckpt = variant / "checkpoints" / "step_0000400"
+    assert (ckpt / RETURN_MODEL_FILE).is_file()
+    assert not (plain / "checkpoints" / "step_0000400" / RETURN_MODEL_FILE).exists()
+    # the variant adds a model beside the transformer and leaves the transformer as it was
+    a = load_file(plain / "checkpoints" / "step_0000400" / "model.safetensors")
+    b = load_file(ckpt / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    # asked for nothing, the variant takes the better path from the first step
+    policy = Policy.from_pretrained(variant)
+    assert policy.extras["target_returns"][0] == "max" and policy.return_model is not None
+    best = evaluate(policy, ENV_ID, ["max"], episodes=3)["results"][0]
+    assert best["return_mean"] == pytest.approx(RIGHT, abs=2.5)
+    # and a number still steers it as before
+    left = evaluate(policy, ENV_ID, [LEFT], episodes=3)["results"][0]
+    assert left["return_mean"] == pytest.approx(LEFT, abs=2.5)
+    assert "| max | 2 |" in (variant / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["agent", "evaluate", "--checkpoint", str(variant), "--target-return", "max", "12.5",
+                 "--episodes", "1"]) == 0
+    assert "\n       max " in capsys.readouterr().out
+    assert main(["agent", "evaluate", "--checkpoint", str(plain), "--target-return", "max"]) == 2
+    assert "needs a checkpoint with a return model" in capsys.readouterr().err
+    assert main(["agent", "train", "--dataset", f"d4rl:{data}", "--target-return", "max"]) == 2
+    assert "--target-return max needs --variant max-return" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["agent", "evaluate", "--checkpoint", str(variant), "--target-return", "most"])
+    assert usage.value.code == 2 and "a number or max, got 'most'" in capsys.readouterr().err
