@@ -2,9 +2,8 @@
 
 Each field becomes `--field-name`; its help text is the attribute docstring written under the field
 (read from the source with `ast`, the way cleanrl/tyro document their configs). A field can rename
-its flag with `metadata={"flag": "--other"}`; `metadata` may also set "metavar", "choices",
-"required" and "type" (the parser of a value, for union types). bool fields become `--x / --no-x`,
-tuple fields take one or more values.
+its flag with `metadata={"flag": "--other"}`; `metadata` may also set "metavar", "choices" and
+"required". bool fields become `--x / --no-x`, tuple fields take one or more values.
 """
 
 from __future__ import annotations
@@ -67,10 +66,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (list, tuple):
-            elem = f.metadata.get("type", typing.get_args(tp)[0])
+            elem = typing.get_args(tp)[0]
             kwargs.update(type=elem, nargs="+", metavar=f.metadata.get("metavar", elem.__name__.upper()))
         else:
-            kwargs["type"] = f.metadata.get("type", tp)
+            kwargs["type"] = tp
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             kwargs["metavar"] = f.metadata.get("metavar", None)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from glmgym import __version__
 from glmgym._dataclass_cli import add_dataclass_arguments, dataclass_from_namespace
-from glmgym.agents.config import BEST, CollectConfig, EvalConfig, PlayConfig, TrainConfig, target_label
+from glmgym.agents.config import CollectConfig, EvalConfig, PlayConfig, TrainConfig
 from glmgym.chat.config import (
     ChatCLIConfig,
     ChatEvalConfig,
@@ -75,7 +75,7 @@ def _agent_evaluate(args: argparse.Namespace) -> int:
     ref = RefScores(**recorded) if recorded and not cfg.env else reference_scores(env_id)
     report = evaluate(policy, env_id, targets, episodes=cfg.episodes, seed=cfg.seed, ref=ref)
     report["checkpoint"] = str(ckpt_dir)
-    if sum(t != BEST for t in targets) > 1:
+    if len(targets) > 1:
         report["conditioning"] = conditioning(report)
     print(format_report(report))
     if cfg.json:
@@ -112,7 +112,7 @@ def _agent_play(args: argparse.Namespace) -> int:
 
     result = play(dataclass_from_namespace(PlayConfig, args))
     returns = ", ".join(f"{r:.1f}" for r in result["returns"])
-    print(f"{result['checkpoint']}: target {target_label(result['target_return'])}, returns [{returns}], "
+    print(f"{result['checkpoint']}: target {result['target_return']:.0f}, returns [{returns}], "
           f"{result['frames']} frames -> {result['video']}")
     return 0
 

@@ -17,43 +17,14 @@ from typing import Any
 from glmgym.errors import GlmgymError
 
 __all__ = [
-    "ACTIVATIONS", "BEST", "LEVELS", "PRESETS", "VARIANTS", "CollectConfig", "DTConfig", "EvalConfig",
-    "PlayConfig", "TrainConfig", "parse_target", "target_label",
+    "ACTIVATIONS", "LEVELS", "PRESETS", "CollectConfig", "DTConfig", "EvalConfig", "PlayConfig",
+    "TrainConfig",
 ]
 
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 """Dataset levels `glmgym agent collect` makes (D4RL's names)."""
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "tanh", "silu")
-
-BEST = "max"
-"""The target return that asks for the best return reachable from each state, as the checkpoint's
-return model estimates it (`--variant max-return`; see `glmgym.agents.return_model`)."""
-
-VARIANTS = ("dt", "max-return")
-"""`--variant`s of `glmgym agent train`: the paper's Decision Transformer, or the same plus a
-return model for target `max`."""
-
-
-def parse_target(text: str) -> float | str:
-    """A target return as typed on the command line: a number, or "max" (`BEST`).
-
-    Raises:
-        argparse.ArgumentTypeError: neither (argparse reports it as a usage error).
-    """
-    import argparse
-
-    if text.strip().lower() == BEST:
-        return BEST
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number or {BEST}, got {text!r}") from None
-
-
-def target_label(target: float | str) -> str:
-    """A target return as shown in tables: "max", or the number without decimals."""
-    return BEST if target == BEST else f"{float(target):.0f}"
 
 # GPT-2 options of the HF config that change the math; glmgym supports their default value only
 # and refuses a config that sets another one rather than silently computing something else.
@@ -205,17 +176,11 @@ class TrainConfig:
     """Returns-to-go are divided by this before entering the model."""
     max_ep_len: int = 1000
     """Largest episode length (size of the timestep embedding)."""
-    target_returns: tuple[float | str, ...] | None = field(
-        default=None, metadata={"flag": "--target-return", "metavar": "R", "type": parse_target}
+    target_returns: tuple[float, ...] | None = field(
+        default=None, metadata={"flag": "--target-return", "metavar": "R"}
     )
-    """Returns to condition on at evaluation, or max (with --variant max-return); default: the
-    paper's for the env, else 1x and 0.5x the best return in the dataset (and max first with
-    --variant max-return)."""
-    variant: str = field(default="dt", metadata={"choices": VARIANTS})
-    """dt: the paper's Decision Transformer. max-return: the same transformer (identical weights
-    for the same seed) plus a return model, an expectile regression of the return-to-go on the
-    state (as Elastic DT and Reinformer), so that `--target-return max` conditions every step on
-    the best return the data show is reachable from there."""
+    """Returns to condition on at evaluation; default: the paper's for the env, else 1x and 0.5x
+    the best return in the dataset."""
     eval_every: int | None = None
     """Evaluate every N steps, 0: only at the end (default: from --preset)."""
     eval_episodes: int = 10
@@ -260,10 +225,6 @@ class TrainConfig:
             raise GlmgymError("--learning-rate, --reward-scale and --grad-clip must be positive")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise GlmgymError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.variant not in VARIANTS:
-            raise GlmgymError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        if BEST in (self.target_returns or ()) and self.variant != "max-return":
-            raise GlmgymError("--target-return max needs --variant max-return (a return model)")
 
 
 @dataclass
@@ -276,12 +237,10 @@ class EvalConfig:
     """Gymnasium env id; default: the one recorded in the checkpoint."""
     episodes: int = 10
     """Episodes per target return, run at once in a vector env."""
-    target_returns: tuple[float | str, ...] | None = field(
-        default=None, metadata={"flag": "--target-return", "metavar": "R", "type": parse_target}
+    target_returns: tuple[float, ...] | None = field(
+        default=None, metadata={"flag": "--target-return", "metavar": "R"}
     )
-    """Returns to condition on, or max (the checkpoint's return model's estimate of the best
-    reachable return, for runs trained with --variant max-return); default: those recorded in the
-    checkpoint."""
+    """Returns to condition on; default: those recorded in the checkpoint."""
     sweep: int | None = field(default=None, metadata={"metavar": "N"})
     """Instead of --target-return: N targets evenly spaced from the training data's worst episode
     return to 1.25x its best (as recorded in the checkpoint), with the slope and spread of the
@@ -365,11 +324,8 @@ class PlayConfig:
     """Checkpoint or run directory; default: the shipped pretrained agent of --env (Hopper-v5)."""
     episodes: int = 1
     """Episodes to play one after the other."""
-    target_return: float | str | None = field(
-        default=None, metadata={"metavar": "R", "type": parse_target}
-    )
-    """Return to condition on, or max (checkpoints trained with --variant max-return); default: the
-    first target recorded in the checkpoint."""
+    target_return: float | None = field(default=None, metadata={"metavar": "R"})
+    """Return to condition on; default: the first target recorded in the checkpoint."""
     env: str | None = None
     """Gymnasium env id; default: the one recorded in the checkpoint. Without --checkpoint it
     picks the shipped agent of that env."""

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from glmgym.agents.config import BEST
 from glmgym.agents.envs import RefScores, make_vector_env, normalized_score
 from glmgym.agents.policy import Policy
 from glmgym.errors import GlmgymError
@@ -22,14 +21,10 @@ from glmgym.errors import GlmgymError
 __all__ = ["conditioning", "evaluate", "format_report", "rollout", "sweep_targets"]
 
 
-def _is_best(target: float | str) -> bool:
-    return isinstance(target, str) and target == BEST
-
-
 def rollout(
     policy: Policy,
     env_id: str,
-    target_return: float | str,
+    target_return: float,
     episodes: int,
     seed: int = 0,
     num_envs: int | None = None,
@@ -37,9 +32,6 @@ def rollout(
     **env_kwargs,
 ) -> dict[str, np.ndarray]:
     """Run `episodes` episodes conditioned on `target_return`.
-
-    `target_return` "max" (`BEST`) conditions on the policy's return model instead: at every step
-    on the larger of the carried-over target and the best return estimated from the state.
 
     Episodes run `num_envs` at a time (default: all at once) in a vector env; each step makes
     one batched model call for the still-running episodes. Episode i is reset with seed + i.
@@ -66,13 +58,9 @@ def rollout(
     return result
 
 
-def _rollout_batch(policy: Policy, env_id: str, target_return: float | str, seeds: list[int],
+def _rollout_batch(policy: Policy, env_id: str, target_return: float, seeds: list[int],
                    on_step: Callable | None = None, env_kwargs: dict | None = None):
     model, K = policy.model.eval(), policy.context_len
-    best = _is_best(target_return)
-    if best and policy.return_model is None:
-        raise GlmgymError("target return 'max' needs a checkpoint with a return model "
-                          "(trained with --variant max-return)")
     cfg = model.config
     device = policy.device
     n = len(seeds)
@@ -95,7 +83,7 @@ def _rollout_batch(policy: Policy, env_id: str, target_return: float | str, seed
         if on_step is not None:
             on_step(envs)
         states[:, 0] = (obs - mean) / std
-        rtg[:, 0] = policy.return_model.estimate(states[:, 0], 0) if best else float(target_return) / scale
+        rtg[:, 0] = target_return / scale
         active = np.ones(n, dtype=bool)
         ep_return = np.zeros(n, np.float64)
         ep_len = np.zeros(n, np.int64)
@@ -122,9 +110,6 @@ def _rollout_batch(policy: Policy, env_id: str, target_return: float | str, seed
             ep_len[idx] += 1
             states[idx, t + 1] = (obs[idx] - mean) / std
             rtg[idx, t + 1] = rtg[idx, t] - reward[idx] / scale
-            if best:  # never below what the data show is reachable from the new state
-                rtg[idx, t + 1] = np.maximum(rtg[idx, t + 1],
-                                             policy.return_model.estimate(states[idx, t + 1], t + 1))
             active[idx[term[idx] | trunc[idx]]] = False
             if not active.any():
                 break
@@ -138,7 +123,7 @@ def _rollout_batch(policy: Policy, env_id: str, target_return: float | str, seed
 def evaluate(
     policy: Policy,
     env_id: str,
-    target_returns: list[float | str] | tuple[float | str, ...],
+    target_returns: list[float] | tuple[float, ...],
     episodes: int = 10,
     seed: int = 0,
     ref: RefScores | None = None,
@@ -149,8 +134,7 @@ def evaluate(
     Args:
         policy: model and normalization.
         env_id: Gymnasium env id.
-        target_returns: returns to condition on, one evaluation each ("max": the policy's
-            return model's estimate, see `rollout`).
+        target_returns: returns to condition on, one evaluation each.
         episodes: episodes per target.
         seed: episode i is reset with seed + i (the same seeds for every target).
         ref: reference scores for the normalized score (None: not reported).
@@ -162,11 +146,10 @@ def evaluate(
     t0 = time.perf_counter()
     total_steps = 0
     for target in target_returns:
-        target = BEST if _is_best(target) else float(target)
-        r = rollout(policy, env_id, target, episodes, seed=seed, num_envs=num_envs)
+        r = rollout(policy, env_id, float(target), episodes, seed=seed, num_envs=num_envs)
         total_steps += int(r["env_steps"])
         entry: dict[str, Any] = {
-            "target_return": target,
+            "target_return": float(target),
             "episodes": episodes,
             "return_mean": float(r["returns"].mean()),
             "return_std": float(r["returns"].std()),
@@ -212,11 +195,10 @@ def sweep_targets(extras: dict[str, Any], n: int) -> list[float]:
 
 
 def conditioning(report: dict[str, Any]) -> dict[str, float]:
-    """How much the achieved return follows the target over an `evaluate()` report's numeric targets:
+    """How much the achieved return follows the target over an `evaluate()` report's targets:
     `slope` (least squares, achieved return per unit of target) and `spread` (achieved at the
     highest target minus achieved at the lowest)."""
-    res = sorted((r for r in report["results"] if not _is_best(r["target_return"])),
-                 key=lambda r: r["target_return"])
+    res = sorted(report["results"], key=lambda r: r["target_return"])
     x = np.array([r["target_return"] for r in res])
     y = np.array([r["return_mean"] for r in res])
     slope = float(np.polyfit(x, y, 1)[0]) if len(res) > 1 and np.ptp(x) > 0 else 0.0
@@ -236,10 +218,9 @@ def format_report(report: dict[str, Any]) -> str:
         header += f" {'normalized':>16}"
     lines.append(header)
     for e in report["results"]:
-        target = e["target_return"]
-        target = target if _is_best(target) else format(target, ".0f")
-        row = (f"{target:>10} {e['episodes']:>8d} {e['return_mean']:>12.1f} {e['return_std']:>9.1f} "
-               f"{e['return_min']:>9.1f} {e['return_max']:>9.1f} {e['length_mean']:>7.0f}")
+        row = (f"{e['target_return']:>10.0f} {e['episodes']:>8d} {e['return_mean']:>12.1f} "
+               f"{e['return_std']:>9.1f} {e['return_min']:>9.1f} {e['return_max']:>9.1f} "
+               f"{e['length_mean']:>7.0f}")
         if ref:
             row += f" {e['normalized_mean']:>8.1f} ± {e['normalized_std']:<5.1f}"
         lines.append(row)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from glmgym._io import atomic_path, read_json
-from glmgym.agents.config import BEST, PlayConfig
+from glmgym.agents.config import PlayConfig
 from glmgym.agents.envs import env_family
 from glmgym.agents.evaluate import rollout
 from glmgym.agents.policy import Policy
@@ -78,14 +78,13 @@ def play(cfg: PlayConfig) -> dict:
             frames.append(envs.envs[0].render())
         counter["t"] += 1
 
-    target = target if target == BEST else float(target)
-    result = rollout(policy, env_id, target, cfg.episodes, seed=cfg.seed, num_envs=1,
+    result = rollout(policy, env_id, float(target), cfg.episodes, seed=cfg.seed, num_envs=1,
                      on_step=grab, render_mode="rgb_array", width=cfg.size, height=cfg.size,
                      **camera_options(env_id))
     with atomic_path(video, suffix=video.suffix) as tmp:
         imageio.mimwrite(tmp, frames, fps=cfg.fps)
     result["frames"] = len(frames)
-    result["target_return"] = target
+    result["target_return"] = float(target)
     result["checkpoint"] = str(ckpt_dir)
     result["video"] = str(video)
     return result

@@ -16,7 +16,6 @@ import torch
 
 from glmgym.agents.checkpoint import latest_checkpoint, read_checkpoint
 from glmgym.agents.model import DecisionTransformer
-from glmgym.agents.return_model import RETURN_MODEL_FILE, ReturnModel, load_return_model
 
 __all__ = ["Policy"]
 
@@ -38,9 +37,6 @@ class Policy:
     extras: dict[str, Any] = field(default_factory=dict)
     """The rest of the checkpoint's `glmgym.json`: env_id, target_returns, dataset,
     dataset_returns, ref_scores (empty for a bare transformers directory)."""
-    return_model: ReturnModel | None = None
-    """The best reachable return from a state, for target `max` (checkpoints trained with
-    `--variant max-return`; None otherwise)."""
 
     @property
     def device(self) -> torch.device:
@@ -62,11 +58,10 @@ class Policy:
             GlmgymError: no checkpoint there, or a malformed one.
         """
         files = read_checkpoint(latest_checkpoint(path))
-        return_file = files.path / RETURN_MODEL_FILE
         model = DecisionTransformer.from_checkpoint_files(files, device)
         extras, dim = files.extras, files.config.state_dim
         return cls(model,
                    np.asarray(extras.get("state_mean", np.zeros(dim)), dtype=np.float32),
                    np.asarray(extras.get("state_std", np.ones(dim)), dtype=np.float32),
                    float(extras.get("reward_scale", 1000.0)), int(extras.get("context_len", 20)),
-                   extras, load_return_model(return_file) if return_file.is_file() else None)
+                   extras)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from glmgym._io import atomic_write_text, read_json
-from glmgym.agents.config import BEST, target_label
 from glmgym.errors import import_extra
 
 __all__ = ["plot_return_vs_target", "write_report"]
@@ -32,8 +31,7 @@ def plot_return_vs_target(sweep: dict[str, Any], path: Path, dataset_mean: float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = sorted((r for r in sweep["results"] if r["target_return"] != BEST),
-                 key=lambda r: r["target_return"])
+    res = sorted(sweep["results"], key=lambda r: r["target_return"])
     x = [r["target_return"] for r in res]
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.errorbar(x, [r["return_mean"] for r in res], yerr=[r["return_std"] for r in res],
@@ -81,12 +79,11 @@ def write_report(run_dir: Path, sweep: dict[str, Any] | None = None,
     score_key = "normalized_mean" if evals and all("normalized_mean" in e for e in evals) else "return_mean"
     if evals:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        targets = sorted({res["target_return"] for e in evals for res in e["results"]},
-                         key=lambda t: (t != BEST, 0.0 if t == BEST else t))
+        targets = sorted({res["target_return"] for e in evals for res in e["results"]})
         for target in targets:
             pts = [(e["step"], res[score_key]) for e in evals for res in e["results"]
                    if res["target_return"] == target]
-            ax.plot(*zip(*pts), marker="o", label=f"target {target_label(target)}")
+            ax.plot(*zip(*pts), marker="o", label=f"target {target:.0f}")
         ax.set(xlabel="gradient step",
                ylabel="normalized score" if score_key == "normalized_mean" else "return",
                title="evaluation during training")
@@ -129,13 +126,12 @@ def write_report(run_dir: Path, sweep: dict[str, Any] | None = None,
         for r in report["results"]:
             norm = (f"{r['normalized_mean']:.1f} ± {r['normalized_std']:.1f}"
                     if "normalized_mean" in r else "-")
-            lines.append(f"| {target_label(r['target_return'])} | {r['episodes']} | {r['return_mean']:.1f} ± "
+            lines.append(f"| {r['target_return']:.0f} | {r['episodes']} | {r['return_mean']:.1f} ± "
                          f"{r['return_std']:.1f} | {norm} | {r['length_mean']:.0f} |")
     if sweep:
         lines += ["", "## Return conditioning", "",
                   "| target | achieved return |", "|---:|---:|"]
-        for r in sorted((r for r in sweep["results"] if r["target_return"] != BEST),
-                        key=lambda r: r["target_return"]):
+        for r in sorted(sweep["results"], key=lambda r: r["target_return"]):
             lines.append(f"| {r['target_return']:.0f} | {r['return_mean']:.1f} ± {r['return_std']:.1f} |")
     for title, image in images:
         lines += ["", f"## {title}", "", f"![{title}]({image})"]

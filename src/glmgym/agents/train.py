@@ -28,7 +28,7 @@ import torch
 
 from glmgym._io import atomic_write_json, atomic_write_text
 from glmgym.agents.checkpoint import latest_checkpoint
-from glmgym.agents.config import BEST, DTConfig, TrainConfig
+from glmgym.agents.config import DTConfig, TrainConfig
 from glmgym.agents.data import OfflineDataset, WindowBatch, WindowSampler
 from glmgym.agents.envs import (
     D4RL_REF_SCORES,
@@ -43,13 +43,6 @@ from glmgym.agents.evaluate import evaluate, format_report
 from glmgym.agents.model import DecisionTransformer
 from glmgym.agents.policy import Policy
 from glmgym.agents.report import write_report
-from glmgym.agents.return_model import (
-    RETURN_MODEL_FILE,
-    ReturnModel,
-    fit_return_model,
-    load_return_model,
-    save_return_model,
-)
 from glmgym.agents.rollouts import open_dataset
 from glmgym.devices import resolve_device
 from glmgym.distributed import ProcessGroup
@@ -109,7 +102,7 @@ class _Inputs:
     dataset: OfflineDataset
     env_id: str
     run_dir: Path
-    targets: tuple[float | str, ...]
+    targets: tuple[float, ...]
     ref: RefScores | None
 
 
@@ -132,8 +125,7 @@ def _check_inputs(cfg: TrainConfig) -> _Inputs:
                 f"{dataset.act_dim}, but {env_id} has {obs_shape} and {act_shape}; pass the right --env"
             )
     run_dir = new_run_dir(cfg.out, f"dt-{dataset.name.replace('/', '-')}", resume_ckpt is not None)
-    targets = cfg.target_returns or (
-        (BEST,) * (cfg.variant == "max-return") + default_target_returns(env_id, dataset))
+    targets = cfg.target_returns or default_target_returns(env_id, dataset)
     return _Inputs(cfg, resume_ckpt, dataset, env_id, run_dir, tuple(targets),
                    reference_scores(env_id, dataset.metadata))
 
@@ -205,21 +197,18 @@ def _evaluate(policy: Policy, run: _Inputs, step: int, log: _RunLog) -> dict[str
 
 
 def _save(path: Path, step: int, model, optimizer, scheduler, rng, ddp: ProcessGroup, device: torch.device,
-          extras: dict[str, Any], return_model: ReturnModel | None) -> Path:
+          extras: dict[str, Any]) -> Path:
     """A checkpoint with the trainer state of every process (rank 0 writes it, atomically)."""
     states = ddp.gather({"numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
     if ddp.main:
         pt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
               "torch_rng": [s["torch_rng"] for s in states], "cuda_rng": [s["cuda_rng"] for s in states]}
-        files: dict[str, Any] = {
+        model.save_pretrained(path, extras=extras, extra_files={
             TRAINER_STATE_JSON: {"step": step, "world_size": ddp.world,
                                  "numpy_rng": [s["numpy_rng"] for s in states]},
             TRAINER_STATE_PT: lambda p: torch.save(pt, p),
-        }
-        if return_model is not None:
-            files[RETURN_MODEL_FILE] = lambda p: save_return_model(return_model, p)
-        model.save_pretrained(path, extras=extras, extra_files=files)
+        })
     ddp.barrier()
     return path
 
@@ -229,8 +218,7 @@ def _final_sweep(policy: Policy, run: _Inputs, last_report: dict | None) -> dict
     dataset's range of returns, written to `eval_sweep.json`."""
     cfg = run.cfg
     best = float(run.dataset.episode_returns().max())
-    numeric = (float(t) for t in run.targets if t != BEST)
-    targets = sorted({*numeric, *np.round(np.linspace(0.25, 1.25, 5) * best)})
+    targets = sorted({*map(float, run.targets), *np.round(np.linspace(0.25, 1.25, 5) * best)})
     # the final evaluation already ran the run's own targets on the same episode seeds (and
     # evaluation is deterministic): only the other targets are rolled out again
     done = {e["target_return"]: e for e in (last_report or {"results": []})["results"]}
@@ -265,7 +253,6 @@ def train(cfg: TrainConfig) -> Path:
         "target_returns": list(run.targets), "context_len": cfg.context_len, "max_ep_len": cfg.max_ep_len,
         "ref_scores": None if run.ref is None else dataclasses.asdict(run.ref),
         "dataset_returns": {k: float(getattr(returns, k)()) for k in ("min", "mean", "max")},
-        "variant": cfg.variant,
     }
     model, params = _build_model(cfg, dataset, device)
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
@@ -286,14 +273,7 @@ def train(cfg: TrainConfig) -> Path:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     bf16 = use_bf16(cfg.precision, device)
     log = _RunLog(run, ddp.main, step if run.resume_ckpt is not None else None)
-    return_model = None
-    if cfg.variant == "max-return" and ddp.main:  # only the main process evaluates and saves
-        saved = run.resume_ckpt / RETURN_MODEL_FILE if run.resume_ckpt is not None else None
-        return_model = load_return_model(saved) if saved is not None and saved.is_file() else \
-            fit_return_model(dataset, state_mean, state_std, cfg.reward_scale, max_ep_len=cfg.max_ep_len,
-                             seed=cfg.seed)
-    policy = Policy(model, state_mean, state_std, cfg.reward_scale, cfg.context_len,
-                    return_model=return_model)
+    policy = Policy(model, state_mean, state_std, cfg.reward_scale, cfg.context_len)
 
     model.train()
     if ddp.main:
@@ -325,7 +305,7 @@ def train(cfg: TrainConfig) -> Path:
                 bar.write(f"step {step}: " + format_report(last_report).replace("\n", "\n  "))
             if final or step % cfg.save_every == 0:
                 ckpt = _save(run.run_dir / "checkpoints" / f"step_{step:07d}", step, model, optimizer,
-                             scheduler, rng, ddp, device, extras, return_model)
+                             scheduler, rng, ddp, device, extras)
     finally:
         bar.close()
         log.close()
