@@ -96,6 +96,13 @@ def find_dataset(name: str, data_dir: Path, made_dir: Path) -> Path | None:
     return None
 
 
+def gpu_name() -> str | None:
+    """The CUDA device glmgym's DT trains on (train's `auto` device), or None on a CPU machine."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def table_targets(env_id: str, ds) -> list[float]:
     """`train`'s default targets (the paper's, on the dataset's scale) and the best return in the data."""
     return [*default_target_returns(env_id, ds), float(np.round(ds.episode_returns().max()))]
@@ -112,7 +119,7 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
     if done != args.steps:  # (a run that finished training but not its evaluation skips this)
         train(TrainConfig(dataset=f"d4rl:{path}", env=env_id, steps=args.steps, warmup_steps=args.warmup,
                           seed=seed, eval_episodes=0, save_every=min(1_000, args.steps), out=str(run_dir),
-                          windows=args.windows,
+                          windows=args.windows, precision=args.precision,
                           progress=False, resume=resume))
     # training time from the log (each record: steps/s since the previous one), so that the
     # parts of a resumed run add up and checkpoint writes are left out
@@ -241,6 +248,8 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--windows", choices=("start", "end"), default="start",
                    help="glmgym DT's training windows (TrainConfig.windows)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="glmgym DT training precision (auto: bf16 autocast on a GPU with native bf16)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--d3rlpy-python", default=None, help="python of a venv with d3rlpy")
     p.add_argument("--runs", default="benchmarks/runs", help="where glmgym's runs go")
@@ -301,7 +310,9 @@ def main() -> None:
                 r = run_glmgym(path, env_id, args, seed, targets, ref, run_dir)
             else:
                 r = run_d3rlpy(path, env_id, args, "dt" if method == "d3rlpy_dt" else "bc", seed, targets)
-            runs[f"{method}/{seed}"] = {**r, "date": time.strftime("%Y-%m-%d"), "cpu": cpu_kind()}
+            gpu = gpu_name() if method == "glmgym_dt" else None  # d3rlpy's and BC's run on the CPU
+            runs[f"{method}/{seed}"] = {**r, "date": time.strftime("%Y-%m-%d"), "cpu": cpu_kind(),
+                                        **({"gpu": gpu} if gpu else {})}
             summarize(entry, ref, ds)
             save()
         summarize(entry, ref, ds)

@@ -66,8 +66,31 @@ def decode_speed(model, prompt: int, new: int) -> dict:
         torch.cuda.synchronize()
         decode_s = (time.perf_counter() - t0) / (new - 2)
         verify = verify_cost(model, cache, prompt - 2, prompt + new - 10, dev)
+        top = profile_step(model, token, cache, prompt - 2, prompt + new - 1, dev)
     return {"prefill_tokens_per_s": prompt / prefill_s, "decode_tokens_per_s": 1 / decode_s,
-            "verify_ratio": verify, "gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+            "verify_ratio": verify, "gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "weights_on": sorted({str(p.device) for p in model.parameters()}), "decode_profile": top}
+
+
+def profile_step(model, token, cache, mask_pos: int, start: int, dev, top: int = 8) -> list[dict]:
+    """The ops that take a decoding step's time (torch.profiler over 3 steps at cache slot
+    `start`): the `top` ops by self device time (self CPU time without a GPU), in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from glmgym.chat.generate import decode_one_token
+
+    cuda = torch.device(dev).type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    pos = torch.tensor([[[mask_pos], [start - mask_pos]]], device=dev)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            decode_one_token(model, token, pos, None, cache, start)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
+    return [{"op": e.key, "calls_per_step": e.count / 3, "ms_per_step": getattr(e, key, 0.0) / 3e3,
+             "cpu_ms_per_step": e.self_cpu_time_total / 3e3} for e in events]
 
 
 def verify_cost(model, cache, mask_pos: int, start: int, dev, rounds: int = 5) -> dict[int, float]:
@@ -109,6 +132,9 @@ def chat_speeds(prompt: int, new: int) -> dict:
         print(f"chat {name} ({entry['backend']}): prefill {entry['prefill_tokens_per_s']:.0f} tok/s, "
               f"decode {entry['decode_tokens_per_s']:.1f} tok/s; verifying k drafts / one step: {ratio}",
               flush=True)
+        ops = "; ".join(f"{e['op']} {e['ms_per_step']:.2f} ms ({e['calls_per_step']:.0f}x)"
+                        for e in entry["decode_profile"][:4])
+        print(f"  weights on {', '.join(entry['weights_on'])}; a step's top ops: {ops}", flush=True)
         del model
         torch.cuda.empty_cache()
     return out

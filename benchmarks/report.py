@@ -60,21 +60,25 @@ def _score(entry: dict | None) -> str:
 # Decision Transformer table
 
 
-def _end_windows() -> dict[str, dict]:
-    """glmgym's DT trained with `--windows end`, per dataset, from the per-dataset result files."""
+def _end_windows() -> tuple[dict[str, dict], dict[str, str]]:
+    """glmgym's DT trained with `--windows end`, per dataset, from the per-dataset result files;
+    and per dataset the device its runs trained on (the GPU's name, or the CPU kind)."""
     rows: dict[str, dict] = {}
+    devices: dict[str, str] = {}
     for path in sorted(RESULTS.glob("dt_windows_end_*.json")):
         for name, entry in json.loads(path.read_text()).get("datasets", {}).items():
             if "glmgym_dt" in entry:
                 rows[name] = entry["glmgym_dt"]
-    return rows
+                runs = [r for k, r in entry["runs"].items() if k.startswith("glmgym_dt/")]
+                devices[name] = " / ".join(sorted({r.get("gpu") or f"{r['cpu'].upper()} CPU" for r in runs}))
+    return rows, devices
 
 
 def dt_table(out: Path, img: Path) -> None:
     result = _load("dt_quality.json")
     if result is None:
         return
-    data, end = result["datasets"], _end_windows()
+    data, (end, devices) = result["datasets"], _end_windows()
     lines = [
         "| dataset | data mean | BC | d3rlpy DT | glmgym DT, start windows (before) "
         "| glmgym DT, end windows (default) |",
@@ -95,12 +99,32 @@ def dt_table(out: Path, img: Path) -> None:
         f"| **average** | {_fmt(avg.get('dataset'))} | {_fmt(avg.get('bc'))} | "
         f"{_fmt(avg.get('d3rlpy_dt'))} | {_fmt(avg.get('glmgym_dt'))} | {_fmt(end_avg)} |"
     )
+    if 0 < len(end) < len(DT_ROWS):  # the same rows for every column while some are not rerun
+        rerun = [n for n in DT_ROWS if n in end and all(m in data.get(n, {}) for m in ("bc", "d3rlpy_dt"))]
+
+        def mean(get) -> str:
+            return _fmt(sum(get(n) for n in rerun) / len(rerun))
+
+        lines.append(
+            f"| average of the {len(rerun)} rows with end windows "
+            f"| {mean(lambda n: data[n]['dataset']['normalized_score_mean'])} "
+            f"| {mean(lambda n: data[n]['bc']['normalized_score_mean'])} "
+            f"| {mean(lambda n: data[n]['d3rlpy_dt']['normalized_score_mean'])} "
+            f"| {mean(lambda n: data[n]['glmgym_dt']['normalized_score_mean'])} "
+            f"| {mean(lambda n: end[n]['normalized_score_mean'])} |"
+        )
+    by_device: dict[str, list[str]] = {}
+    for name in DT_ROWS:
+        if name in devices:
+            by_device.setdefault(devices[name], []).append(name)
+    trained_on = "; ".join(f"{', '.join(names)} on {dev}" for dev, names in by_device.items())
     lines += [
         "",
         "Normalized score (mean ± std over training seeds, their number in brackets), each DT at "
         "its best of three target returns; 10k gradient steps, 10 evaluation episodes per seed and "
         "target. A dash: not run yet. Start windows (kzl's cut) were glmgym's default until "
-        "2026-12-05; the end-window column is the current default, measured on the AVX2 machine.",
+        "2026-12-05; the end-window column is the current default, trained in fp32: "
+        f"{trained_on}.",
     ]
     (out / "dt_table.md").write_text("\n".join(lines) + "\n")
 
@@ -502,6 +526,41 @@ def dt_variant(out: Path, img: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# One NVIDIA GPU: benchmarks/gpu_check.sh
+
+
+def gpu_speed(out: Path, img: Path) -> None:
+    """`gpu_speed.py`: chat decode/prefill per format on the full-size random ChatGLM-6B, the cost
+    of verifying k drafts, DT training and evaluation speed."""
+    r = _load("gpu_speed.json")
+    if r is None:
+        return
+    ks = list(next(iter(r["chat"].values()))["verify_ratio"])
+    lines = [
+        "| format | kernel | prefill tok/s | decode tok/s | "
+        + " | ".join(f"verify k={k}" for k in ks if k != "0") + " |",
+        "|---|---|---:|---:|" + "---:|" * (len(ks) - 1),
+    ]
+    for name, e in r["chat"].items():
+        ratios = " | ".join(f"{e['verify_ratio'][k]:.2f}" for k in ks if k != "0")
+        lines.append(f"| {name} | {e['backend']} | {e['prefill_tokens_per_s']:.0f} | "
+                     f"{e['decode_tokens_per_s']:.1f} | {ratios} |")
+    dt, ev, c = r["dt_train_steps_per_s"], r["dt_eval_env_steps_per_s"], r["config"]
+    lines += [
+        "",
+        f"{r['gpu']}, torch {r['torch']}, {r['date']}. ChatGLM-6B with random weights, "
+        f"{c['prompt_tokens']}-token prompt, {c['new_tokens']} new tokens, batch 1, eager PyTorch; "
+        "verify k: the time of one forward over 1 + k tokens over that of one token. "
+        f"DT training (hopper shapes, batch 64): {dt['fp32']:.1f} steps/s in fp32, "
+        f"{dt['bf16_autocast']:.1f} with bf16 autocast"
+        + (f"; evaluation of {c['eval_episodes']} HalfCheetah episodes: {ev['vectorized']:.0f} env "
+           f"steps/s vectorized against {ev['sequential']:.0f} one episode at a time ({ev['ratio']:.1f}x)."
+           if "ratio" in ev else "."),
+    ]
+    (out / "gpu_speed.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
 # Speculative decoding (prompt lookup)
 
 SPEC_MODELS = {"chatglm-6b": "ChatGLM-6B", **FAMILY_NAMES}
@@ -595,7 +654,8 @@ def speculative(out: Path, img: Path) -> None:
         plt.close(fig)
 
 
-MAKERS = (dt_table, dt_sweep, dt_variant, chat_speed, serve_load, finetune, dt_speed, quickstart, speculative)
+MAKERS = (dt_table, dt_sweep, dt_variant, chat_speed, serve_load, finetune, dt_speed, quickstart, speculative,
+          gpu_speed)
 
 
 def main(argv: list[str] | None = None) -> None:
