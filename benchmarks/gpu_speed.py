@@ -115,6 +115,45 @@ def verify_cost(model, cache, mask_pos: int, start: int, dev, rounds: int = 5) -
     return {k: float(np.median(v)) / base for k, v in times.items()}
 
 
+def linear_speeds(reps: int = 20) -> dict:
+    """bf16 `F.linear` at ChatGLM-6B's four layer shapes, 1 and 128 rows, as the model calls it
+    ([1, T, K] input with bias) and in simpler forms (2D, no bias, a bare `mm`): the weight's
+    GB/s and the TFLOP/s, medians of `reps` timed calls. Tells a slow cuBLAS path (bias epilogue,
+    3D input) from a slow model around it."""
+    import torch.nn.functional as F
+
+    out = {"preferred_blas": str(torch.backends.cuda.preferred_blas_library())}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for K, N in [(4096, 12288), (4096, 4096), (4096, 16384), (16384, 4096)]:
+        w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).bfloat16()
+        b = torch.randn(N, device="cuda", generator=g).bfloat16()
+        for M in (1, 128):
+            x = torch.randn(1, M, K, device="cuda", generator=g).bfloat16()
+            forms = {"linear_3d_bias": (F.linear, (x, w, b)), "linear_2d_bias": (F.linear, (x[0], w, b)),
+                     "linear_2d": (F.linear, (x[0], w)), "mm": (torch.mm, (x[0], w.t()))}
+            for name, (fn, fn_args) in forms.items():
+                for _ in range(3):
+                    fn(*fn_args)
+                times = []
+                for _ in range(reps):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn(*fn_args)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) / 1e3)
+                t = float(np.median(times))
+                out[f"{K}x{N}/M{M}/{name}"] = {"ms": t * 1e3, "weight_gb_per_s": w.numel() * 2 / t / 1e9,
+                                               "tflops": 2 * M * N * K / t / 1e12}
+    worst = min((v for k, v in out.items() if k.endswith("linear_3d_bias") and "/M1/" in k),
+                key=lambda v: v["weight_gb_per_s"])
+    rows128 = ", ".join(f"{k.split('/')[0]} {v['tflops']:.0f} TFLOP/s" for k, v in out.items()
+                        if k.endswith("/M128/linear_3d_bias"))
+    print(f"bf16 linear as the model calls it: one row as low as {worst['weight_gb_per_s']:.0f} GB/s of "
+          f"weights; 128 rows: {rows128}", flush=True)
+    return out
+
+
 def chat_speeds(prompt: int, new: int) -> dict:
     from glmgym.chat.quantize import QuantSpec, quantize_model
 
@@ -208,6 +247,7 @@ def main() -> None:
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "config": {"prompt_tokens": args.prompt, "new_tokens": args.new, "dt_steps": args.dt_steps,
                          "eval_episodes": args.episodes}}
+    result["bf16_linear"] = linear_speeds()
     result["chat"] = chat_speeds(args.prompt, args.new)
     result["dt_train_steps_per_s"] = dt_speeds(args.dt_steps)
     result["dt_eval_env_steps_per_s"] = eval_ratio(args.episodes)
