@@ -3,7 +3,8 @@
 Loads a checkpoint the way `glmgym chat` does (bf16 compute), prefills `--prompt` tokens, then
 times `--new` greedy decode steps, with the time spent inside each `kernels.avx2` function summed
 (the q4 / q8 block kernels, the bf16 lm_head and decoding attention); the rest is layer norms, rotary,
-GELU, residuals and Python dispatch. Prints one line; the machine should be otherwise idle.
+GELU, residuals and Python dispatch. Prints one line, with how much of the process's memory is on
+2 MiB pages (the weights should be); the machine should be otherwise idle.
 Any family member: ChatGLM-6B (2D positions after [gMASK] <sop>) or the v2 block (ChatGLM2/3,
 GLM-4: 1D positions, causal).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -72,7 +74,20 @@ def main() -> None:
     parts = {k: v / args.new * 1e3 for k, v in spent.items()}
     rest = per_token * 1e3 - sum(parts.values())
     print(f"{args.model_dir}: {per_token * 1e3:.0f} ms a token: "
-          + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()) + f", everything else {rest:.1f} ms")
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()) + f", everything else {rest:.1f} ms; "
+          + huge_pages())
+
+
+def huge_pages() -> str:
+    """How much of this process's memory sits on 2 MiB pages (the weights should: see
+    `kernels.avx2.hugepage_copy`), from /proc/self/smaps_rollup (Linux)."""
+    try:
+        text = Path("/proc/self/smaps_rollup").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines()[1:])
+    except OSError:
+        return "huge pages unknown"
+    gib = {k: int(fields[k].split()[0]) / 2**20 for k in ("Rss", "AnonHugePages")}
+    return f"{gib['AnonHugePages']:.2f} of {gib['Rss']:.2f} GiB resident on huge pages"
 
 
 if __name__ == "__main__":
