@@ -42,12 +42,29 @@ def machine_facts() -> dict:
             "python": platform.python_version()}
 
 
-def status_gb(field: str, pid: int | str = "self") -> float:
-    """A memory field of /proc/PID/status (VmRSS, VmHWM, ...) in GiB (Linux; default: this process)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def _proc_gb(path: str, field: str) -> float:
+    """A `Field:  N kB` line of a /proc file in GiB (nan when absent)."""
+    for line in Path(path).read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 2**20
     return float("nan")
+
+
+def status_gb(field: str, pid: int | str = "self") -> float:
+    """A memory field of /proc/PID/status (VmRSS, VmHWM, ...) in GiB (Linux; default: this process)."""
+    return _proc_gb(f"/proc/{pid}/status", field)
+
+
+def smaps_gb(field: str) -> float:
+    """A field of this process's /proc/self/smaps_rollup (Rss, AnonHugePages, ...) in GiB (Linux)."""
+    return _proc_gb("/proc/self/smaps_rollup", field)
+
+
+def gpu_name() -> str | None:
+    """The CUDA device torch's `auto` device would be here, or None on a machine without one."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def peak_rss_gb() -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 
 def main() -> None:
@@ -80,15 +79,13 @@ def main() -> None:
 
 def huge_pages() -> str:
     """How much of this process's memory sits on 2 MiB pages (the weights should: see
-    `kernels.avx2.hugepage_copy`), from /proc/self/smaps_rollup (Linux)."""
-    try:
-        text = Path("/proc/self/smaps_rollup").read_text()
-        fields = dict(line.split(":", 1) for line in text.splitlines()[1:])
-    except OSError:
-        return "huge pages unknown"
-    gib = {k: int(fields[k].split()[0]) / 2**20 for k in ("Rss", "AnonHugePages")}
-    return f"{gib['AnonHugePages']:.2f} of {gib['Rss']:.2f} GiB resident on huge pages"
+    `kernels.avx2.hugepage_copy`)."""
+    from _machine import smaps_gb  # beside this script (sys.path[0])
 
+    try:
+        return f"{smaps_gb('AnonHugePages'):.2f} of {smaps_gb('Rss'):.2f} GiB resident on huge pages"
+    except OSError:  # no /proc/self/smaps_rollup (not Linux)
+        return "huge pages unknown"
 
 if __name__ == "__main__":
     main()

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _machine import cpu_kind  # beside this script (sys.path[0])
+from _machine import cpu_kind, gpu_name  # beside this script (sys.path[0])
 from glmgym._io import atomic_write_json
 from glmgym.agents import Policy, TrainConfig, train
 from glmgym.agents.checkpoint import latest_checkpoint
@@ -94,13 +94,6 @@ def find_dataset(name: str, data_dir: Path, made_dir: Path) -> Path | None:
             write_d4rl_hdf5(made, arrays, meta)
         return made
     return None
-
-
-def gpu_name() -> str | None:
-    """The CUDA device glmgym's DT trains on (train's `auto` device), or None on a CPU machine."""
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def table_targets(env_id: str, ds) -> list[float]:
