@@ -143,9 +143,10 @@ def test_collect_also_writes_a_minari_dataset(tmp_path):
     assert ds.metadata["ref_min_score"] == pytest.approx(hdf5.metadata["ref_min_score"])
 
 
-def test_a_record_rewrites_the_policy_levels_byte_for_byte(tmp_path):
+def test_a_record_rewrites_every_level(tmp_path, capsys):
     """A record (state + two actors, no replay buffer or stream) is all a later machine needs to
-    write the random, medium, expert and medium-expert files again, identical to the run's."""
+    write the random, medium, expert and medium-expert files again, identical to the run's, and
+    medium-replay by training SAC again up to the medium snapshot."""
     import shutil
 
     run = collect(CollectConfig(levels="random,medium,medium-replay,expert,medium-expert",
@@ -170,8 +171,26 @@ def test_a_record_rewrites_the_policy_levels_byte_for_byte(tmp_path):
     for level, path in paths.items():
         assert path.read_bytes() == run[level].read_bytes(), level
 
-    with pytest.raises(GlmgymError, match="no SAC training stream"):
-        collect(CollectConfig(levels="medium-replay", out=str(again), **TINY))
+    # medium-replay: SAC trained again up to the medium snapshot only, on the recorded path
+    replayed = collect(CollectConfig(levels="medium-replay", out=str(again), **TINY))["medium-replay"]
+    state = json.loads((again / "collect_state.json").read_text())
+    stop = state["medium_snapshot"]["step"]
+    assert state["replay"]["trained_steps"] <= stop < TINY["steps"]
+    assert [s["step"] for s in state["replay"]["snapshots"]] == list(range(100, stop + 1, 100))
+    assert state["replay"]["matches_record"] is True
+    mine, theirs = load_dataset(f"d4rl:{replayed}"), load_dataset(f"d4rl:{run['medium-replay']}")
+    assert mine.num_transitions == theirs.num_transitions == stop
+    for key in ("observations", "actions", "rewards", "terminals", "timeouts"):
+        np.testing.assert_array_equal(getattr(mine, key), getattr(theirs, key), err_msg=key)
+    assert bool(mine.metadata["replayed_from_record"]) is True
+    assert "replayed_from_record" not in theirs.metadata
+    # a replay that parts from the recorded path (another CPU or library) says so, in the file too
+    state["snapshots"][0]["return_mean"] += 1.0
+    state["done"].pop("medium-replay")
+    (again / "collect_state.json").write_text(json.dumps(state))
+    replayed = collect(CollectConfig(levels="medium-replay", out=str(again), **TINY))["medium-replay"]
+    assert "another path" in capsys.readouterr().err
+    assert bool(load_dataset(f"d4rl:{replayed}").metadata["replayed_from_record"]) is False
     (again / "sac" / files[1].removeprefix("sac/")).unlink()
     (again / "hopper-medium.hdf5").unlink()
     with pytest.raises(GlmgymError, match="is missing"):

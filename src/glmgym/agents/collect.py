@@ -15,8 +15,9 @@ metadata. A run directory keeps its state: rerunning the same command resumes it
 datasets are kept, SAC training continues from its last snapshot with the random number
 generators and the simulator as they were, so a stopped and resumed run writes the same files
 as one that never stopped). `save_record` keeps the few hundred KB of a finished run that rewrite
-its policy levels (its state and the actors of the medium and expert policies), where the whole
-run directory takes GBs.
+its files (its state and the actors of the medium and expert policies), where the whole run
+directory takes GBs: the policy levels in minutes, medium-replay by training SAC again up to the
+medium snapshot.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -180,15 +182,20 @@ def _load_snapshot(cfg: CollectConfig, path: Path):
     return model
 
 
-def _train_sac(cfg: CollectConfig, out: Path, state: dict[str, Any], save_state) -> None:
-    """Train SAC for cfg.steps steps, recording every transition and scoring snapshots."""
+def _train_sac(cfg: CollectConfig, work: Path, until: int, run: dict[str, Any], save_state) -> None:
+    """Train SAC up to step `until`, recording every transition in `work` and scoring snapshots.
+
+    `run` holds the run's progress (`snapshots`, `trained_steps`, `train_done`): the collection
+    state itself for the collection's own run, a part of it for a replay. SAC is built for
+    cfg.steps steps whatever `until` is (its buffer size), so a run stopped early takes the same
+    path as the whole run up to its stop.
+    """
     import gymnasium as gym
     from safetensors.torch import save_file
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm.auto import tqdm
 
-    work = out / "sac"
     work.mkdir(parents=True, exist_ok=True)
     stream_keys = ("observations", "next_observations", "actions", "rewards", "terminals",
                    "timeouts", "qpos", "qvel")
@@ -229,7 +236,7 @@ def _train_sac(cfg: CollectConfig, out: Path, state: dict[str, Any], save_state)
                 stream["timeouts"][-1] = True
     else:
         model = _sac(env, cfg)
-    bar = tqdm(total=cfg.steps, initial=model.num_timesteps, desc="SAC", unit="step",
+    bar = tqdm(total=until, initial=model.num_timesteps, desc="SAC", unit="step",
                disable=not cfg.progress, mininterval=2.0)
 
     class Snapshots(BaseCallback):
@@ -238,15 +245,15 @@ def _train_sac(cfg: CollectConfig, out: Path, state: dict[str, Any], save_state)
         def _on_step(self) -> bool:
             bar.update(1)
             t = self.num_timesteps
-            if t % cfg.snapshot_every == 0 or t == cfg.steps:
+            if t % cfg.snapshot_every == 0 or t == until:
                 path = work / f"policy_{t:08d}.safetensors"
                 save_file({k: v.contiguous() for k, v in model.policy.state_dict().items()}, str(path))
                 r = run_episodes(cfg.env, _policy_act(model), episodes=cfg.snapshot_episodes,
                                  seed=cfg.seed + 10_000 + t, num_envs=cfg.snapshot_episodes)
-                state["snapshots"].append({"step": t, "return_mean": float(r["episode_returns"].mean()),
+                run["snapshots"].append({"step": t, "return_mean": float(r["episode_returns"].mean()),
                                            "policy": path.name})
                 bar.set_postfix(ret=f"{r['episode_returns'].mean():.0f}")
-                self.save_due = t < cfg.steps
+                self.save_due = t < until
             return True
 
         def _on_rollout_start(self) -> None:
@@ -258,16 +265,16 @@ def _train_sac(cfg: CollectConfig, out: Path, state: dict[str, Any], save_state)
                 model.save_replay_buffer(work / "replay.pkl")
                 np.savez(work / "stream.npz", **{k: np.asarray(v) for k, v in stream.items()})
                 _save_resume_state(work / "resume.npz", model, env)
-                state["trained_steps"] = self.num_timesteps
+                run["trained_steps"] = self.num_timesteps
                 save_state()
 
-    remaining = cfg.steps - model.num_timesteps
+    remaining = until - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=Snapshots(), reset_num_timesteps=False)
     bar.close()
     np.savez(work / "stream.npz", **{k: np.asarray(v) for k, v in stream.items()})
-    state["train_done"] = True
-    state["sac_steps"] = cfg.steps
+    run["train_done"] = True
+    run["sac_steps"] = until
     save_state()
 
 
@@ -317,8 +324,35 @@ def _policies(cfg: CollectConfig, out: Path, state: dict, save_state) -> tuple[A
     return expert, _load_snapshot(cfg, out / "sac" / state["medium_snapshot"]["policy"])
 
 
+def _replay_stream(cfg: CollectConfig, out: Path, state: dict, save_state) -> tuple[Path, dict | None]:
+    """The SAC training stream that medium-replay is cut from, and the replay's state if it is one.
+
+    A collection has its own stream. A record (`save_record`) keeps the policies only, so SAC is
+    trained again from scratch up to the medium snapshot, in `out/sac_replay` (resumable like the
+    run itself). With the record's CPU kernels and package versions SAC takes the recorded path:
+    every snapshot's return then equals the record's to the last digit, which is checked and
+    written into the file's metadata (`replayed_from_record`). Elsewhere SAC takes another path,
+    and the file is a medium-replay of another run than the record's medium and expert files.
+    """
+    own = out / "sac" / "stream.npz"
+    if own.is_file():
+        return own, None
+    stop = state["medium_snapshot"]["step"]
+    replay = state.setdefault("replay", {"snapshots": [], "trained_steps": 0})
+    if not replay.get("train_done"):
+        _train_sac(cfg, out / "sac_replay", stop, replay, save_state)
+    recorded = {s["step"]: s["return_mean"] for s in state["snapshots"]}
+    replay["matches_record"] = all(recorded.get(s["step"]) == s["return_mean"] for s in replay["snapshots"])
+    save_state()
+    if not replay["matches_record"]:
+        print(f"note: SAC's replay took another path than the recorded run's (snapshot returns "
+              f"differ: other CPU kernels or package versions); {out.name}'s medium-replay comes "
+              "from another run than its medium and expert files", file=sys.stderr)
+    return out / "sac_replay" / "stream.npz", replay
+
+
 def _level_arrays(level: str, cfg: CollectConfig, out: Path, family: str, state: dict, seed: int,
-                  expert, medium) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                  expert, medium, save_state) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One level's transitions, and the metadata that describes its policy."""
     desc = level if cfg.progress else None
     if level == "random":
@@ -332,18 +366,18 @@ def _level_arrays(level: str, cfg: CollectConfig, out: Path, family: str, state:
         return arrays, {"policy": f"SAC (stable-baselines3), stochastic actions, step {snap['step']}",
                         "policy_steps": snap["step"], "policy_snapshot_return": snap["return_mean"]}
     if level == "medium-replay":
-        if not (out / "sac" / "stream.npz").is_file():
-            raise GlmgymError(f"{out} has no SAC training stream (sac/stream.npz), which medium-replay "
-                              "is cut from; a record keeps the policies only: collect medium-replay "
-                              "in a new --out, from scratch")
-        with np.load(out / "sac" / "stream.npz") as s:
-            stop = state["medium_snapshot"]["step"]
+        stream, replay = _replay_stream(cfg, out, state, save_state)
+        stop = state["medium_snapshot"]["step"]
+        with np.load(stream) as s:
             arrays = {k: s[k][:stop] for k in s.files}
         arrays["timeouts"][-1] |= not arrays["terminals"][-1]  # cut at the snapshot
         arrays["terminals"] = arrays["terminals"].astype(bool)
         arrays["timeouts"] = arrays["timeouts"].astype(bool)
-        return arrays, {"policy": f"SAC replay buffer, steps 0..{stop} (incl. {cfg.learning_starts} random)",
-                        "policy_steps": stop}
+        meta = {"policy": f"SAC replay buffer, steps 0..{stop} (incl. {cfg.learning_starts} random)",
+                "policy_steps": stop}
+        if replay is not None:  # only a record's rewrite says so, so that a run's own file stays as it was
+            meta["replayed_from_record"] = replay["matches_record"]
+        return arrays, meta
     # medium-expert: the two files written before it, one after the other
     files = [out / f"{family}-{x}.hdf5" for x in ("medium", "expert")]
     return _concat_files(files), {"policy": "medium followed by expert",
@@ -382,7 +416,7 @@ def collect(cfg: CollectConfig) -> dict[str, Path]:
     expert = medium = None
     if any(level != "random" for level in levels):
         if not state.get("train_done"):
-            _train_sac(cfg, out, state, save_state)
+            _train_sac(cfg, out / "sac", cfg.steps, state, save_state)
         expert, medium = _policies(cfg, out, state, save_state)
     base_meta = {
         "env_id": cfg.env, "seed": cfg.seed, "sac_steps": cfg.steps,
@@ -399,7 +433,8 @@ def collect(cfg: CollectConfig) -> dict[str, Path]:
         # a level's seed is its own, whichever other levels are asked for (the documented
         # collections, which asked for all five, had these seeds)
         seed = cfg.seed + 40_000 + 1_000_000 * LEVELS.index(level)
-        arrays, policy_meta = _level_arrays(level, cfg, out, family, state, seed, expert, medium)
+        arrays, policy_meta = _level_arrays(level, cfg, out, family, state, seed, expert, medium,
+                                            save_state)
         meta = {**base_meta, "level": level, **policy_meta, "transitions": len(arrays["rewards"])}
         write_d4rl_hdf5(path, arrays, meta)
         ds = load_d4rl(path)  # read back: the file must load and be finite
@@ -419,8 +454,10 @@ def save_record(run: str | Path, dest: str | Path) -> Path:
     medium snapshot) and the actor weights of the medium and expert policies: a few hundred KB
     where the run directory, with SAC's replay buffer and training stream, takes GBs. Rerunning
     the collection's command with `--out` a copy of the record writes the random, medium, expert
-    and medium-expert levels again, byte for byte with the same package versions and CPU kernels;
-    medium-replay, cut from the training stream, needs the whole run.
+    and medium-expert levels again, byte for byte with the same package versions and CPU kernels.
+    medium-replay, cut from the training stream, is written after training SAC again from scratch
+    up to the medium snapshot (the steps up to there, not the whole run); its snapshots are
+    checked against the record's.
 
     Args:
         run: a collection directory whose SAC training finished.
