@@ -345,9 +345,10 @@ def _replay_stream(cfg: CollectConfig, out: Path, state: dict, save_state) -> tu
     replay["matches_record"] = all(recorded.get(s["step"]) == s["return_mean"] for s in replay["snapshots"])
     save_state()
     if not replay["matches_record"]:
-        print(f"note: SAC's replay took another path than the recorded run's (snapshot returns "
-              f"differ: other CPU kernels or package versions); {out.name}'s medium-replay comes "
-              "from another run than its medium and expert files", file=sys.stderr)
+        print("glmgym: warning: SAC's replay took another path than the recorded run's (snapshot "
+              "returns differ: other CPU kernels or package versions); "
+              f"{out.name}'s medium-replay comes from another run than its medium and expert files",
+              file=sys.stderr)
     return out / "sac_replay" / "stream.npz", replay
 
 
