@@ -112,7 +112,7 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
     if done != args.steps:  # (a run that finished training but not its evaluation skips this)
         train(TrainConfig(dataset=f"d4rl:{path}", env=env_id, steps=args.steps, warmup_steps=args.warmup,
                           seed=seed, eval_episodes=0, save_every=min(1_000, args.steps), out=str(run_dir),
-                          windows=args.windows, precision=args.precision,
+                          windows=args.windows, init=args.init, precision=args.precision,
                           progress=False, resume=resume))
     # training time from the log (each record: steps/s since the previous one), so that the
     # parts of a resumed run add up and checkpoint writes are left out
@@ -241,6 +241,9 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--windows", choices=("start", "end"), default="start",
                    help="glmgym DT's training windows (TrainConfig.windows)")
+    p.add_argument("--init", choices=("paper", "gpt2"), default="gpt2",
+                   help="glmgym DT's embedding and head init (TrainConfig.init); like --windows, the "
+                        "default is the recipe of dt_quality.json's runs, not train's (paper)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="glmgym DT training precision (auto: bf16 autocast on a GPU with native bf16)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -255,7 +258,9 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.exists() else {}
     result.setdefault("datasets", {})
     runs_root = Path(args.runs)
-    tag = "" if args.windows == "start" else f"{args.windows}-"  # run folders of each window cut
+    # run folders of each recipe (window cut, init), so that one never resumes another's checkpoints
+    tag = ("" if args.windows == "start" else f"{args.windows}-") + (
+        "" if args.init == "gpt2" else f"{args.init}-init-")
 
     def save() -> None:
         result["average"] = average(result["datasets"])
@@ -282,6 +287,7 @@ def main() -> None:
                    "env_id": env_id, "steps": args.steps, "warmup": args.warmup,
                    "episodes": args.episodes, "targets": targets,
                    **({"windows": args.windows} if args.windows != "start" else {}),
+                   **({"init": args.init} if args.init != "gpt2" else {}),
                    "reference_scores": {"min": ref.min, "max": ref.max, "source": ref.source}}
         entry = result["datasets"].get(name, {})
         if entry.get("config") != setting:

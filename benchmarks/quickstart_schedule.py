@@ -4,18 +4,21 @@ Trains `embedded:hopper-medium` with two schedules, once per seed each, with an 
 few hundred steps, and reports the normalized return at the default target (3600) at each
 evaluation, per seed and as mean ± std over the seeds:
 
-- `4k`: 4000 steps, 1000 warmup (the `cpu` preset until 2026-12-06);
-- `1.5k`: 1500 steps, 250 warmup.
+- `4k`: 4000 steps, 1000 warmup (the `cpu` preset until 2026-12-06), GPT-2's init;
+- `1.5k`: 1500 steps, 250 warmup, GPT-2's init (the default until 2026-12-06);
+- `1.5k-paper-init`: the same with the paper's init of the embeddings and the action head
+  (`TrainConfig.init`, the default since 2026-12-06).
 
 The learning rate is constant after warmup, so the evaluation at step n of a run is the final
 score of an n-step run with the same warmup and seed: one run per seed and warmup answers "does a
 shorter schedule lose score?" for every shorter length at once. Everything else is the default
-recipe (the paper's network and optimizer, end windows, batch 64).
+recipe (the paper's network and optimizer, end windows, batch 64). `--schedules` runs some of
+them and keeps the others' results in `--out`.
 
 Runs go to `benchmarks/runs/quickstart-<schedule>-seed<N>` and are reused when their log already
 holds the final evaluation; each trains with one thread, so that several share a small machine.
 
-    python benchmarks/quickstart_schedule.py [--seeds 0 1 2]
+    python benchmarks/quickstart_schedule.py [--seeds 0 1 2] [--schedules 1.5k-paper-init]
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from glmgym._io import atomic_write_json
 ROOT = Path(__file__).resolve().parent
 TARGET = 3600.0
 SCHEDULES = {
-    "4k": {"steps": 4000, "warmup_steps": 1000, "eval_every": 500},
-    "1.5k": {"steps": 1500, "warmup_steps": 250, "eval_every": 250},
+    "4k": {"steps": 4000, "warmup_steps": 1000, "eval_every": 500, "init": "gpt2"},
+    "1.5k": {"steps": 1500, "warmup_steps": 250, "eval_every": 250, "init": "gpt2"},
+    "1.5k-paper-init": {"steps": 1500, "warmup_steps": 250, "eval_every": 250, "init": "paper"},
 }
 
 
@@ -55,6 +59,7 @@ def _evals(run: Path) -> dict[int, float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--schedules", nargs="+", choices=tuple(SCHEDULES), default=list(SCHEDULES))
     p.add_argument("--runs", type=Path, default=ROOT / "runs")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "quickstart_schedule.json")
     args = p.parse_args(argv)
@@ -65,8 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     from glmgym.agents.train import TrainConfig, train
 
     torch.set_num_threads(1)
-    schedules = {}
-    for name, sched in SCHEDULES.items():
+    kept = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if kept.get("seeds", args.seeds) != args.seeds:
+        kept = {}  # other seeds: their means do not compare
+    schedules = {k: v for k, v in kept.get("schedules", {}).items() if k not in args.schedules}
+    for name in args.schedules:
+        sched = SCHEDULES[name]
         per_seed = {}
         for seed in args.seeds:
             run = args.runs / f"quickstart-{name}-seed{seed}"

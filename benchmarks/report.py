@@ -60,12 +60,20 @@ def _score(entry: dict | None) -> str:
 # Decision Transformer table
 
 
-def _end_windows() -> tuple[dict[str, dict], dict[str, str]]:
-    """glmgym's DT trained with `--windows end`, per dataset, from the per-dataset result files;
-    and per dataset the device its runs trained on (the GPU's name, or the CPU kind)."""
+# glmgym DT columns beside dt_quality.json's own runs (start windows, GPT-2 init): label, short
+# name and the per-environment result files of runs with that training recipe
+GLMGYM_VARIANTS = (
+    ("glmgym DT, end windows, GPT-2 init (before)", "end windows, GPT-2 init", "dt_windows_end_*.json"),
+    ("glmgym DT, end windows, paper init (default)", "end windows, paper init", "dt_init_paper_*.json"),
+)
+
+
+def _variant_rows(pattern: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """glmgym's DT summaries per dataset from the result files matching `pattern`; and per
+    dataset the device its runs trained on (the GPU's name, or the CPU kind)."""
     rows: dict[str, dict] = {}
     devices: dict[str, str] = {}
-    for path in sorted(RESULTS.glob("dt_windows_end_*.json")):
+    for path in sorted(RESULTS.glob(pattern)):
         for name, entry in json.loads(path.read_text()).get("datasets", {}).items():
             if "glmgym_dt" in entry:
                 rows[name] = entry["glmgym_dt"]
@@ -78,78 +86,65 @@ def dt_table(out: Path, img: Path) -> None:
     result = _load("dt_quality.json")
     if result is None:
         return
-    data, (end, devices) = result["datasets"], _end_windows()
-    lines = [
-        "| dataset | data mean | BC | d3rlpy DT | glmgym DT, start windows (before) "
-        "| glmgym DT, end windows (default) |",
-        "|---|---:|---:|---:|---:|---:|",
+    data = result["datasets"]
+    variants = [(label, short, *_variant_rows(pattern)) for label, short, pattern in GLMGYM_VARIANTS]
+    # every column as a function of the dataset's name -> its summary (or None)
+    columns = [
+        ("data mean", "the data", lambda n: data.get(n, {}).get("dataset")),
+        ("BC", "BC", lambda n: data.get(n, {}).get("bc")),
+        ("d3rlpy DT", "d3rlpy", lambda n: data.get(n, {}).get("d3rlpy_dt")),
+        ("glmgym DT, start windows (before)", "start windows", lambda n: data.get(n, {}).get("glmgym_dt")),
+        *((label, short, rows.get) for label, short, rows, _ in variants),
     ]
+    lines = ["| dataset | " + " | ".join(label for label, _, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for name in DT_ROWS:
-        e = data.get(name, {})
-        lines.append(
-            f"| {name} | {_fmt(e.get('dataset', {}).get('normalized_score_mean'))} | "
-            f"{_score(e.get('bc'))} | {_score(e.get('d3rlpy_dt'))} | {_score(e.get('glmgym_dt'))} | "
-            f"{_score(end.get(name))} |"
-        )
-    avg = result.get("average", {})
-    end_avg = (
-        sum(v["normalized_score_mean"] for v in end.values()) / len(end) if len(end) == len(DT_ROWS) else None
-    )
-    lines.append(
-        f"| **average** | {_fmt(avg.get('dataset'))} | {_fmt(avg.get('bc'))} | "
-        f"{_fmt(avg.get('d3rlpy_dt'))} | {_fmt(avg.get('glmgym_dt'))} | {_fmt(end_avg)} |"
-    )
-    if 0 < len(end) < len(DT_ROWS):  # the same rows for every column while some are not rerun
-        rerun = [n for n in DT_ROWS if n in end and all(m in data.get(n, {}) for m in ("bc", "d3rlpy_dt"))]
+        cells = [_fmt(get(name)["normalized_score_mean"]) if c == 0 and get(name) else _score(get(name))
+                 for c, (_, _, get) in enumerate(columns)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-        def mean(get) -> str:
-            return _fmt(sum(get(n) for n in rerun) / len(rerun))
+    def mean_over(names: list[str], get) -> str:
+        scores = [get(n) for n in names]
+        return _fmt(sum(e["normalized_score_mean"] for e in scores) / len(names)) if all(scores) else "—"
 
-        lines.append(
-            f"| average of the {len(rerun)} rows with end windows "
-            f"| {mean(lambda n: data[n]['dataset']['normalized_score_mean'])} "
-            f"| {mean(lambda n: data[n]['bc']['normalized_score_mean'])} "
-            f"| {mean(lambda n: data[n]['d3rlpy_dt']['normalized_score_mean'])} "
-            f"| {mean(lambda n: data[n]['glmgym_dt']['normalized_score_mean'])} "
-            f"| {mean(lambda n: end[n]['normalized_score_mean'])} |"
-        )
-    by_device: dict[str, list[str]] = {}
-    for name in DT_ROWS:
-        if name in devices:
-            by_device.setdefault(devices[name], []).append(name)
-    trained_on = "; ".join(f"{', '.join(names)} on {dev}" for dev, names in by_device.items())
+    lines.append("| **average** | " + " | ".join(mean_over(DT_ROWS, get) for _, _, get in columns) + " |")
+    for _, short, rows, _ in variants:
+        if 0 < len(rows) < len(DT_ROWS):  # the same rows for every column while some are not rerun
+            names = [n for n in DT_ROWS if n in rows]
+            lines.append(f"| average of the {len(names)} rows with {short} | "
+                         + " | ".join(mean_over(names, get) for _, _, get in columns) + " |")
+    trained_on = []
+    for _, short, _, devices in variants:
+        by_device: dict[str, list[str]] = {}
+        for name in DT_ROWS:
+            if name in devices:
+                by_device.setdefault(devices[name], []).append(name)
+        if by_device:
+            trained_on.append(f"{short}: " + "; ".join(f"{', '.join(names)} on {dev}"
+                                                         for dev, names in by_device.items()))
     lines += [
         "",
         "Normalized score (mean ± std over training seeds, their number in brackets), each DT at "
         "its best of three target returns; 10k gradient steps, 10 evaluation episodes per seed and "
         "target. A dash: not run yet. Start windows (kzl's cut) were glmgym's default until "
-        "2026-12-05; the end-window column is the current default, trained in fp32: "
-        f"{trained_on}.",
+        "2026-12-05, GPT-2's N(0, 0.02) init of the embeddings and the action head until "
+        "2026-12-06; the newer columns trained in fp32, " + ". ".join(trained_on) + ".",
     ]
     (out / "dt_table.md").write_text("\n".join(lines) + "\n")
 
-    columns = [
-        ("data mean", lambda e: e.get("dataset")),
-        ("BC", lambda e: e.get("bc")),
-        ("d3rlpy DT", lambda e: e.get("d3rlpy_dt")),
-        ("glmgym DT, start windows", lambda e: e.get("glmgym_dt")),
-    ]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    if end:  # a bar group only once some dataset has runs
-        columns.append(("glmgym DT, end windows (default)", None))
-    width = 0.8 / len(columns)
-    for c, (label, get) in enumerate(columns):
-        means, stds = [], []
-        for name in DT_ROWS:
-            entry = end.get(name) if get is None else get(data.get(name, {}))
-            means.append(entry["normalized_score_mean"] if entry else 0.0)
-            stds.append(entry.get("normalized_score_std", 0.0) if entry else 0.0)
-        xs = [i + (c - (len(columns) - 1) / 2) * width for i in range(len(DT_ROWS))]
+    shown = [(label, get) for label, _, get in columns if any(get(n) for n in DT_ROWS)]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(shown)
+    for c, (label, get) in enumerate(shown):
+        entries = [get(name) for name in DT_ROWS]
+        means = [e["normalized_score_mean"] if e else 0.0 for e in entries]
+        stds = [e.get("normalized_score_std", 0.0) if e else 0.0 for e in entries]
+        xs = [i + (c - (len(shown) - 1) / 2) * width for i in range(len(DT_ROWS))]
         ax.bar(xs, means, width, yerr=stds, label=label, capsize=2)
     ax.set_xticks(range(len(DT_ROWS)), [n.replace("-", "\n", 1) for n in DT_ROWS], fontsize=8)
     ax.set_ylabel("normalized score")
     ax.set_ylim(top=135)
-    ax.legend(fontsize=8, ncols=5, loc="upper left")
+    ax.legend(fontsize=7, ncols=3, loc="upper left")
     ax.set_title("Decision Transformer, nine datasets (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(img / "dt_table.png", dpi=110)
@@ -389,6 +384,11 @@ def dt_speed(out: Path, img: Path) -> None:
     (out / "dt_speed.md").write_text("\n".join(lines) + "\n")
 
 
+def _schedule(sc: dict) -> str:
+    # runs recorded before TrainConfig.init existed started from GPT-2's init
+    return f"{sc['steps']} steps, {sc['warmup_steps']} warmup, {sc.get('init', 'gpt2')} init"
+
+
 def quickstart(out: Path, img: Path) -> None:
     """`quickstart_schedule.py`: the Quickstart recipe's score along its run, per schedule and seed."""
     result = _load("quickstart_schedule.json")
@@ -397,8 +397,7 @@ def quickstart(out: Path, img: Path) -> None:
     scheds = result["schedules"]
     steps = sorted({int(s) for sc in scheds.values() for s in sc["by_step"]})
     lines = [
-        "| steps | " + " | ".join(f"{n} steps, {sc['warmup_steps']} warmup: mean ± std (per seed)"
-                                   for n, sc in scheds.items()) + " |",
+        "| steps | " + " | ".join(f"{_schedule(sc)}: mean ± std (per seed)" for sc in scheds.values()) + " |",
         "|---:|" + "---:|" * len(scheds),
     ]
     for step in steps:
@@ -418,11 +417,11 @@ def quickstart(out: Path, img: Path) -> None:
     (out / "quickstart.md").write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for name, sc in scheds.items():
+    for sc in scheds.values():
         x = sorted(int(s) for s in sc["by_step"])
         mean = np.array([sc["by_step"][str(s)]["normalized_mean"] for s in x])
         std = np.array([sc["by_step"][str(s)]["normalized_std"] for s in x])
-        line, = ax.plot(x, mean, marker="o", ms=3, label=f"{name} steps, {sc['warmup_steps']} warmup")
+        line, = ax.plot(x, mean, marker="o", ms=3, label=_schedule(sc))
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("gradient steps")
     ax.set_ylabel("normalized return (mean ± std over seeds)")

@@ -108,3 +108,28 @@ def test_default_targets_follow_the_datasets_expert(env_id, refs, expected):
 
     metadata = {} if refs is None else {"ref_min_score": refs[0], "ref_max_score": refs[1]}
     assert default_target_returns(env_id, SimpleNamespace(metadata=metadata)) == expected
+
+
+def test_paper_init_leaves_embeddings_and_head_at_linear_defaults():
+    """`init="paper"`: the return/state/action embeddings and the action head keep nn.Linear's
+    uniform(+-1/sqrt(fan_in)) init, as the paper's code and d3rlpy; the transformer is the same
+    GPT-2 draw as with `init="gpt2"`, which gives every layer N(0, 0.02)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from glmgym.agents.train import _build_model
+
+    shapes = SimpleNamespace(state_dim=11, act_dim=3)
+    paper, _ = _build_model(TrainConfig(init="paper", seed=3), shapes, torch.device("cpu"))
+    gpt2, _ = _build_model(TrainConfig(init="gpt2", seed=3), shapes, torch.device("cpu"))
+    heads = {"embed_return", "embed_state", "embed_action", "predict_action.0"}
+    for name, layer in paper.named_modules():
+        if name in heads:
+            bound = layer.in_features**-0.5
+            for p in (layer.weight, layer.bias):  # uniform in +-bound, not N(0, 0.02) / zeros
+                assert p.abs().max() <= bound and p.std() > bound / 3, name
+            assert gpt2.get_submodule(name).weight.std() < 0.03, name
+    for name, p in paper.named_parameters():
+        if name.rsplit(".", 1)[0] not in heads:
+            assert torch.equal(p, gpt2.get_parameter(name)), name

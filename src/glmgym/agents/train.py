@@ -140,7 +140,18 @@ def _build_model(cfg: TrainConfig, dataset: OfflineDataset,
         n_positions=3 * cfg.context_len, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,
     )
-    model = DecisionTransformer(model_cfg).to(device)
+    model = DecisionTransformer(model_cfg)
+    if cfg.init == "paper":
+        # The paper's code (kzl/decision-transformer) builds these layers beside transformers'
+        # GPT2Model, and d3rlpy after its weight init, so both leave them at nn.Linear's default;
+        # DecisionTransformerModel (and `DecisionTransformer`) gives them GPT-2's N(0, 0.02). The
+        # return-to-go's embedding, Linear(1, h), then starts ~30x smaller than the reference's,
+        # and on halfcheetah-medium-replay the agent tops out ~15% below d3rlpy's (see
+        # docs/agents/training.md). Done after the GPT-2 init so that the transformer's weights
+        # are the same draws either way.
+        for layer in (model.embed_return, model.embed_state, model.embed_action, model.predict_action[0]):
+            layer.reset_parameters()
+    model = model.to(device)
     # Heads the paper does not train, and GPT-2's unused token embedding: frozen, so that DDP
     # does not wait for their gradients (the optimizer would skip them anyway: no grad).
     for unused in (model.predict_state, model.predict_return, model.encoder.wte):
