@@ -70,9 +70,11 @@ def resumed(cfg: Any, saved: dict[str, Any], changeable: tuple[str, ...]) -> Any
 
 
 def resume_config(cfg: Any, run_dir: Path, config_file: str, ckpt: Path | None,
-                  changeable: tuple[str, ...]) -> Any:
+                  changeable: tuple[str, ...], older: dict[str, Any] | None = None) -> Any:
     """`cfg` merged with the run's saved options (`run_dir/config_file`), checking first that the
-    checkpoint `ckpt` has a readable trainer state; `out` becomes the run folder.
+    checkpoint `ckpt` has a readable trainer state; `out` becomes the run folder. `older` gives
+    the value of each option a run saved before the option existed used (its then fixed
+    behaviour, often not today's default).
 
     Raises:
         GlmgymError: no saved options, no checkpoint or trainer state, or a changed option.
@@ -85,7 +87,7 @@ def resume_config(cfg: Any, run_dir: Path, config_file: str, ckpt: Path | None,
     if not (ckpt / TRAINER_STATE_JSON).is_file():
         raise GlmgymError(f"cannot resume from {ckpt}: its {TRAINER_STATE_JSON} is missing")
     read_json(ckpt / TRAINER_STATE_JSON)  # a broken one: say so before anything runs
-    merged = resumed(cfg, read_json(saved_file), (*changeable, "resume", "out"))
+    merged = resumed(cfg, {**(older or {}), **read_json(saved_file)}, (*changeable, "resume", "out"))
     return dataclasses.replace(merged, out=str(run_dir), resume=cfg.resume)
 
 

@@ -133,3 +133,19 @@ def test_paper_init_leaves_embeddings_and_head_at_linear_defaults():
     for name, p in paper.named_parameters():
         if name.rsplit(".", 1)[0] not in heads:
             assert torch.equal(p, gpt2.get_parameter(name)), name
+
+
+def test_a_run_saved_before_init_and_windows_existed_resumes_with_their_old_behaviour(hopper_file, tmp_path):
+    run = tmp_path / "old"
+    train(TrainConfig(dataset="d4rl:hopper-medium-v2", steps=2, out=str(run), init="gpt2", windows="start",
+                      **SMALL))
+    saved = json.loads((run / "train_config.json").read_text())
+    del saved["init"], saved["windows"]  # as runs of 2026-12-04 wrote it
+    (run / "train_config.json").write_text(json.dumps(saved))
+    # today's defaults (paper, end) mean "not given": the run keeps what it did; naming its old
+    # values, as dt_quality.py --init gpt2 does, is no change either
+    train(TrainConfig(steps=4, resume=str(run), progress=False))
+    resumed = json.loads((run / "train_config.json").read_text())
+    assert (resumed["init"], resumed["windows"], resumed["steps"]) == ("gpt2", "start", 4)
+    train(TrainConfig(steps=6, init="gpt2", windows="start", resume=str(run), progress=False))
+    assert json.loads((run / "train_config.json").read_text())["steps"] == 6

@@ -61,6 +61,8 @@ __all__ = ["default_target_returns", "make_optimizer", "train", "train_step"]
 # Options that may change when resuming; any other difference would silently change the run.
 _RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_episodes", "save_every", "log_every",
                         "progress", "device", "target_returns")
+# what runs saved before these options existed did (both defaults have changed since)
+_OLDER_RUNS = {"windows": "start", "init": "gpt2"}
 
 
 def default_target_returns(env_id: str, dataset: OfflineDataset) -> tuple[float, ...]:
@@ -112,7 +114,7 @@ def _check_inputs(cfg: TrainConfig) -> _Inputs:
     if cfg.resume:
         resume_ckpt = latest_checkpoint(cfg.resume)
         run = resume_ckpt.parent.parent
-        cfg = resume_config(cfg, run, "train_config.json", resume_ckpt, _RESUMABLE_OVERRIDES)
+        cfg = resume_config(cfg, run, "train_config.json", resume_ckpt, _RESUMABLE_OVERRIDES, _OLDER_RUNS)
     dataset = open_dataset(cfg.dataset, download=cfg.download)
     env_id = cfg.env or env_id_for_dataset(dataset.name, dataset.env_id)
     if cfg.eval_episodes > 0 or cfg.env:
