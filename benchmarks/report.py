@@ -120,7 +120,7 @@ def dt_table(out: Path, img: Path) -> None:
             if name in devices:
                 by_device.setdefault(devices[name], []).append(name)
         if by_device:
-            trained_on.append(f"{short}: " + "; ".join(f"{', '.join(names)} on {dev}"
+            trained_on.append(f"{short[0].upper()}{short[1:]}: " + "; ".join(f"{', '.join(names)} on {dev}"
                                                          for dev, names in by_device.items()))
     lines += [
         "",
@@ -128,7 +128,7 @@ def dt_table(out: Path, img: Path) -> None:
         "its best of three target returns; 10k gradient steps, 10 evaluation episodes per seed and "
         "target. A dash: not run yet. Start windows (kzl's cut) were glmgym's default until "
         "2026-12-05, GPT-2's N(0, 0.02) init of the embeddings and the action head until "
-        "2026-12-06; the newer columns trained in fp32, " + ". ".join(trained_on) + ".",
+        "2026-12-06. The newer columns trained in fp32. " + ". ".join(trained_on) + ".",
     ]
     (out / "dt_table.md").write_text("\n".join(lines) + "\n")
 
