@@ -90,29 +90,29 @@ def dt_table(out: Path, img: Path) -> None:
     variants = [(label, short, *_variant_rows(pattern)) for label, short, pattern in GLMGYM_VARIANTS]
     # every column as a function of the dataset's name -> its summary (or None)
     columns = [
-        ("data mean", "the data", lambda n: data.get(n, {}).get("dataset")),
-        ("BC", "BC", lambda n: data.get(n, {}).get("bc")),
-        ("d3rlpy DT", "d3rlpy", lambda n: data.get(n, {}).get("d3rlpy_dt")),
-        ("glmgym DT, start windows (before)", "start windows", lambda n: data.get(n, {}).get("glmgym_dt")),
-        *((label, short, rows.get) for label, short, rows, _ in variants),
+        ("data mean", lambda n: data.get(n, {}).get("dataset")),
+        ("BC", lambda n: data.get(n, {}).get("bc")),
+        ("d3rlpy DT", lambda n: data.get(n, {}).get("d3rlpy_dt")),
+        ("glmgym DT, start windows (before)", lambda n: data.get(n, {}).get("glmgym_dt")),
+        *((label, rows.get) for label, _, rows, _ in variants),
     ]
-    lines = ["| dataset | " + " | ".join(label for label, _, _ in columns) + " |",
+    lines = ["| dataset | " + " | ".join(label for label, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for name in DT_ROWS:
         cells = [_fmt(get(name)["normalized_score_mean"]) if c == 0 and get(name) else _score(get(name))
-                 for c, (_, _, get) in enumerate(columns)]
+                 for c, (_, get) in enumerate(columns)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
     def mean_over(names: list[str], get) -> str:
         scores = [get(n) for n in names]
         return _fmt(sum(e["normalized_score_mean"] for e in scores) / len(names)) if all(scores) else "—"
 
-    lines.append("| **average** | " + " | ".join(mean_over(DT_ROWS, get) for _, _, get in columns) + " |")
+    lines.append("| **average** | " + " | ".join(mean_over(DT_ROWS, get) for _, get in columns) + " |")
     for _, short, rows, _ in variants:
         if 0 < len(rows) < len(DT_ROWS):  # the same rows for every column while some are not rerun
             names = [n for n in DT_ROWS if n in rows]
             lines.append(f"| average of the {len(names)} rows with {short} | "
-                         + " | ".join(mean_over(names, get) for _, _, get in columns) + " |")
+                         + " | ".join(mean_over(names, get) for _, get in columns) + " |")
     trained_on = []
     for _, short, _, devices in variants:
         by_device: dict[str, list[str]] = {}
@@ -132,7 +132,7 @@ def dt_table(out: Path, img: Path) -> None:
     ]
     (out / "dt_table.md").write_text("\n".join(lines) + "\n")
 
-    shown = [(label, get) for label, _, get in columns if any(get(n) for n in DT_ROWS)]
+    shown = [(label, get) for label, get in columns if any(get(n) for n in DT_ROWS)]
     fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(shown)
     for c, (label, get) in enumerate(shown):
