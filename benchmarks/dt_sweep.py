@@ -5,8 +5,8 @@
 For each run folder (its newest checkpoint) the agent is evaluated at `--points` targets from the
 training data's worst episode return to 1.25x its best (`glmgym agent evaluate --sweep`), over
 `--episodes` episodes each (episode seeds 0..N-1). Results go to `--out`, one entry per
-(dataset, windows, seed, steps), kept across calls (an entry is redone only when its checkpoint changed);
-`benchmarks/report.py` plots them.
+(dataset, windows, init, seed, steps), kept across calls (an entry is redone only when its
+checkpoint changed); `benchmarks/report.py` plots them.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def sweep(run: Path, points: int, episodes: int) -> dict:
         "checkpoint": ckpt.name,
         "dataset": extras.get("dataset"),
         "windows": cfg.get("windows", "start"),
+        # Runs saved before `--init` existed trained with GPT-2's init (train._OLDER_RUNS).
+        "init": cfg.get("init", "gpt2"),
         "seed": cfg.get("seed"),
         "steps": cfg.get("steps"),
         "dataset_returns": extras.get("dataset_returns"),
@@ -69,7 +71,10 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.exists() else {}
     for run in map(Path, args.runs):
         cfg = read_json(run / "train_config.json")
-        key = f"{Path(cfg['dataset']).stem}/{cfg.get('windows', 'start')}/seed{cfg['seed']}/{cfg['steps']}"
+        init = cfg.get("init", "gpt2")
+        # GPT-2-init keys keep the form they had before `--init` existed.
+        tag = cfg.get("windows", "start") + ("" if init == "gpt2" else f"-{init}-init")
+        key = f"{Path(cfg['dataset']).stem}/{tag}/seed{cfg['seed']}/{cfg['steps']}"
         if result.get(key, {}).get("checkpoint") == latest_checkpoint(run).name:
             print(f"{key}: done before")
             continue

@@ -436,19 +436,27 @@ def quickstart(out: Path, img: Path) -> None:
 # Return conditioning: achieved against target return
 
 
+_INIT_NAMES = {"gpt2": "GPT-2 init", "paper": "paper init"}
+
+
 def dt_sweep(out: Path, img: Path) -> None:
     result = _load("dt_sweep.json")
     if not result:
         return
-    runs = sorted(result.items(), key=lambda kv: (kv[1]["dataset"], kv[1]["windows"], kv[1]["seed"]))
+    for r in result.values():
+        r.setdefault("init", "gpt2")  # entries made before `--init` existed
+    runs = sorted(
+        result.items(), key=lambda kv: (kv[1]["dataset"], kv[1]["windows"], kv[1]["init"], kv[1]["seed"])
+    )
     lines = [
-        "| dataset | windows | seed | steps | slope | spread (return) | achieved at each target |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| dataset | windows | init | seed | steps | slope | spread (return) | achieved at each target |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for _, r in runs:
         curve = ", ".join(f"{t:.0f}: {a:.0f}" for t, a in zip(r["targets"], r["achieved"]))
         lines.append(
-            f"| {r['dataset']} | {r['windows']} | {r['seed']} | {r['steps']} | {r['slope']:.2f} | "
+            f"| {r['dataset']} | {r['windows']} | {_INIT_NAMES[r['init']]} | {r['seed']} | {r['steps']} | "
+            f"{r['slope']:.2f} | "
             f"{r['spread']:+.0f} | {curve} |"
         )
     lines += [
@@ -466,14 +474,15 @@ def dt_sweep(out: Path, img: Path) -> None:
         for _, r in runs:
             if r["dataset"] != name:
                 continue
-            style = "-" if r["windows"] == "end" else "--"
+            # Solid: today's default (end windows, paper init); the older recipes dashed/dotted.
+            style = "--" if r["windows"] == "start" else ("-" if r["init"] == "paper" else ":")
             ax.plot(
                 r["targets"],
                 r["achieved"],
                 style,
                 marker="o",
                 ms=3,
-                label=f"{r['windows']}, seed {r['seed']}, {r['steps'] // 1000}k",
+                label=f"{r['windows']}, {_INIT_NAMES[r['init']]}, seed {r['seed']}, {r['steps'] // 1000}k",
             )
             top = max(top, *r["targets"])
         ax.plot([0, top], [0, top], color="grey", lw=0.8, label="achieved = target")
