@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -5,6 +7,7 @@ from glmgym.agents.envs import (
     D4RL_REF_SCORES,
     env_family,
     env_id_for_dataset,
+    make_env,
     make_vector_env,
     normalized_score,
     reference_scores,
@@ -52,3 +55,34 @@ def test_reference_scores_fall_back_to_the_dataset_own():
 def test_unknown_env_id_is_a_user_error():
     with pytest.raises(GlmgymError, match="cannot create environment 'Hoper-v5'"):
         make_vector_env("Hoper-v5", 2)
+
+
+def test_mujoco_warnings_become_python_warnings_and_the_old_handler_returns():
+    mujoco = pytest.importorskip("mujoco")
+    from glmgym.agents.envs import _mujoco_warnings_to_python
+
+    before = mujoco.get_mju_user_warning()
+    with _mujoco_warnings_to_python(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handler = mujoco.get_mju_user_warning()
+        assert handler is not before
+        handler("attribute 'x' is deprecated")
+        handler("something odd")
+    assert mujoco.get_mju_user_warning() is before
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (DeprecationWarning, "MuJoCo: attribute 'x' is deprecated"),
+        (RuntimeWarning, "MuJoCo: something odd"),
+    ]
+
+
+@pytest.mark.parametrize("env_id", ["HalfCheetah-v5", "Hopper-v5"])
+def test_building_envs_leaves_no_mujoco_log_in_the_working_directory(env_id, tmp_path, monkeypatch, capfd):
+    # HalfCheetah's asset has an attribute newer MuJoCo releases warn about, once per env built.
+    pytest.importorskip("mujoco")
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_vector_env(env_id, 3).close()
+        make_env(env_id).close()
+    assert list(tmp_path.iterdir()) == []
+    assert "WARNING" not in capfd.readouterr().out

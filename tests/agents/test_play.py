@@ -33,10 +33,13 @@ def test_play_writes_a_video_with_the_episode_frames(tmp_path):
 def test_play_through_the_cli(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path / "ckpt")
     rc = main(["agent", "play", "--checkpoint", str(ckpt), "--video", str(tmp_path / "a.gif"),
-               "--size", "32", "--target-return", "500"])
+               "--size", "32", "--target-return", "500", "--fps", "25"])
     assert rc == 0
     assert "target 500" in capsys.readouterr().out
-    assert (tmp_path / "a.gif").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "a.gif") as gif:  # 25 fps: 40 ms a frame
+        assert gif.n_frames > 1 and gif.info["duration"] == 40
 
 
 def test_play_picks_the_shipped_agent_of_the_env_and_names_the_video_after_it(tmp_path, monkeypatch):

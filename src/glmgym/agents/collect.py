@@ -35,7 +35,7 @@ import numpy as np
 from glmgym._io import atomic_dir, atomic_path, atomic_write_json, read_json
 from glmgym.agents.config import LEVELS, CollectConfig
 from glmgym.agents.data import OfflineDataset, load_d4rl
-from glmgym.agents.envs import env_family, make_vector_env
+from glmgym.agents.envs import env_family, make_env, make_vector_env
 from glmgym.agents.rollouts import ActFn, check_spaces, run_episodes, uniform_policy
 from glmgym.errors import GlmgymError, import_extra
 
@@ -166,13 +166,12 @@ def _restore_resume_state(path: Path, model, env) -> None:
 
 def _load_snapshot(cfg: CollectConfig, path: Path):
     """A snapshot's SAC policy, from a file of the whole policy or of its actor only (a record's)."""
-    import gymnasium as gym
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise GlmgymError(f"{path} is missing: the collection's policy files were removed; "
                           "rerun it in a new --out")
-    env = gym.make(cfg.env)
+    env = make_env(cfg.env)
     model = _sac(env, cfg)
     # the rollouts only run the actor, so the critics may stay as SAC initialised them
     missing = model.policy.load_state_dict(load_file(str(path)), strict=False).missing_keys
@@ -220,7 +219,7 @@ def _train_sac(cfg: CollectConfig, work: Path, until: int, run: dict[str, Any], 
             self.last_obs = nxt
             return nxt, r, term, trunc, info
 
-    env = Recorder(gym.make(cfg.env))
+    env = Recorder(make_env(cfg.env))
     if resuming:
         model = SAC.load(work / "latest.zip", env=env, device="cpu", force_reset=False)  # our own file
         model.load_replay_buffer(work / "replay.pkl")
@@ -506,7 +505,6 @@ def _concat_files(paths: list[Path]) -> dict[str, np.ndarray]:
 def _write_minari(ds: OfflineDataset, arrays: dict[str, np.ndarray], dataset_id: str,
                   meta: dict[str, Any]) -> None:
     """The same data as a Minari dataset in the local store (replaces an older copy)."""
-    import gymnasium as gym
     import minari
     from minari.data_collector import EpisodeBuffer
 
@@ -520,7 +518,7 @@ def _write_minari(ds: OfflineDataset, arrays: dict[str, np.ndarray], dataset_id:
             truncations=arrays["timeouts"][s:s + n].tolist(), infos={}))
     with contextlib.suppress(Exception):  # absent: nothing to replace
         minari.delete_dataset(dataset_id)
-    env = gym.make(meta["env_id"])
+    env = make_env(meta["env_id"])
     refs = {}
     if meta.get("ref_max_score") is not None:  # Minari stores references as a pair only
         refs = {"ref_min_score": meta["ref_min_score"], "ref_max_score": meta["ref_max_score"]}

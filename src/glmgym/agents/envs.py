@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +18,7 @@ __all__ = [
     "RefScores",
     "env_family",
     "env_id_for_dataset",
+    "make_env",
     "make_vector_env",
     "normalized_score",
     "reference_scores",
@@ -93,16 +97,64 @@ def normalized_score(returns: np.ndarray | float, ref: RefScores) -> np.ndarray:
     return 100.0 * (np.asarray(returns, dtype=np.float64) - ref.min) / (ref.max - ref.min)
 
 
-def make_vector_env(env_id: str, num_envs: int, **env_kwargs):
-    """A synchronous Gymnasium vector env (MuJoCo steps are too cheap to pay for processes).
+def _mujoco_warning(message: str) -> None:
+    # DeprecationWarning for the assets' deprecated attributes: Python shows those only to the
+    # code that can act on them, which here is Gymnasium's, not the user's.
+    category = DeprecationWarning if "deprecated" in message else RuntimeWarning
+    warnings.warn(f"MuJoCo: {message}", category, stacklevel=2)
+
+
+@contextmanager
+def _mujoco_warnings_to_python() -> Iterator[None]:
+    """Route MuJoCo's C-level warnings to Python's `warnings` while environments are built.
+
+    MuJoCo's default handler prints every warning and appends it to `MUJOCO_LOG.TXT` in the
+    working directory. With mujoco >= 3.3, Gymnasium's HalfCheetah asset raises a deprecation
+    warning for each env built (ten lines and a stray file per evaluation). The handler is global
+    to the process, so the previous one comes back on exit.
+    """
+    try:
+        import mujoco
+    except ImportError:  # not a MuJoCo env, or the simulator is missing (reported by make)
+        yield
+        return
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(_mujoco_warning)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
+def make_env(env_id: str, **env_kwargs):
+    """One Gymnasium env, with MuJoCo's warnings routed to Python's (see `make_vector_env`).
 
     Raises:
         GlmgymError: unknown env id or missing simulator.
     """
+    return _make(env_id, None, env_kwargs)
+
+
+def make_vector_env(env_id: str, num_envs: int, **env_kwargs):
+    """A synchronous Gymnasium vector env (MuJoCo steps are too cheap to pay for processes).
+
+    MuJoCo's warnings while the envs are built go to Python's `warnings` instead of the terminal
+    and a `MUJOCO_LOG.TXT` in the working directory.
+
+    Raises:
+        GlmgymError: unknown env id or missing simulator.
+    """
+    return _make(env_id, num_envs, env_kwargs)
+
+
+def _make(env_id: str, num_envs: int | None, env_kwargs: dict):
     gym = import_extra("gymnasium", "agents")
 
     try:
-        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **env_kwargs)
+        with _mujoco_warnings_to_python():
+            if num_envs is None:
+                return gym.make(env_id, **env_kwargs)
+            return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **env_kwargs)
     except gym.error.Error as exc:
         raise GlmgymError(f"cannot create environment {env_id!r}: {exc}") from None
     except (ImportError, ModuleNotFoundError) as exc:

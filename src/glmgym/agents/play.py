@@ -82,7 +82,9 @@ def play(cfg: PlayConfig) -> dict:
                      on_step=grab, render_mode="rgb_array", width=cfg.size, height=cfg.size,
                      **camera_options(env_id))
     with atomic_path(video, suffix=video.suffix) as tmp:
-        imageio.mimwrite(tmp, frames, fps=cfg.fps)
+        # Pillow's GIF writer takes a frame duration in ms; its `fps` is deprecated.
+        timing = {"duration": 1000 / cfg.fps} if video.suffix.lower() == ".gif" else {"fps": cfg.fps}
+        imageio.mimwrite(tmp, frames, **timing)
     result["frames"] = len(frames)
     result["target_return"] = float(target)
     result["checkpoint"] = str(ckpt_dir)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from glmgym.agents.data import OfflineDataset, load_dataset
-from glmgym.agents.envs import make_vector_env
+from glmgym.agents.envs import make_env, make_vector_env
 from glmgym.errors import GlmgymError
 
 __all__ = ["ActFn", "check_spaces", "collect_random", "open_dataset", "run_episodes", "uniform_policy"]
@@ -113,9 +113,7 @@ def run_episodes(
 
 def uniform_policy(env_id: str, seed: int) -> ActFn:
     """A uniform random policy over `env_id`'s action box (batched: one action per row of obs)."""
-    import gymnasium as gym
-
-    space = gym.make(env_id).action_space
+    space = make_env(env_id).action_space
     rng = np.random.default_rng(seed)
     return lambda obs: rng.uniform(space.low, space.high, size=(len(obs), *space.shape))
 
