@@ -24,12 +24,18 @@ from glmgym.agents.evaluate import conditioning, evaluate, sweep_targets
 from glmgym.agents.policy import Policy
 
 
-def sweep(run: Path, points: int, episodes: int) -> dict:
-    """One run folder's sweep (see the module docstring)."""
+def recipe(cfg: dict) -> tuple[str, str]:
+    """A run's (windows, init); runs saved before those options existed used start windows and
+    GPT-2's init (train._OLDER_RUNS)."""
+    return cfg.get("windows", "start"), cfg.get("init", "gpt2")
+
+
+def sweep(run: Path, cfg: dict, points: int, episodes: int) -> dict:
+    """One run folder's sweep (see the module docstring); `cfg`: its train_config.json."""
     ckpt = latest_checkpoint(run)
     policy = Policy.from_pretrained(ckpt)
     extras = policy.extras
-    cfg = read_json(run / "train_config.json")
+    windows, init = recipe(cfg)
     ref = RefScores(**extras["ref_scores"]) if extras.get("ref_scores") else None
     report = evaluate(
         policy, extras["env_id"], sweep_targets(extras, points), episodes=episodes, seed=0, ref=ref
@@ -38,9 +44,8 @@ def sweep(run: Path, points: int, episodes: int) -> dict:
     return {
         "checkpoint": ckpt.name,
         "dataset": extras.get("dataset"),
-        "windows": cfg.get("windows", "start"),
-        # Runs saved before `--init` existed trained with GPT-2's init (train._OLDER_RUNS).
-        "init": cfg.get("init", "gpt2"),
+        "windows": windows,
+        "init": init,
         "seed": cfg.get("seed"),
         "steps": cfg.get("steps"),
         "dataset_returns": extras.get("dataset_returns"),
@@ -71,14 +76,14 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.exists() else {}
     for run in map(Path, args.runs):
         cfg = read_json(run / "train_config.json")
-        init = cfg.get("init", "gpt2")
+        windows, init = recipe(cfg)
         # GPT-2-init keys keep the form they had before `--init` existed.
-        tag = cfg.get("windows", "start") + ("" if init == "gpt2" else f"-{init}-init")
+        tag = windows + ("" if init == "gpt2" else f"-{init}-init")
         key = f"{Path(cfg['dataset']).stem}/{tag}/seed{cfg['seed']}/{cfg['steps']}"
         if result.get(key, {}).get("checkpoint") == latest_checkpoint(run).name:
             print(f"{key}: done before")
             continue
-        result[key] = sweep(run, args.points, args.episodes)
+        result[key] = sweep(run, cfg, args.points, args.episodes)
         atomic_write_json(out, result)
         r = result[key]
         print(
