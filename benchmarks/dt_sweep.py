@@ -30,6 +30,14 @@ def recipe(cfg: dict) -> tuple[str, str]:
     return cfg.get("windows", "start"), cfg.get("init", "gpt2")
 
 
+def run_key(cfg: dict) -> tuple[str, str, str]:
+    """A run's results key `<dataset>/<windows>[-<init>-init]/seed<N>/<steps>`, its windows and
+    its init; GPT-2-init keys keep the form they had before `--init` existed."""
+    windows, init = recipe(cfg)
+    tag = windows + ("" if init == "gpt2" else f"-{init}-init")
+    return f"{Path(cfg['dataset']).stem}/{tag}/seed{cfg['seed']}/{cfg['steps']}", windows, init
+
+
 def sweep(run: Path, cfg: dict, points: int, episodes: int) -> dict:
     """One run folder's sweep (see the module docstring); `cfg`: its train_config.json."""
     ckpt = latest_checkpoint(run)
@@ -76,10 +84,7 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.exists() else {}
     for run in map(Path, args.runs):
         cfg = read_json(run / "train_config.json")
-        windows, init = recipe(cfg)
-        # GPT-2-init keys keep the form they had before `--init` existed.
-        tag = windows + ("" if init == "gpt2" else f"-{init}-init")
-        key = f"{Path(cfg['dataset']).stem}/{tag}/seed{cfg['seed']}/{cfg['steps']}"
+        key, _, _ = run_key(cfg)
         if result.get(key, {}).get("checkpoint") == latest_checkpoint(run).name:
             print(f"{key}: done before")
             continue

@@ -436,7 +436,8 @@ def quickstart(out: Path, img: Path) -> None:
 # Return conditioning: achieved against target return
 
 
-_INIT_NAMES = {"gpt2": "GPT-2 init", "paper": "paper init"}
+_INIT_NAMES = {"gpt2": "GPT-2 init", "paper": "paper init", "ptime": "paper init, timestep x 7",
+               "ronly": "GPT-2 init, return at default", "kzl": "kzl init"}
 
 
 def dt_sweep(out: Path, img: Path) -> None:
@@ -531,6 +532,38 @@ def dt_variant(out: Path, img: Path) -> None:
         "runs of the table, 10k steps.",
     ]
     (out / "dt_variant.md").write_text("\n".join(lines) + "\n")
+
+
+def dt_heldout(out: Path, img: Path) -> None:
+    """`dt_heldout.py`: runs of each training recipe on the same held-out episodes; the GPT-2-init
+    end-window runs from `dt_variant.py`'s fixed-target figures (the same episodes)."""
+    groups: dict[tuple[str, str, float], list[tuple[int, float]]] = {}
+    seeds_of_episodes = None
+    for r in (_load("dt_heldout.json") or {}).values():
+        seeds_of_episodes = r["episode_seeds"]
+        for target, res in r["results"].items():
+            groups.setdefault((r["dataset"], r["init"], float(target)), []).append(
+                (r["seed"], res["normalized_mean"]))
+    if not groups:
+        return
+    for r in (_load("dt_variant.json") or {}).values():
+        if r["episode_seeds"] == seeds_of_episodes and any(k[0] == r["dataset"] for k in groups):
+            groups.setdefault((r["dataset"], "gpt2", r["fixed_target"]), []).append((r["seed"], r["fixed"]))
+    lines = ["| dataset | target | init | per seed | mean ± std |", "|---|---:|---|---|---:|"]
+    for (name, init, target), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])):
+        scores = np.array([score for _, score in sorted(rows)])
+        per_seed = ", ".join(f"{x:.1f}" for x in scores)
+        lines.append(f"| {name} | {target:.0f} | {_INIT_NAMES[init]} | {per_seed} | "
+                     f"{scores.mean():.1f} ± {scores.std():.1f} |")
+    lines += [
+        "",
+        "Normalized score of each training seed's final checkpoint (end windows, 10k steps) over "
+        f"the same held-out episodes (episode seeds {seeds_of_episodes[0]}–{seeds_of_episodes[1]}), "
+        "not the table's ten; mean ± std over seeds. GPT-2 init: `dt_variant.py`'s fixed-target "
+        "figures of the table's end-window runs (at 4844 only). Timestep x 7: the paper init with the "
+        "timestep embedding drawn from N(0, 1/sqrt(3 x state_dim)) instead of N(0, 0.02).",
+    ]
+    (out / "dt_heldout.md").write_text("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,7 +695,8 @@ def speculative(out: Path, img: Path) -> None:
         plt.close(fig)
 
 
-MAKERS = (dt_table, dt_sweep, dt_variant, chat_speed, serve_load, finetune, dt_speed, quickstart, speculative,
+MAKERS = (dt_table, dt_sweep, dt_variant, dt_heldout,
+          chat_speed, serve_load, finetune, dt_speed, quickstart, speculative,
           gpu_speed)
 
 
