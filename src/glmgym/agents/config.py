@@ -156,12 +156,12 @@ class TrainConfig:
     every step as often) or start (a uniform start, as kzl/decision-transformer: an episode's
     first steps are trained about 1/K as often as its middle, and on mixed data the return-to-go
     barely steers the model; see docs/agents/datasets.md)."""
-    init: str = field(default="paper", metadata={"choices": ("paper", "gpt2", "kzl", "ptime", "ronly")})
+    init: str = field(default="paper", metadata={"choices": ("paper", "gpt2")})
     """How the return, state and action embeddings and the action head start: paper (PyTorch's
     nn.Linear default, uniform in +-1/sqrt(fan_in), as the paper's code and d3rlpy leave them) or
     gpt2 (N(0, 0.02) like the transformer, as transformers' DecisionTransformerModel; glmgym's
-    default until 2026-12-06). The transformer starts as GPT-2 either way; see
-    docs/agents/training.md."""
+    default until 2026-12-06, and the better one on walker2d-medium-expert). The transformer and
+    the timestep embedding start as GPT-2's either way (as d3rlpy's); see docs/agents/training.md."""
     hidden_size: int = 128
     """Transformer width."""
     n_layer: int = 3
