@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 
 from _machine import cpu_kind  # beside this script (sys.path[0])
-from dt_sweep import run_key
+from dt_sweep import policy_and_ref, run_key
 from glmgym._io import atomic_write_json, read_json
 from glmgym.agents.checkpoint import latest_checkpoint
-from glmgym.agents.envs import RefScores
 from glmgym.agents.evaluate import evaluate
-from glmgym.agents.policy import Policy
 
 
 def main() -> None:
@@ -44,9 +42,8 @@ def main() -> None:
         if old.get("checkpoint") == ckpt.name and old.get("targets") == args.targets:
             print(f"{key}: done before")
             continue
-        policy = Policy.from_pretrained(ckpt)
+        policy, ref = policy_and_ref(ckpt)
         extras = policy.extras
-        ref = RefScores(**extras["ref_scores"]) if extras.get("ref_scores") else None
         report = evaluate(policy, extras["env_id"], args.targets, episodes=args.episodes,
                           seed=args.seed, ref=ref)
         result[key] = {

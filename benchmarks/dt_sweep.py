@@ -38,13 +38,19 @@ def run_key(cfg: dict) -> tuple[str, str, str]:
     return f"{Path(cfg['dataset']).stem}/{tag}/seed{cfg['seed']}/{cfg['steps']}", windows, init
 
 
+def policy_and_ref(ckpt: Path) -> tuple[Policy, RefScores | None]:
+    """A checkpoint's policy and the reference scores recorded with it (None: not recorded)."""
+    policy = Policy.from_pretrained(ckpt)
+    recorded = policy.extras.get("ref_scores")
+    return policy, RefScores(**recorded) if recorded else None
+
+
 def sweep(run: Path, cfg: dict, points: int, episodes: int) -> dict:
     """One run folder's sweep (see the module docstring); `cfg`: its train_config.json."""
     ckpt = latest_checkpoint(run)
-    policy = Policy.from_pretrained(ckpt)
+    policy, ref = policy_and_ref(ckpt)
     extras = policy.extras
     windows, init = recipe(cfg)
-    ref = RefScores(**extras["ref_scores"]) if extras.get("ref_scores") else None
     report = evaluate(
         policy, extras["env_id"], sweep_targets(extras, points), episodes=episodes, seed=0, ref=ref
     )
