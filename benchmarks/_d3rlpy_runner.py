@@ -25,6 +25,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--episode-seed", type=int, default=None,
+                   help="episode seed of the first episode (default: --seed, as glmgym's table)")
     p.add_argument("--targets", type=float, nargs="*", default=[])
     args = p.parse_args()
 
@@ -62,8 +64,9 @@ def main() -> None:
     results = {}
     for target in args.targets if args.algo == "dt" else [None]:
         returns = []
+        first = args.seed if args.episode_seed is None else args.episode_seed
         for i in range(args.episodes):  # the same episode seeds as glmgym's evaluation
-            obs, _ = env.reset(seed=args.seed + i)
+            obs, _ = env.reset(seed=first + i)
             if target is not None:
                 actor = algo.as_stateful_wrapper(target_return=target)
                 actor.reset()

@@ -8,6 +8,12 @@ folder's newest checkpoint on `--episodes` episodes from episode seed `--seed` (
 100, as `dt_variant.py`'s fixed-target figures) at `--targets`. Results go to `--out`, one
 entry per (dataset, windows, init, seed, steps), kept across calls (an entry is redone only when
 its checkpoint or targets changed); `benchmarks/report.py` tabulates them.
+
+    python benchmarks/dt_heldout.py --d3rlpy walker2d-medium-expert --data-dir DIR \
+        --d3rlpy-python VENV/bin/python --d3rlpy-seeds 0 1
+
+trains d3rlpy's DT as `dt_quality.py` does (10k steps, one run at a time, not resumable) and
+evaluates it on the same episodes, for the peer's figure beside glmgym's.
 """
 
 from __future__ import annotations
@@ -17,23 +23,76 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from _machine import cpu_kind  # beside this script (sys.path[0])
+from dt_quality import find_dataset, run_d3rlpy
 from dt_sweep import policy_and_ref, run_key
 from glmgym._io import atomic_write_json, read_json
 from glmgym.agents.checkpoint import latest_checkpoint
+from glmgym.agents.data import load_dataset
+from glmgym.agents.envs import ENV_IDS, env_family, normalized_score, reference_scores
 from glmgym.agents.evaluate import evaluate
+
+
+def d3rlpy_entries(args, result: dict) -> None:
+    """Train d3rlpy's DT on `args.d3rlpy` for each of `args.d3rlpy_seeds` and evaluate it on the
+    held-out episodes; each seed's entry is saved as soon as it is done."""
+    path = find_dataset(args.d3rlpy, Path(args.data_dir), Path(args.runs_dir) / "data")
+    if path is None:
+        raise SystemExit(f"{args.d3rlpy}: not found (embedded or {args.data_dir}/<Env>-v5/)")
+    ds = load_dataset(f"d4rl:{path}")
+    env_id = ENV_IDS.get(env_family(args.d3rlpy)) or ds.env_id
+    ref = reference_scores(env_id, ds.metadata)
+    for seed in args.d3rlpy_seeds:
+        key = f"{args.d3rlpy}/end-d3rlpy/seed{seed}/{args.steps}"
+        if result.get(key, {}).get("targets") == args.targets:
+            print(f"{key}: done before")
+            continue
+        r = run_d3rlpy(path, env_id, args, "dt", seed, args.targets, episode_seed=args.seed)
+        result[key] = d3rlpy_entry(args, seed, r, ref)
+        atomic_write_json(Path(args.out), result)
+        print(f"{key}: " + ", ".join(f"{t}: {x['normalized_mean']:.1f}"
+                                     for t, x in result[key]["results"].items()))
+
+
+def d3rlpy_entry(args, seed: int, r: dict, ref) -> dict:
+    """The results entry of one d3rlpy run (`dt_quality.run_d3rlpy`'s output `r`)."""
+    return {
+        "dataset": args.d3rlpy, "windows": "end", "init": "d3rlpy", "seed": seed,
+        "steps": args.steps, "targets": args.targets,
+        "episode_seeds": [args.seed, args.seed + args.episodes - 1],
+        "results": {t: {"normalized_mean": float(normalized_score(rets, ref).mean()),
+                        "return_mean": float(np.mean(rets)), "returns": rets}
+                    for t, rets in r["returns"].items()},
+        "train_seconds": r["train_seconds"], "versions": r["versions"],
+        "date": time.strftime("%Y-%m-%d"), "cpu": cpu_kind(),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="run folders of glmgym agent train (or of dt_quality.py)")
+    p.add_argument("runs", nargs="*", help="run folders of glmgym agent train (or of dt_quality.py)")
     p.add_argument("--targets", type=float, nargs="+", default=[4844.0])
     p.add_argument("--episodes", type=int, default=30)
     p.add_argument("--seed", type=int, default=100, help="episode seed of the first episode")
     p.add_argument("--out", default="benchmarks/results/dt_heldout.json")
+    p.add_argument("--d3rlpy", metavar="DATASET", help="also train and evaluate d3rlpy's DT on it")
+    p.add_argument("--d3rlpy-python", help="python of a venv with d3rlpy (as dt_quality.py's)")
+    p.add_argument("--d3rlpy-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--data-dir", default="datasets", help="as dt_quality.py's")
+    p.add_argument("--runs-dir", default="benchmarks/runs", help="as dt_quality.py's --runs")
+    p.add_argument("--steps", type=int, default=10_000, help="d3rlpy's training steps")
+    p.add_argument("--warmup", type=int, default=1_000, help="d3rlpy's warmup steps")
     args = p.parse_args()
+    if not args.runs and not args.d3rlpy:
+        p.error("give run folders, --d3rlpy DATASET, or both")
+    if args.d3rlpy and not args.d3rlpy_python:
+        p.error("--d3rlpy needs --d3rlpy-python")
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
+    if args.d3rlpy:
+        d3rlpy_entries(args, result)
     for run in map(Path, args.runs):
         cfg = read_json(run / "train_config.json")
         key, windows, init = run_key(cfg)

@@ -125,13 +125,17 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
             "returns": {str(r["target_return"]): r["returns"] for r in report["results"]}}
 
 
-def run_d3rlpy(path: Path, env_id: str, args, algo: str, seed: int, targets) -> dict:
+def run_d3rlpy(path: Path, env_id: str, args, algo: str, seed: int, targets,
+               episode_seed: int | None = None) -> dict:
+    """Train and evaluate one d3rlpy run in its own venv; episodes from `episode_seed` (default:
+    `seed`, as glmgym's table)."""
     with tempfile.TemporaryDirectory() as cwd:  # d3rlpy writes d3rlpy_logs/ there
         proc = subprocess.run(
             [args.d3rlpy_python, str(Path(__file__).resolve().with_name("_d3rlpy_runner.py")),
              "--dataset", str(path.resolve()), "--algo", algo, "--env", env_id,
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(seed),
-             "--episodes", str(args.episodes), "--targets", *map(str, targets)],
+             "--episodes", str(args.episodes), "--targets", *map(str, targets),
+             *(["--episode-seed", str(episode_seed)] if episode_seed is not None else [])],
             capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
         raise SystemExit(f"d3rlpy {algo} failed:\n{proc.stderr[-3000:]}")
@@ -241,7 +245,7 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--windows", choices=("start", "end"), default="start",
                    help="glmgym DT's training windows (TrainConfig.windows)")
-    p.add_argument("--init", choices=("paper", "gpt2"), default="gpt2",
+    p.add_argument("--init", choices=("paper", "gpt2", "psum"), default="gpt2",
                    help="glmgym DT's embedding and head init (TrainConfig.init); like --windows, the "
                         "default is the recipe of dt_quality.json's runs, not train's (paper)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",

@@ -437,7 +437,8 @@ def quickstart(out: Path, img: Path) -> None:
 
 
 _INIT_NAMES = {"gpt2": "GPT-2 init", "paper": "paper init", "ptime": "paper init, timestep x 7",
-               "ronly": "GPT-2 init, return at default", "kzl": "kzl init"}
+               "ronly": "GPT-2 init, return at default", "kzl": "kzl init",
+               "psum": "paper init, loss summed over action dims", "d3rlpy": "d3rlpy DT"}
 
 
 def dt_sweep(out: Path, img: Path) -> None:
@@ -549,7 +550,7 @@ def dt_heldout(out: Path, img: Path) -> None:
     for r in (_load("dt_variant.json") or {}).values():
         if r["episode_seeds"] == seeds_of_episodes and any(k[0] == r["dataset"] for k in groups):
             groups.setdefault((r["dataset"], "gpt2", r["fixed_target"]), []).append((r["seed"], r["fixed"]))
-    lines = ["| dataset | target | init | per seed | mean ± std |", "|---|---:|---|---|---:|"]
+    lines = ["| dataset | target | recipe | per seed | mean ± std |", "|---|---:|---|---|---:|"]
     for (name, init, target), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])):
         scores = np.array([score for _, score in sorted(rows)])
         per_seed = ", ".join(f"{x:.1f}" for x in scores)
@@ -561,7 +562,9 @@ def dt_heldout(out: Path, img: Path) -> None:
         f"the same held-out episodes (episode seeds {seeds_of_episodes[0]}–{seeds_of_episodes[1]}), "
         "not the table's ten; mean ± std over seeds. GPT-2 init: `dt_variant.py`'s fixed-target "
         "figures of the table's end-window runs (at 4844 only). Timestep x 7: the paper init with the "
-        "timestep embedding drawn from N(0, 1/sqrt(3 x state_dim)) instead of N(0, 0.02).",
+        "timestep embedding drawn from N(0, 1/sqrt(3 x state_dim)) instead of N(0, 0.02). Loss "
+        "summed over action dims: d3rlpy's reduction, so that the 0.25 clip binds as in d3rlpy. "
+        "d3rlpy DT: d3rlpy 2.8.1 trained as in the table, evaluated on the same episodes.",
     ]
     (out / "dt_heldout.md").write_text("\n".join(lines) + "\n")
 

@@ -143,7 +143,7 @@ def _build_model(cfg: TrainConfig, dataset: OfflineDataset,
         attn_pdrop=cfg.dropout,
     )
     model = DecisionTransformer(model_cfg)
-    if cfg.init == "paper":
+    if cfg.init in ("paper", "psum"):  # EXPERIMENT psum: d3rlpy's sum over action dims (train loop)
         # The paper's code (kzl/decision-transformer) builds these layers beside transformers'
         # GPT2Model, and d3rlpy after its weight init, so both leave them at nn.Linear's default;
         # DecisionTransformerModel (and `DecisionTransformer`) gives them GPT-2's N(0, 0.02). The
@@ -303,7 +303,8 @@ def train(cfg: TrainConfig) -> Path:
     try:
         while step < cfg.steps:
             loss = train_step(train_model, params, optimizer, scheduler,
-                              sampler.sample(cfg.batch_size // ddp.world), device, bf16, cfg.grad_clip)
+                              sampler.sample(cfg.batch_size // ddp.world), device, bf16,
+                              cfg.grad_clip / (dataset.act_dim if cfg.init == "psum" else 1))
             step += 1
             steps_since += 1
             bar.update(1)
