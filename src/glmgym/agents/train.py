@@ -143,7 +143,7 @@ def _build_model(cfg: TrainConfig, dataset: OfflineDataset,
         attn_pdrop=cfg.dropout,
     )
     model = DecisionTransformer(model_cfg)
-    if cfg.init in ("paper", "psum"):  # EXPERIMENT psum: d3rlpy's sum over action dims (train loop)
+    if cfg.init == "paper":
         # The paper's code (kzl/decision-transformer) builds these layers beside transformers'
         # GPT2Model, and d3rlpy after its weight init, so both leave them at nn.Linear's default;
         # DecisionTransformerModel (and `DecisionTransformer`) gives them GPT-2's N(0, 0.02). The
@@ -303,8 +303,7 @@ def train(cfg: TrainConfig) -> Path:
     try:
         while step < cfg.steps:
             loss = train_step(train_model, params, optimizer, scheduler,
-                              sampler.sample(cfg.batch_size // ddp.world), device, bf16,
-                              cfg.grad_clip / (dataset.act_dim if cfg.init == "psum" else 1))
+                              sampler.sample(cfg.batch_size // ddp.world), device, bf16, cfg.grad_clip)
             step += 1
             steps_since += 1
             bar.update(1)
@@ -355,7 +354,9 @@ def train_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer, sc
     mask = torch.from_numpy(batch.attention_mask).to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         pred = model(states, actions, rtg, timesteps, mask)
-    # MSE over the real (unpadded) steps only, as the reference's boolean indexing does.
+    # MSE over the real (unpadded) steps only, as the reference's boolean indexing does. d3rlpy
+    # sums over action dims instead, so its 0.25 clip binds every step (glmgym's, after warmup,
+    # never); on walker2d-medium-expert that reduction scored no better (docs/benchmarks.md).
     m = mask.unsqueeze(-1).float()
     loss = ((pred.float() - actions) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
     optimizer.zero_grad(set_to_none=True)
