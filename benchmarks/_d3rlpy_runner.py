@@ -62,9 +62,9 @@ def main() -> None:
 
     env = gym.make(args.env)
     results = {}
+    first = args.seed if args.episode_seed is None else args.episode_seed
     for target in args.targets if args.algo == "dt" else [None]:
         returns = []
-        first = args.seed if args.episode_seed is None else args.episode_seed
         for i in range(args.episodes):  # the same episode seeds as glmgym's evaluation
             obs, _ = env.reset(seed=first + i)
             if target is not None:

@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from _machine import cpu_kind  # beside this script (sys.path[0])
-from dt_quality import find_dataset, run_d3rlpy
+from dt_quality import find_dataset, load_with_env, run_d3rlpy
 from dt_sweep import policy_and_ref, run_key
 from glmgym._io import atomic_write_json, read_json
 from glmgym.agents.checkpoint import latest_checkpoint
-from glmgym.agents.data import load_dataset
-from glmgym.agents.envs import ENV_IDS, env_family, normalized_score, reference_scores
+from glmgym.agents.envs import normalized_score
 from glmgym.agents.evaluate import evaluate
 
 
@@ -41,9 +40,7 @@ def d3rlpy_entries(args, result: dict) -> None:
     path = find_dataset(args.d3rlpy, Path(args.data_dir), Path(args.runs_dir) / "data")
     if path is None:
         raise SystemExit(f"{args.d3rlpy}: not found (embedded or {args.data_dir}/<Env>-v5/)")
-    ds = load_dataset(f"d4rl:{path}")
-    env_id = ENV_IDS.get(env_family(args.d3rlpy)) or ds.env_id
-    ref = reference_scores(env_id, ds.metadata)
+    _, env_id, ref = load_with_env(args.d3rlpy, path)
     for seed in args.d3rlpy_seeds:
         key = f"{args.d3rlpy}/end-d3rlpy/seed{seed}/{args.steps}"
         if result.get(key, {}).get("targets") == args.targets:

@@ -96,6 +96,13 @@ def find_dataset(name: str, data_dir: Path, made_dir: Path) -> Path | None:
     return None
 
 
+def load_with_env(name: str, path: Path):
+    """A found dataset (`find_dataset`), its evaluation env id and its reference scores."""
+    ds = load_dataset(f"d4rl:{path}")
+    env_id = ENV_IDS.get(env_family(name)) or ds.env_id
+    return ds, env_id, reference_scores(env_id, ds.metadata)
+
+
 def table_targets(env_id: str, ds) -> list[float]:
     """`train`'s default targets (the paper's, on the dataset's scale) and the best return in the data."""
     return [*default_target_returns(env_id, ds), float(np.round(ds.episode_returns().max()))]
@@ -283,9 +290,7 @@ def main() -> None:
             missing.append(name)
             print(f"{name}: not found (embedded or {args.data_dir}/<Env>-v5/{name}.hdf5); skipped")
             continue
-        ds = load_dataset(f"d4rl:{path}")
-        env_id = ENV_IDS.get(env_family(name)) or ds.env_id
-        ref = reference_scores(env_id, ds.metadata)
+        ds, env_id, ref = load_with_env(name, path)
         targets = table_targets(env_id, ds)
         setting = {"dataset_file": path.name, "dataset_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                    "env_id": env_id, "steps": args.steps, "warmup": args.warmup,

@@ -437,7 +437,7 @@ def quickstart(out: Path, img: Path) -> None:
 
 
 _INIT_NAMES = {"gpt2": "GPT-2 init", "paper": "paper init", "ptime": "paper init, timestep x 7",
-               "ronly": "GPT-2 init, return at default", "kzl": "kzl init",
+               "ronly": "GPT-2 init, return at default",
                "psum": "paper init, loss summed over action dims", "d3rlpy": "d3rlpy DT"}
 
 
