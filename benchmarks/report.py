@@ -68,13 +68,20 @@ GLMGYM_VARIANTS = (
 )
 
 
-def _variant_rows(pattern: str) -> tuple[dict[str, dict], dict[str, str]]:
+def _variant_rows(pattern: str, data: dict) -> tuple[dict[str, dict], dict[str, str]]:
     """glmgym's DT summaries per dataset from the result files matching `pattern`; and per
-    dataset the device its runs trained on (the GPU's name, or the CPU kind)."""
+    dataset the device its runs trained on (the GPU's name, or the CPU kind).
+
+    Raises SystemExit when a file ran a dataset on other data than `data` (dt_quality.json's
+    entries) did: a row must compare methods on the same file."""
     rows: dict[str, dict] = {}
     devices: dict[str, str] = {}
     for path in sorted(RESULTS.glob(pattern)):
         for name, entry in json.loads(path.read_text()).get("datasets", {}).items():
+            sha = entry["config"]["dataset_sha256"]
+            if name in data and data[name]["config"]["dataset_sha256"] != sha:
+                raise SystemExit(f"{path.name}: {name} ran on other data ({sha[:12]}) than in "
+                                 f"dt_quality.json ({data[name]['config']['dataset_sha256'][:12]})")
             if "glmgym_dt" in entry:
                 rows[name] = entry["glmgym_dt"]
                 runs = [r for k, r in entry["runs"].items() if k.startswith("glmgym_dt/")]
@@ -87,7 +94,7 @@ def dt_table(out: Path, img: Path) -> None:
     if result is None:
         return
     data = result["datasets"]
-    variants = [(label, short, *_variant_rows(pattern)) for label, short, pattern in GLMGYM_VARIANTS]
+    variants = [(label, short, *_variant_rows(pattern, data)) for label, short, pattern in GLMGYM_VARIANTS]
     # every column as a function of the dataset's name -> its summary (or None)
     columns = [
         ("data mean", lambda n: data.get(n, {}).get("dataset")),

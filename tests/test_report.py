@@ -1,9 +1,13 @@
 """The results pages: `benchmarks/report.py` makes them from the results files, and the committed
 tables are what those files say."""
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PLOTS = ("dt_table.png", "dt_sweep.png", "chat_speed.png", "serve_load.png", "speculative.png",
@@ -29,3 +33,35 @@ def test_report_makes_the_committed_tables_and_the_plots(tmp_path):
         assert f'--8<-- "results/{name}"' in page
     for plot in PLOTS:
         assert f"img/{plot}" in page
+
+
+def _load_report():
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_dt_table_refuses_a_row_whose_columns_ran_on_different_files(tmp_path, monkeypatch):
+    report = _load_report()
+    summary = {"normalized_score_mean": 50.0, "normalized_score_std": 1.0, "seeds": [0]}
+    run = {"cpu": "avx2"}
+
+    def entry(sha):
+        return {"config": {"dataset_sha256": sha}, "dataset": summary, "bc": summary,
+                "glmgym_dt": summary, "runs": {"glmgym_dt/0": run}}
+
+    (tmp_path / "dt_quality.json").write_text(
+        json.dumps({"datasets": {"walker2d-medium-replay": entry("a" * 64)}}))
+    (tmp_path / "dt_init_paper_walker2d.json").write_text(
+        json.dumps({"datasets": {"walker2d-medium-replay": entry("a" * 64)}}))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    out, img = tmp_path / "t", tmp_path / "p"
+    out.mkdir(), img.mkdir()
+    report.dt_table(out, img)  # same file: the row is made
+    assert "| walker2d-medium-replay | 50.0 |" in (out / "dt_table.md").read_text()
+
+    (tmp_path / "dt_init_paper_walker2d.json").write_text(
+        json.dumps({"datasets": {"walker2d-medium-replay": entry("b" * 64)}}))
+    with pytest.raises(SystemExit, match=r"dt_init_paper_walker2d\.json: walker2d-medium-replay ran on"):
+        report.dt_table(out, img)
