@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 from _machine import reset_peak_rss, status_gb  # beside this script (sys.path[0])
@@ -154,10 +155,14 @@ def measure_child(model_dir: Path, prompt: int, new: int, logits_out: Path) -> d
             pos = batch.decode_positions(i)
             token = decode_one_token(model, token, pos, None, cache, prompt + i).argmax(-1, keepdim=True)
         decode_s = (time.perf_counter() - t0) / new
+    # which kernel each quantized layer runs (on AVX-512 CPUs a timed choice per layer shape)
+    backends = Counter(getattr(m, "backend", None) for m in model.modules())
+    backends.pop(None, None)
     return {"load_seconds": load_s, "load_peak_rss_gb": load_peak, "resident_gb": resident,
             "generate_peak_rss_gb": status_gb("VmHWM"), "weights_gb": nbytes(model) / GIB,
             "bytes_per_token_gb": bytes_per_token / GIB, "prefill_tokens_per_s": prompt / prefill_s,
-            "decode_tokens_per_s": 1.0 / decode_s, "threads": torch.get_num_threads()}
+            "decode_tokens_per_s": 1.0 / decode_s, "threads": torch.get_num_threads(),
+            **({"backends": dict(backends)} if backends else {})}
 
 
 def prompt_ids(cfg, prompt: int) -> list[int]:

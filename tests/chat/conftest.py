@@ -1,5 +1,6 @@
 import pytest
 
+from glmgym.chat import kernel_choice
 from glmgym.chat.tiny import build_tiny, tiny_corpus
 from glmgym.chat.tokenizer import ChatGLMTokenizer, train_sentencepiece
 
@@ -18,3 +19,9 @@ def tokenizer(sp_model):
 @pytest.fixture(scope="session")
 def tiny():
     return build_tiny(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def kernel_choices_in_tmp(tmp_path, monkeypatch):
+    """A test that acts as an AVX-512 CPU times its kernels into its own cache, not the user's."""
+    monkeypatch.setattr(kernel_choice, "cache_path", lambda: tmp_path / "kernel_choice.json")

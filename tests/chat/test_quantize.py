@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from glmgym.chat import kernel_choice
 from glmgym.chat.checkpoint import load_model, quantize_checkpoint, save_model
 from glmgym.chat.quantize import (
     QUANTIZED_LINEARS,
@@ -61,8 +62,10 @@ def test_int4_packing_puts_the_even_column_in_the_high_nibble():
 @pytest.mark.parametrize(("bits", "group_size"), list(LAYER_BOUNDS))
 def test_quantized_linear_is_within_its_bound_and_kernels_match_the_fallback(bits, group_size, capability,
                                                                             monkeypatch):
-    # PyTorch's kernels (chosen on AVX-512) run on any x86 CPU, so both choices are tested here
+    # PyTorch's kernels (on AVX-512, where they win the timed choice) run on any x86 CPU, so both
+    # choices are tested here
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(kernel_choice, "choose", lambda machine, layer, candidates: next(iter(candidates)))
     lin = _linear()
     x = torch.randn(3, 5, 512)
     ref = lin(x)
@@ -254,6 +257,8 @@ def test_int8_weights_at_unaligned_offsets_are_copied_for_the_kernel():
         "import torch\n"
         "from glmgym.chat.quantize import QuantizedLinear\n"
         "torch.backends.cpu.get_cpu_capability = lambda: 'AVX512'  # PyTorch's int8 kernel on any CPU\n"
+        "import glmgym.chat.kernel_choice as kc\n"
+        "kc.choose = lambda machine, layer, candidates: 'int8pack'  # as if it won the timing\n"
         "N = K = 1024\n"
         "buf = torch.randint(-127, 127, (N * K + 1,), dtype=torch.int8)\n"
         "t = {'weight': buf[1:].view(N, K), 'weight_scale': torch.rand(N).half()}\n"

@@ -14,11 +14,12 @@ Two schemes, both stored as `weight` + `weight_scale` (+ `weight_zero`) next to 
 At load `QuantizedLinear` picks a backend by device, bits and CPU capability (`select_backend`),
 each the fastest measured there (`benchmarks/chat_speed.py`, docs/benchmarks):
 
-- CPU with AVX-512 (`torch.backends.cpu.get_cpu_capability()`): PyTorch's packed kernels,
-  `torch._weight_int8pack_mm` on the int8 weight and per-row scales as stored, and
-  `torch._weight_int4pack_mm_for_cpu`, whose format is asymmetric groups, `w = (q - 8) * scale + zero`:
-  group-wise maps onto it with `zero = min + 8 * scale`; per row as one group spanning the row, with
-  `q = q_signed + 8` and zero 0.
+- CPU with AVX-512 (`torch.backends.cpu.get_cpu_capability()`): the faster, timed on a layer of
+  the shape at one row and cached per machine (`kernel_choice`), of glmgym's AVX2 kernels (below)
+  and PyTorch's packed kernels, `torch._weight_int8pack_mm` on the int8 weight and per-row scales
+  as stored, and `torch._weight_int4pack_mm_for_cpu`, whose format is asymmetric groups,
+  `w = (q - 8) * scale + zero`: group-wise maps onto it with `zero = min + 8 * scale`; per row as
+  one group spanning the row, with `q = q_signed + 8` and zero 0.
 - CPU with AVX2 only: glmgym's own integer dot-product kernels (`kernels.avx2`, llama.cpp's method),
   about 2x faster there than PyTorch's kernels, which are vectorized for AVX-512 only. Without a C
   compiler to build them, PyTorch's kernels, with one warning line.
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from glmgym.chat import kernel_choice
 from glmgym.chat.kernels import avx2
 from glmgym.chat.kernels.avx2 import pack_int4, tile_q4, unpack_int4
 from glmgym.devices import cpu_capability
@@ -220,21 +222,10 @@ class QuantizedLinear(nn.Module):
         device = torch.device(device)
         N = t["weight"].shape[0]
         bias = None if bias is None else bias.to(device=device, dtype=dtype)
-        backend = select_backend(bits, in_features, N, group_size, device) if kernels else "dequant"
-        if backend in ("int8pack", "cuda_int8pack"):
-            # a fresh copy: memory-mapped tensors from a file sit at arbitrary offsets, and the
-            # kernel's vector loads need torch's aligned allocations (it crashes otherwise)
-            tensors = {"weight": t["weight"].to(device).clone(memory_format=torch.contiguous_format),
-                       "scales": t["weight_scale"].to(device, dtype).clone()}
-        elif backend == "int4pack":
-            tensors = _int4pack(t, group_size, dtype)
-        elif backend == "avx2":
-            tensors = _avx2_tensors(t, bits, group_size)
-        elif backend == "cuda_int4pack":
-            tensors = _cuda_int4pack(t, group_size, device)
-        else:
-            tensors = {k: v.to(device) for k, v in t.items()}
-        layer = cls(in_features, N, bits, group_size, backend, tensors, bias)
+        backend = (select_backend(bits, in_features, N, group_size, device, dtype=dtype) if kernels
+                   else "dequant")
+        layer = cls(in_features, N, bits, group_size, backend,
+                    _backend_tensors(t, backend, bits, group_size, dtype, device), bias)
         if backend.startswith("cuda_") and not _cuda_kernel_checked(layer, t, dtype, device):
             tensors = {k: v.to(device) for k, v in t.items()}
             layer = cls(in_features, N, bits, group_size, "dequant", tensors, bias)
@@ -368,7 +359,8 @@ def _warn_once(message: str) -> None:
 
 
 def select_backend(bits: int, in_features: int, out_features: int, group_size: int,
-                   device: torch.device | str = "cpu", capability: str | None = None) -> str:
+                   device: torch.device | str = "cpu", capability: str | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> str:
     """The backend a quantized layer of this shape runs on (see the module docstring).
 
     Args:
@@ -376,6 +368,7 @@ def select_backend(bits: int, in_features: int, out_features: int, group_size: i
         device: where it runs.
         capability: the CPU's vector capability as `torch.backends.cpu.get_cpu_capability()` names
             it ("AVX512", "AVX2", "DEFAULT", ...); None reads it (it honors ATEN_CPU_CAPABILITY).
+        dtype: the activations' dtype (the timed choice on AVX-512 CPUs runs the kernels on it).
 
     Returns:
         "int8pack" / "int4pack" (PyTorch's CPU kernels), "avx2" (glmgym's), "cuda_int4pack",
@@ -397,15 +390,60 @@ def select_backend(bits: int, in_features: int, out_features: int, group_size: i
                        and N % 16 == 0)
     torch_kernel = ("int8pack" if bits == 8 else "int4pack") if torch_kernel_ok else "dequant"
     capability = (capability or cpu_capability()).upper()
-    if capability != "AVX2":  # AVX-512 (and AMX): PyTorch's kernels are the faster ones there
+    avx512 = capability.startswith("AVX512")  # such CPUs run AVX2 code too
+    if capability != "AVX2" and not avx512:
         return torch_kernel
     if K % 32 or (bits == 4 and (K % 64 or group_size % 64)):  # the kernels' block and chunk sizes
         return torch_kernel
     if avx2.load() is None:
-        _warn_once(f"INT{bits} layers run PyTorch's generic kernels, about 2x slower on this AVX2 CPU: "
-                   f"glmgym's AVX2 kernels are not available ({avx2.unavailable_reason()})")
+        if not avx512:
+            _warn_once(f"INT{bits} layers run PyTorch's generic kernels, about 2x slower on this AVX2 CPU: "
+                       f"glmgym's AVX2 kernels are not available ({avx2.unavailable_reason()})")
         return torch_kernel
+    if avx512 and torch_kernel != "dequant":  # neither is known to win there: timed, once per machine
+        return kernel_choice.choose(kernel_choice.machine_key(capability),
+                                    f"int{bits} {K}x{N} g{group_size} {str(dtype).removeprefix('torch.')}",
+                                    _timed_candidates(bits, K, N, group_size, dtype, (torch_kernel, "avx2")))
     return "avx2"
+
+
+def _backend_tensors(t: dict[str, torch.Tensor], backend: str, bits: int, group_size: int,
+                     dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Stored tensors -> the buffers of `backend`'s layer."""
+    if backend in ("int8pack", "cuda_int8pack"):
+        # a fresh copy: memory-mapped tensors from a file sit at arbitrary offsets, and the
+        # kernel's vector loads need torch's aligned allocations (it crashes otherwise)
+        return {"weight": t["weight"].to(device).clone(memory_format=torch.contiguous_format),
+                "scales": t["weight_scale"].to(device, dtype).clone()}
+    if backend == "int4pack":
+        return _int4pack(t, group_size, dtype)
+    if backend == "avx2":
+        return _avx2_tensors(t, bits, group_size)
+    if backend == "cuda_int4pack":
+        return _cuda_int4pack(t, group_size, device)
+    return {k: v.to(device) for k, v in t.items()}
+
+
+def _timed_candidates(bits: int, K: int, N: int, group_size: int, dtype: torch.dtype,
+                      backends: tuple[str, ...]) -> dict[str, object]:
+    """For `kernel_choice.choose`: per backend, a builder of a layer of this shape on random codes
+    that returns one decoding call (a single row of activations)."""
+    def builder(backend: str):
+        def build():
+            gen = torch.Generator().manual_seed(0)
+            shapes = _expected_shapes(N, K, bits, group_size)
+            t = {"weight": torch.randint(0, 256, shapes["weight"], generator=gen, dtype=torch.uint8)}
+            if not group_size:  # per row: signed codes (INT4: two signed nibbles a byte)
+                t["weight"] = t["weight"].view(torch.int8)
+            t["weight_scale"] = (torch.rand(shapes["weight_scale"], generator=gen) * 1e-2).half()
+            if group_size:
+                t["weight_zero"] = (-torch.rand(shapes["weight_zero"], generator=gen) * 8e-2).half()
+            tensors = _backend_tensors(t, backend, bits, group_size, dtype, torch.device("cpu"))
+            layer = QuantizedLinear(K, N, bits, group_size, backend, tensors, None)
+            x = torch.randn(1, K, generator=gen).to(dtype)
+            return lambda: layer.matmul(x)
+        return build
+    return {backend: builder(backend) for backend in backends}
 
 
 def _kernel_group(K: int, group_size: int) -> int:

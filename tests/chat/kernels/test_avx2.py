@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from glmgym.chat import kernel_choice
 from glmgym.chat.kernels import avx2
 from glmgym.chat.quantize import (
     QuantizedLinear,
@@ -147,12 +148,16 @@ def test_bf16_matmul_matches_float():
 
 
 @pytest.mark.parametrize(("capability", "bits", "expected"), [
-    ("AVX512", 4, "int4pack"), ("AVX512", 8, "int8pack"), ("AVX512_BF16", 4, "int4pack"),
-    ("DEFAULT", 4, "int4pack"), ("DEFAULT", 8, "int8pack"),
+    ("AVX512", 4, "timed: int4pack, avx2"), ("AVX512", 8, "timed: int8pack, avx2"),
+    ("AVX512_BF16", 4, "timed: int4pack, avx2"),
+    ("DEFAULT", 4, "int4pack"), ("DEFAULT", 8, "int8pack"),  # no AVX2: PyTorch's generic kernels
     ("AVX2", 4, "avx2"), ("AVX2", 8, "avx2"),
 ])
 def test_backend_choice_per_cpu_capability(capability, bits, expected, monkeypatch):
     monkeypatch.setattr(avx2, "load", lambda: object())  # as if built
+    # AVX-512: the faster of both, timed (tests/chat/test_kernel_choice.py times them for real)
+    monkeypatch.setattr(kernel_choice, "choose",
+                        lambda machine, layer, candidates: "timed: " + ", ".join(candidates))
     group = 128 if bits == 4 else 0
     assert select_backend(bits, 4096, 4096, group, "cpu", capability) == expected
 

@@ -1,0 +1,99 @@
+"""The faster of two CPU kernels for a quantized layer's shape, timed once per machine and cached.
+
+On AVX2-only CPUs glmgym's own kernels (`kernels.avx2`) are about 2x faster than PyTorch's, which
+are vectorized for AVX-512 only, so the choice there is fixed. On AVX-512 CPUs neither is known to
+win: PyTorch's kernels use the wider vectors, glmgym's AVX2 kernels the integer dot product and
+fewer bytes per token. There `quantize.select_backend` asks this module, which times both on a
+layer of the shape at one row (a decoded token: where a chat spends its time), picks the faster
+and remembers it in `$GLMGYM_CACHE/kernel_choice.json` (default `~/.cache/glmgym`), keyed by the
+CPU's model name, its capability, PyTorch's version and the thread count. A later load reads the
+choice back instead of timing again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from glmgym._io import atomic_write_json
+
+__all__ = ["cache_path", "choose", "machine_key"]
+
+ROUNDS = 7
+"""Interleaved timing rounds per candidate (the median counts: a load may run beside other work)."""
+CALLS = 3
+"""Kernel calls per round."""
+
+
+def cache_path() -> Path:
+    """Where the choices are kept: `$GLMGYM_CACHE/kernel_choice.json`."""
+    root = os.environ.get("GLMGYM_CACHE") or Path.home() / ".cache" / "glmgym"
+    return Path(root) / "kernel_choice.json"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(capability: str) -> str:
+    """What a timing holds for: the CPU model, its capability, PyTorch's version, the threads."""
+    return f"{_cpu_model()} | {capability} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def _read() -> dict:
+    try:
+        data = json.loads(cache_path().read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: time again and write a fresh one
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def choose(machine: str, layer: str, candidates: dict[str, Callable[[], Callable[[], object]]],
+           timer: Callable[[], float] = time.perf_counter) -> str:
+    """The name of the fastest candidate for `layer` on `machine`, timed once and cached.
+
+    Args:
+        machine: `machine_key(...)`.
+        layer: the layer's shape and format, e.g. "int8 4096x16384 g0".
+        candidates: name -> a builder that makes the layer in that kernel's layout and returns a
+            call that runs it once (built only when the choice is not cached).
+        timer: the clock (tests pass a scripted one).
+
+    Returns:
+        A key of `candidates`. A cached choice that is no longer among them is timed again.
+    """
+    cached = _read().get(machine, {}).get(layer)
+    if cached in candidates:
+        return cached
+    calls = {name: build() for name, build in candidates.items()}
+    for call in calls.values():  # warm: first-touch page faults, lazy kernel setup
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(ROUNDS):
+        for name, call in calls.items():  # interleaved, so that a busy spell hits both
+            t0 = timer()
+            for _ in range(CALLS):
+                call()
+            times[name].append(timer() - t0)
+    best = min(times, key=lambda name: statistics.median(times[name]))
+    data = _read()  # again: another process may have added its own choices meanwhile
+    data.setdefault(machine, {})[layer] = best
+    try:
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache_path(), data)
+    except OSError:  # a read-only home: choose again next time
+        pass
+    return best

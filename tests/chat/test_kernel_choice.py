@@ -1,0 +1,119 @@
+"""The timed kernel choice of AVX-512 CPUs: the faster candidate wins, the choice is cached per
+machine and layer, a broken cache costs only a new timing, and the chosen layer computes the same."""
+
+import json
+
+import pytest
+import torch
+
+import glmgym.chat.quantize as q
+from glmgym.chat import kernel_choice
+from glmgym.chat.kernels import avx2
+from glmgym.chat.quantize import QuantizedLinear, dequantize_weight, quantize_weight
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache" / "kernel_choice.json"  # in a folder that does not exist yet
+    monkeypatch.setattr(kernel_choice, "cache_path", lambda: path)
+    return path
+
+
+def _scripted(costs: dict[str, float]):
+    """Candidates whose calls advance a fake clock by their cost; and that clock."""
+    now = [0.0]
+    built = []
+
+    def builder(name):
+        def build():
+            built.append(name)
+
+            def call():
+                now[0] += costs[name]
+            return call
+        return build
+    return {name: builder(name) for name in costs}, (lambda: now[0]), built
+
+
+def test_the_faster_candidate_is_chosen_and_remembered(cache):
+    candidates, clock, built = _scripted({"int8pack": 3.0, "avx2": 1.0})
+    assert kernel_choice.choose("cpu A", "int8 4096x4096 g0 bfloat16", candidates, clock) == "avx2"
+    assert json.loads(cache.read_text()) == {"cpu A": {"int8 4096x4096 g0 bfloat16": "avx2"}}
+    assert built == ["int8pack", "avx2"]
+
+    # a later load reads the choice back: nothing is built or timed
+    candidates, clock, built = _scripted({"int8pack": 1.0, "avx2": 3.0})
+    assert kernel_choice.choose("cpu A", "int8 4096x4096 g0 bfloat16", candidates, clock) == "avx2"
+    assert built == []
+    # another layer, or another machine, is timed on its own and kept beside the first
+    assert kernel_choice.choose("cpu A", "int4 4096x4096 g128 bfloat16", candidates, clock) == "int8pack"
+    assert kernel_choice.choose("cpu B", "int8 4096x4096 g0 bfloat16", candidates, clock) == "int8pack"
+    assert json.loads(cache.read_text()) == {
+        "cpu A": {"int8 4096x4096 g0 bfloat16": "avx2", "int4 4096x4096 g128 bfloat16": "int8pack"},
+        "cpu B": {"int8 4096x4096 g0 bfloat16": "int8pack"}}
+
+
+def test_a_median_not_one_lucky_round_decides(cache):
+    """One slow round (the machine busy for a moment) does not flip the choice."""
+    now = [0.0]
+    calls = {"a": 0}
+
+    def a():
+        calls["a"] += 1
+        now[0] += 50.0 if calls["a"] == 5 else 1.0  # one spike in a's rounds
+
+    def b():
+        now[0] += 1.5
+    winner = kernel_choice.choose("m", "layer", {"a": lambda: a, "b": lambda: b}, lambda: now[0])
+    assert winner == "a"
+
+
+def test_a_broken_or_stale_cache_is_timed_again_and_rewritten(cache):
+    cache.parent.mkdir(parents=True)
+    cache.write_text("{not json")
+    candidates, clock, built = _scripted({"int4pack": 2.0, "avx2": 1.0})
+    assert kernel_choice.choose("m", "layer", candidates, clock) == "avx2"
+    assert json.loads(cache.read_text()) == {"m": {"layer": "avx2"}}
+    # a cached name that is no longer a candidate (another torch build, say) is timed again
+    cache.write_text(json.dumps({"m": {"layer": "gone"}}))
+    candidates, clock, built = _scripted({"int4pack": 1.0, "avx2": 2.0})
+    assert kernel_choice.choose("m", "layer", candidates, clock) == "int4pack"
+    assert built == ["int4pack", "avx2"]
+    assert not [p for p in cache.parent.iterdir() if p.name != cache.name]  # no temp file left
+
+
+def test_the_machine_key_names_the_cpu_torch_and_threads():
+    key = kernel_choice.machine_key("AVX512")
+    assert "AVX512" in key and torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
+
+
+needs_kernels = pytest.mark.skipif(
+    not torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX2", "AVX512")) or avx2.load() is None,
+    reason="glmgym's AVX2 kernels need an x86-64 CPU with AVX2 and a C compiler")
+
+
+@needs_kernels
+@pytest.mark.parametrize(("bits", "group_size"), [(8, 0), (4, 128), (4, 0)])
+def test_on_an_avx512_cpu_layers_time_both_kernels_and_compute_the_same(bits, group_size, cache,
+                                                                        monkeypatch):
+    """Both kernels run on this CPU (PyTorch's on its generic path where AVX-512 is missing), so the
+    choice is timed for real; whichever wins, the layer computes the stored weights."""
+    monkeypatch.setattr(q, "cpu_capability", lambda: "AVX512")
+    K, N = 256, 48
+    g = torch.Generator().manual_seed(bits + group_size)
+    w = torch.randn(N, K, generator=g) * 0.02
+    x = torch.randn(3, K, generator=g).bfloat16()
+    t = quantize_weight(w, bits, group_size)
+    ref = x.float() @ dequantize_weight(t, bits, group_size).t()
+    torch_kernel = "int8pack" if bits == 8 else "int4pack"
+    layer = QuantizedLinear.from_tensors(t, K, None, bits, group_size, torch.bfloat16)
+    assert layer.backend in (torch_kernel, "avx2")
+    (machine, choices), = json.loads(cache.read_text()).items()
+    assert "AVX512" in machine and choices == {f"int{bits} {K}x{N} g{group_size} bfloat16": layer.backend}
+    # each possible outcome computes the layer (activations rounded to int8 by glmgym's kernels)
+    for forced in (torch_kernel, "avx2"):
+        monkeypatch.setattr(kernel_choice, "choose", lambda machine, name, candidates, f=forced: f)
+        chosen = QuantizedLinear.from_tensors(t, K, None, bits, group_size, torch.bfloat16)
+        assert chosen.backend == forced
+        y = chosen(x)
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2, forced
