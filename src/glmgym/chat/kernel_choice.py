@@ -4,8 +4,9 @@ On AVX2-only CPUs glmgym's own kernels (`kernels.avx2`) are about 2x faster than
 are vectorized for AVX-512 only, so the choice there is fixed. On AVX-512 CPUs neither is known to
 win: PyTorch's kernels use the wider vectors, glmgym's AVX2 kernels the integer dot product and
 fewer bytes per token. There `quantize.select_backend` asks this module, which times both on a
-layer of the shape at one row (a decoded token: where a chat spends its time), picks the faster
-and remembers it in `$GLMGYM_CACHE/kernel_choice.json` (default `~/.cache/glmgym`), keyed by the
+layer of the shape at one row (a decoded token: where a chat spends its time), cycling through
+enough copies of it that the weights come from memory as in decoding, picks the faster and
+remembers it in `$GLMGYM_CACHE/kernel_choice.json` (default `~/.cache/glmgym`), keyed by the
 CPU's model name, its capability, PyTorch's version and the thread count. A later load reads the
 choice back instead of timing again.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +24,11 @@ import torch
 
 from glmgym._io import atomic_write_json
 
-__all__ = ["cache_path", "choose", "machine_key"]
+__all__ = ["cache_path", "choose", "copies_to_stream", "machine_key"]
 
 ROUNDS = 7
-"""Interleaved timing rounds per candidate (the median counts: a load may run beside other work)."""
+"""Interleaved timing rounds per candidate. The fastest round counts: work beside a load (or a
+thread descheduled mid-call) only ever adds time, so the minimum is the kernel's own cost."""
 CALLS = 3
 """Kernel calls per round."""
 
@@ -46,6 +47,27 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs; 32 MiB where it cannot be read)."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=32 * 2**20)
+
+
+def copies_to_stream(layer_bytes: int) -> int:
+    """How many copies of a layer make its timing read memory, not cache, as decoding does (each
+    layer's weights are read once a token): together twice the last-level cache, at most 64."""
+    return max(1, min(64, -(-2 * last_level_cache_bytes() // max(layer_bytes, 1))))
 
 
 def machine_key(capability: str) -> str:
@@ -76,8 +98,8 @@ def choose(machine: str, layer: str, candidates: dict[str, Callable[[], Callable
         A key of `candidates`. A cached choice that is no longer among them is timed again.
     """
     cached = _read().get(machine, {}).get(layer)
-    if cached in candidates:
-        return cached
+    if isinstance(cached, dict) and cached.get("choice") in candidates:
+        return cached["choice"]
     calls = {name: build() for name, build in candidates.items()}
     for call in calls.values():  # warm: first-touch page faults, lazy kernel setup
         call()
@@ -88,9 +110,11 @@ def choose(machine: str, layer: str, candidates: dict[str, Callable[[], Callable
             for _ in range(CALLS):
                 call()
             times[name].append(timer() - t0)
-    best = min(times, key=lambda name: statistics.median(times[name]))
+    best = min(times, key=lambda name: min(times[name]))
     data = _read()  # again: another process may have added its own choices meanwhile
-    data.setdefault(machine, {})[layer] = best
+    # the winner, and each candidate's time a call in microseconds (for whoever wonders why)
+    data.setdefault(machine, {})[layer] = {
+        "choice": best, "us_per_call": {name: round(min(t) / CALLS * 1e6, 1) for name, t in times.items()}}
     try:
         cache_path().parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache_path(), data)
