@@ -576,6 +576,40 @@ def dt_heldout(out: Path, img: Path) -> None:
     (out / "dt_heldout.md").write_text("\n".join(lines) + "\n")
 
 
+def dt_tokens(out: Path, img: Path) -> None:
+    """`dt_tokens.py`: how far the return-to-go and the timestep move the normalized tokens, at
+    initialization and after training, per dataset and recipe (mean over seeds)."""
+    result = _load("dt_tokens.json")
+    if not result:
+        return
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in result.values():
+        groups.setdefault((r["dataset"], r["init"]), []).append(r)
+
+    def mean(rows: list[dict], when: str, what: str) -> str:
+        values = [r[when][what] for r in rows if r[when]]
+        return f"{np.mean(values):.2f}" if values else "—"
+
+    lines = ["| dataset | recipe | seeds | time shift at init | after 10k steps | return shift at init "
+             "| after 10k steps |", "|---|---|---:|---:|---:|---:|---:|"]
+    for (name, init), rows in sorted(groups.items()):
+        lines.append(f"| {name} | {_INIT_NAMES[init]} | {len(rows)} | "
+                     f"{mean(rows, 'at_init', 'time_shift')} | "
+                     f"{mean(rows, 'trained', 'time_shift')} | {mean(rows, 'at_init', 'return_shift')} | "
+                     f"{mean(rows, 'trained', 'return_shift')} |")
+    times = next(iter(result.values()))["times"]
+    lines += [
+        "",
+        "RMS change per component of a token after the embedding LayerNorm (which leaves tokens at "
+        f"RMS 1 before its gain): time shift, a state token between timesteps {times[0]} and "
+        f"{times[1]} (256 random normalized states); return shift, the return token at timestep "
+        f"{times[0]} between the data's mean and best episode return. At init: a fresh model of the "
+        "run's recipe and seed (a dash: an ablation arm whose code was removed). "
+        "`benchmarks/dt_tokens.py`.",
+    ]
+    (out / "dt_tokens.md").write_text("\n".join(lines) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # One NVIDIA GPU: benchmarks/gpu_check.sh
 
@@ -705,7 +739,7 @@ def speculative(out: Path, img: Path) -> None:
         plt.close(fig)
 
 
-MAKERS = (dt_table, dt_sweep, dt_variant, dt_heldout,
+MAKERS = (dt_table, dt_sweep, dt_variant, dt_heldout, dt_tokens,
           chat_speed, serve_load, finetune, dt_speed, quickstart, speculative,
           gpu_speed)
 
