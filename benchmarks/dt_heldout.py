@@ -107,7 +107,7 @@ def main() -> None:
             "init": init, "seed": cfg.get("seed"), "steps": cfg.get("steps"),
             "targets": args.targets, "episode_seeds": [args.seed, args.seed + args.episodes - 1],
             "results": {str(r["target_return"]): {k: r.get(k) for k in (
-                "normalized_mean", "normalized_std", "return_mean", "length_mean", "returns")}
+                "normalized_mean", "normalized_std", "return_mean", "length_mean", "returns", "lengths")}
                 for r in report["results"]},
             "date": time.strftime("%Y-%m-%d"), "cpu": cpu_kind(),
         }
