@@ -77,6 +77,10 @@ def test_a_broken_or_stale_cache_is_timed_again_and_rewritten(cache):
     candidates, clock, built = _scripted({"int4pack": 2.0, "avx2": 1.0})
     assert kernel_choice.choose("m", "layer", candidates, clock) == "avx2"
     assert json.loads(cache.read_text())["m"]["layer"]["choice"] == "avx2"
+    # a machine's entry of the wrong kind is replaced
+    cache.write_text(json.dumps({"m": ["not", "a", "dict"]}))
+    assert kernel_choice.choose("m", "layer", candidates, clock) == "avx2"
+    assert json.loads(cache.read_text())["m"]["layer"]["choice"] == "avx2"
     # a cached name that is no longer a candidate (another torch build, say) is timed again
     cache.write_text(json.dumps({"m": {"layer": {"choice": "gone"}}}))
     candidates, clock, built = _scripted({"int4pack": 1.0, "avx2": 2.0})

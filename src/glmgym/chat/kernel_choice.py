@@ -97,7 +97,8 @@ def choose(machine: str, layer: str, candidates: dict[str, Callable[[], Callable
     Returns:
         A key of `candidates`. A cached choice that is no longer among them is timed again.
     """
-    cached = _read().get(machine, {}).get(layer)
+    layers = _read().get(machine)
+    cached = layers.get(layer) if isinstance(layers, dict) else None
     if isinstance(cached, dict) and cached.get("choice") in candidates:
         return cached["choice"]
     calls = {name: build() for name, build in candidates.items()}
@@ -113,7 +114,9 @@ def choose(machine: str, layer: str, candidates: dict[str, Callable[[], Callable
     best = min(times, key=lambda name: min(times[name]))
     data = _read()  # again: another process may have added its own choices meanwhile
     # the winner, and each candidate's time a call in microseconds (for whoever wonders why)
-    data.setdefault(machine, {})[layer] = {
+    if not isinstance(data.get(machine), dict):
+        data[machine] = {}
+    data[machine][layer] = {
         "choice": best, "us_per_call": {name: round(min(t) / CALLS * 1e6, 1) for name, t in times.items()}}
     try:
         cache_path().parent.mkdir(parents=True, exist_ok=True)
