@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--returns", type=float, nargs=2, default=None,
                    help="two returns-to-go (raw); default: the data's mean and best episode return")
     p.add_argument("--times", type=int, nargs=2, default=[0, 500], help="two timesteps")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "dt_tokens.json"))
+    p.add_argument("--out", default="benchmarks/results/dt_tokens.json")
     args = p.parse_args()
     result = read_json(args.out) if Path(args.out).is_file() else {}
     for run in map(Path, args.runs):

@@ -143,7 +143,7 @@ def _build_model(cfg: TrainConfig, dataset: OfflineDataset,
         attn_pdrop=cfg.dropout,
     )
     model = DecisionTransformer(model_cfg)
-    if cfg.init in ("paper", "ptime"):
+    if cfg.init == "paper":
         # The paper's code (kzl/decision-transformer) builds these layers beside transformers'
         # GPT2Model, and d3rlpy after its weight init, so both leave them at nn.Linear's default;
         # DecisionTransformerModel (and `DecisionTransformer`) gives them GPT-2's N(0, 0.02). The
@@ -155,9 +155,9 @@ def _build_model(cfg: TrainConfig, dataset: OfflineDataset,
             layer.reset_parameters()
         # The timestep embedding stays at N(0, 0.02), as d3rlpy leaves it (kzl's code: nn.Embedding's
         # N(0, 1)). Beside the state tokens (std 0.58) it starts ~30x weaker and barely grows in
-        # 10k steps: part of this init's deficit on walker2d-medium-expert (docs/benchmarks.md).
-    if cfg.init == "ptime":  # EXPERIMENT: the timestep at GPT-2's ratio to the state, 1/sqrt(state_dim)
-        torch.nn.init.normal_(model.embed_timestep.weight, std=(1 / 3) ** 0.5 / dataset.state_dim ** 0.5)
+        # 10k steps: part of this init's deficit on walker2d-medium-expert. Drawn at GPT-2's ratio
+        # to the state instead, it gained 12 points there (held-out) and lost 45 on
+        # hopper-medium-replay, so it stays (docs/benchmarks.md).
     model = model.to(device)
     # Heads the paper does not train, and GPT-2's unused token embedding: frozen, so that DDP
     # does not wait for their gradients (the optimizer would skip them anyway: no grad).
