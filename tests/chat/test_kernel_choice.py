@@ -138,3 +138,18 @@ def test_timings_stream_the_weights_from_memory_as_decoding_does(monkeypatch):
 def test_the_last_level_cache_is_read_or_assumed():
     size = kernel_choice.last_level_cache_bytes()
     assert 2**20 <= size <= 2**31
+
+
+@needs_kernels
+def test_a_cached_choice_builds_and_times_nothing(cache, monkeypatch):
+    """Every layer of a model asks again; only the first of each shape may pay for the timing."""
+    built = []
+    real = q._backend_tensors
+    monkeypatch.setattr(q, "_backend_tensors", lambda *a, **k: built.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: built.append("codes") or torch.zeros(
+        a[2], dtype=k.get("dtype")))
+    first = q.select_backend(8, 256, 48, 0, "cpu", "AVX512")
+    assert "codes" in built and {"int8pack", "avx2"} <= set(built)
+    built.clear()
+    assert q.select_backend(8, 256, 48, 0, "cpu", "AVX512") == first
+    assert built == []

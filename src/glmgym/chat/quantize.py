@@ -31,6 +31,7 @@ each the fastest measured there (`benchmarks/chat_speed.py`, docs/benchmarks):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 from dataclasses import dataclass
@@ -429,20 +430,24 @@ def _timed_candidates(bits: int, K: int, N: int, group_size: int, dtype: torch.d
                       backends: tuple[str, ...]) -> dict[str, object]:
     """For `kernel_choice.choose`: per backend, a builder of layers of this shape on random codes
     that returns one decoding call (a single row of activations), each call on the next of enough
-    copies that the weights stream from memory (`kernel_choice.copies_to_stream`)."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = _expected_shapes(N, K, bits, group_size)
-    t = {"weight": torch.randint(0, 256, shapes["weight"], generator=gen, dtype=torch.uint8)}
-    if not group_size:  # per row: signed codes (INT4: two signed nibbles a byte)
-        t["weight"] = t["weight"].view(torch.int8)
-    t["weight_scale"] = (torch.rand(shapes["weight_scale"], generator=gen) * 1e-2).half()
-    if group_size:
-        t["weight_zero"] = (-torch.rand(shapes["weight_zero"], generator=gen) * 8e-2).half()
-    x = torch.randn(1, K, generator=gen).to(dtype)
-    copies = kernel_choice.copies_to_stream(sum(v.numel() * v.element_size() for v in t.values()))
+    copies that the weights stream from memory (`kernel_choice.copies_to_stream`). Nothing is
+    made until a builder runs (a cached choice needs none of it)."""
+    @functools.cache
+    def codes() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        shapes = _expected_shapes(N, K, bits, group_size)
+        t = {"weight": torch.randint(0, 256, shapes["weight"], generator=gen, dtype=torch.uint8)}
+        if not group_size:  # per row: signed codes (INT4: two signed nibbles a byte)
+            t["weight"] = t["weight"].view(torch.int8)
+        t["weight_scale"] = (torch.rand(shapes["weight_scale"], generator=gen) * 1e-2).half()
+        if group_size:
+            t["weight_zero"] = (-torch.rand(shapes["weight_zero"], generator=gen) * 8e-2).half()
+        return t, torch.randn(1, K, generator=gen).to(dtype)
 
     def builder(backend: str):
         def build():
+            t, x = codes()
+            copies = kernel_choice.copies_to_stream(sum(v.numel() * v.element_size() for v in t.values()))
             cpu = torch.device("cpu")
             layers = [QuantizedLinear(K, N, bits, group_size, backend,
                                       _backend_tensors(t, backend, bits, group_size, dtype, cpu), None)
