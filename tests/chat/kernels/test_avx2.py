@@ -47,7 +47,7 @@ def test_avx2_kernels_compute_the_stored_weights_on_int8_activations(bits, group
     t = quantize_weight(w, bits, group_size)
     if not (bits == 8 and group_size):  # INT8 groups exist for the AVX2 lm_head only
         layer = QuantizedLinear.from_tensors(t, K, None, bits, group_size, dtype)
-        assert layer.backend == select_backend(bits, K, N, group_size)
+        assert layer.backend == select_backend(bits, K, N, group_size, dtype=dtype)  # timed on AVX-512: the cached choice
     from glmgym.chat.quantize import _avx2_tensors
 
     avx2 = QuantizedLinear(K, N, bits, group_size, "avx2", _avx2_tensors(t, bits, group_size), None)
@@ -216,15 +216,16 @@ def test_kernels_build_into_the_cache_once(monkeypatch, tmp_path):
         avx2.load.cache_clear()
 
 
-def test_bf16_lm_head_uses_the_kernel_on_avx2_only_and_stays_tied(monkeypatch):
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_bf16_lm_head_uses_the_kernel_on_x86_vector_cpus_and_stays_tied(monkeypatch, capability):
     from glmgym.chat.config import PRESETS
     from glmgym.chat.model import GLMModel
     from glmgym.chat.quantize import Bf16DecodeLinear, use_decode_kernels
 
     model = GLMModel(PRESETS["tiny"]).to(torch.bfloat16).eval()
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert type(use_decode_kernels(model, quantized=False).lm_head) is torch.nn.Linear
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     x = torch.randn(1, 3, 128).bfloat16()
     ref = model.lm_head(x)
     head = use_decode_kernels(model, quantized=False).lm_head
@@ -239,7 +240,8 @@ def test_bf16_lm_head_uses_the_kernel_on_avx2_only_and_stays_tied(monkeypatch):
     assert torch.equal(head(many), torch.nn.functional.linear(many, head.weight))
 
 
-def test_quantized_models_share_one_int8_copy_for_embeddings_and_lm_head_on_avx2(monkeypatch):
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_quantized_models_share_one_int8_copy_for_embeddings_and_lm_head_on_x86(monkeypatch, capability):
     from glmgym.chat.config import PRESETS
     from glmgym.chat.model import GLMModel
     from glmgym.chat.quantize import INT8_HEAD_GROUP, QuantizedEmbedding, use_decode_kernels
@@ -247,10 +249,10 @@ def test_quantized_models_share_one_int8_copy_for_embeddings_and_lm_head_on_avx2
     model = GLMModel(PRESETS["tiny"]).to(torch.bfloat16).eval()
     model.lm_head.weight = model.transformer.word_embeddings.weight  # tied, as load_model leaves it
     w = model.lm_head.weight.detach().float()
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     tied = model.transformer.word_embeddings.weight
     assert use_decode_kernels(model, quantized=True).lm_head.weight is tied
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     if avx2.load() is None:  # no compiler: the float head stays, silently
         assert type(use_decode_kernels(model, quantized=True).lm_head) is torch.nn.Linear
         return

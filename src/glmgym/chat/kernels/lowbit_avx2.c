@@ -226,6 +226,7 @@ static inline __attribute__((always_inline)) void q8_rows(const QActs *a, int64_
     for (int64_t b = 0; b < nb; b++) {
         __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
         for (int r = 0; r < R; r++) {
+            if (b % 2 == 0) _mm_prefetch((const char *)(w + (n0 + r) * K + b * QK + PREFETCH_AHEAD), _MM_HINT_NTA);
             __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (n0 + r) * K + b * QK));
             /* signed x signed through maddubs: |w| as unsigned, the sign moved onto x */
             __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
