@@ -89,9 +89,12 @@ def test_a_broken_or_stale_cache_is_timed_again_and_rewritten(cache):
     assert not [p for p in cache.parent.iterdir() if p.name != cache.name]  # no temp file left
 
 
-def test_the_machine_key_names_the_cpu_torch_and_threads():
+def test_the_machine_key_names_the_cpu_torch_kernels_and_threads(monkeypatch):
     key = kernel_choice.machine_key("AVX512")
     assert "AVX512" in key and torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
+    assert avx2.source_digest() in key
+    monkeypatch.setattr(avx2, "source_digest", lambda: "edited")  # a changed kernel is timed again
+    assert kernel_choice.machine_key("AVX512") != key
 
 
 needs_kernels = pytest.mark.skipif(

@@ -1,14 +1,15 @@
 """The faster of two CPU kernels for a quantized layer's shape, timed once per machine and cached.
 
 On AVX2-only CPUs glmgym's own kernels (`kernels.avx2`) are about 2x faster than PyTorch's, which
-are vectorized for AVX-512 only, so the choice there is fixed. On AVX-512 CPUs neither is known to
-win: PyTorch's kernels use the wider vectors, glmgym's AVX2 kernels the integer dot product and
-fewer bytes per token. There `quantize.select_backend` asks this module, which times both on a
-layer of the shape at one row (a decoded token: where a chat spends its time), cycling through
-enough copies of it that the weights come from memory as in decoding, picks the faster and
-remembers it in `$GLMGYM_CACHE/kernel_choice.json` (default `~/.cache/glmgym`), keyed by the
-CPU's model name, its capability, PyTorch's version and the thread count. A later load reads the
-choice back instead of timing again.
+are vectorized for AVX-512 only, so the choice there is fixed. On AVX-512 CPUs neither is known in
+advance to win: PyTorch's kernels use the wider vectors, glmgym's AVX2 kernels the integer dot
+product and fewer bytes per token (on a 2-core AVX-512 EPYC glmgym's won every ChatGLM-6B shape,
+INT4 by 1.2-1.6x, INT8 by 1.02-1.13x). There `quantize.select_backend` asks this module, which times
+both on a layer of the shape at one row (a decoded token: where a chat spends its time), cycling
+through enough copies of it that the weights come from memory as in decoding, picks the faster and
+remembers it in `$GLMGYM_CACHE/kernel_choice.json` (default `~/.cache/glmgym`), keyed by the CPU's
+model name, its capability, PyTorch's version, a digest of glmgym's kernel source and the thread
+count. A later load reads the choice back instead of timing again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from glmgym._io import atomic_write_json
+from glmgym.chat.kernels import avx2
 
 __all__ = ["cache_path", "choose", "copies_to_stream", "machine_key"]
 
@@ -71,8 +73,10 @@ def copies_to_stream(layer_bytes: int) -> int:
 
 
 def machine_key(capability: str) -> str:
-    """What a timing holds for: the CPU model, its capability, PyTorch's version, the threads."""
-    return f"{_cpu_model()} | {capability} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    """What a timing holds for: the CPU model, its capability, PyTorch's version, glmgym's kernels
+    (a digest of their source: a changed kernel is timed again), the threads."""
+    return (f"{_cpu_model()} | {capability} | torch {torch.__version__} | glmgym kernels "
+            f"{avx2.source_digest()} | {torch.get_num_threads()} threads")
 
 
 def _read() -> dict:

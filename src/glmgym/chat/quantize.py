@@ -300,7 +300,7 @@ class _Avx2(QuantizedLinear):
         if self.bits == 4:
             return avx2.q4_matmul(x, self.weight, self.scale, self.zero, self.out_features,
                                   self.group_size or self.in_features)
-        return avx2.q8_matmul(x, self.weight, self.scale)
+        return avx2.q8_matmul(x, self.weight, self.scale, self.out_features)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self._product(x).to(x.dtype)
@@ -490,13 +490,15 @@ def _int4pack(t: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype) -
 
 
 def _avx2_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    """Stored tensors -> `kernels.avx2`' layout: INT8 codes and fp32 row scales as stored; INT4 codes
-    0..15 and fp32 scales and zeros in tiles of `avx2.TILE_ROWS` rows (see `tile_q4`)."""
+    """Stored tensors -> `kernels.avx2`' layout: INT8 codes and fp32 row scales, INT4 codes 0..15
+    and fp32 scales and zeros, in tiles of `avx2.TILE_ROWS` rows (see `tile_q8`, `tile_q4`), copied
+    into anonymous memory on huge pages where Linux gives them (a memory-mapped file would be paged
+    in during the first tokens and read through 4 KiB pages)."""
     scale = t["weight_scale"].float()
-    if bits == 8:
-        # a copy in anonymous memory, on huge pages where Linux gives them: a memory-mapped file
-        # would be paged in during the first tokens and read through 4 KiB pages
+    if bits == 8 and group_size:  # blocks of 32 (the lm_head's scheme): plain rows
         return {"weight": avx2.hugepage_copy(t["weight"]), "scale": scale.contiguous()}
+    if bits == 8:
+        return avx2.tile_q8(t["weight"], scale)
 
     if group_size == 0:  # per row, symmetric: one group spanning the row, codes q + 8, zero -8 * scale
         scale = scale[:, None]  # [N] -> [N, 1]

@@ -47,7 +47,8 @@ def test_avx2_kernels_compute_the_stored_weights_on_int8_activations(bits, group
     t = quantize_weight(w, bits, group_size)
     if not (bits == 8 and group_size):  # INT8 groups exist for the AVX2 lm_head only
         layer = QuantizedLinear.from_tensors(t, K, None, bits, group_size, dtype)
-        assert layer.backend == select_backend(bits, K, N, group_size, dtype=dtype)  # timed on AVX-512: the cached choice
+        # on AVX-512 the choice is timed and cached: asked again with the same dtype, it is read back
+        assert layer.backend == select_backend(bits, K, N, group_size, dtype=dtype)
     from glmgym.chat.quantize import _avx2_tensors
 
     avx2 = QuantizedLinear(K, N, bits, group_size, "avx2", _avx2_tensors(t, bits, group_size), None)
@@ -69,15 +70,32 @@ def test_int8_kernel_handles_the_full_code_range():
     w[0, :32] = -128
     scale = torch.rand(N) + 0.5
     x = torch.randn(3, K)
-    y = avx2.q8_matmul(x, w, scale)
+    tiles = avx2.tile_q8(w, scale)
+    y = avx2.q8_matmul(x, tiles["weight"], tiles["scale"], N)
     exact = _quantized_acts(x) @ (w.float() * scale[:, None]).t()
     assert _rel(y, exact) < 1e-5
+    blocks = scale[:, None].expand(N, K // 32).contiguous()  # the lm_head's layout: rows, a scale per 32
+    assert _rel(avx2.q8_matmul(x, w, blocks), exact) < 1e-5
+
+
+@pytest.mark.parametrize("N", [1, 4, 5, 4098])
+def test_int8_tiles_interleave_four_rows_block_by_block(N):
+    K = 96
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    t = avx2.tile_q8(w, torch.arange(N) + 1.0)
+    T = -(-N // avx2.TILE_ROWS)
+    assert t["weight"].shape == (T, K // 32, avx2.TILE_ROWS, 32) and t["scale"].shape == (T * avx2.TILE_ROWS,)
+    n = N - 1
+    assert torch.equal(t["weight"][n // 4, 2, n % 4], w[n, 64:96])  # row n's third block
+    assert t["scale"][n] == N and (t["scale"][N:] == 0).all()
+    rows = t["weight"].transpose(1, 2).reshape(T * avx2.TILE_ROWS, K)  # back to rows
+    assert torch.equal(rows[:N], w) and (rows[N:] == 0).all()
 
 
 @needs_kernels
 def test_int8_kernel_refuses_groups_other_than_rows_and_blocks_of_32():
     w = torch.zeros(4, 128, dtype=torch.int8)
-    with pytest.raises(RuntimeError, match="bad shape"):
+    with pytest.raises(ValueError, match="K/32"):
         avx2.q8_matmul(torch.randn(1, 128), w, torch.ones(4, 2))  # groups of 64
 
 

@@ -26,7 +26,8 @@ import torch
 from glmgym._io import atomic_path
 
 __all__ = ["TILE_ROWS", "attend_decode", "bf16_matmul", "epilogue", "hugepage_copy", "load", "pack_int4",
-           "q4_matmul", "q8_matmul", "tile_q4", "unavailable_reason", "unpack_int4"]
+           "q4_matmul", "q8_matmul", "source_digest", "tile_q4", "tile_q8", "unavailable_reason",
+           "unpack_int4"]
 
 _SOURCE = Path(__file__).with_name("lowbit_avx2.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
@@ -75,6 +76,12 @@ def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
     # the tensor's storage keeps `area` alive; the mapping goes with the last reference
     out = torch.frombuffer(area, dtype=torch.uint8, count=nbytes, offset=pad)
     return out.view(t.dtype).view(t.shape).copy_(t)
+
+
+@cache
+def source_digest() -> str:
+    """The first 12 hex digits of the kernels' C source's sha256."""
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
 
 
 def _cache_dir() -> Path:
@@ -137,13 +144,14 @@ def unavailable_reason() -> str | None:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.glmgym_q4_matmul.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, i32]
-    lib.glmgym_q8_matmul.argtypes = [p, i32, i64, i64, p, p, i64, i64, p, i32]
+    lib.glmgym_q8_matmul.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
+    lib.glmgym_q8t_matmul.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
     lib.glmgym_bf16_matmul.argtypes = [p, i64, i64, p, i64, p, i32]
     lib.glmgym_attn_decode.argtypes = [p, i32, i64, i64, p, p, i64, i64, i64, i64, i64, i64, i64,
                                        p, i64, ctypes.c_float, p, i32, i32]
     lib.glmgym_epilogue.argtypes = [p, i64, i64, p, i32, i32, i32, p, i32]
-    for f in (lib.glmgym_q4_matmul, lib.glmgym_q8_matmul, lib.glmgym_bf16_matmul, lib.glmgym_attn_decode,
-              lib.glmgym_epilogue):
+    for f in (lib.glmgym_q4_matmul, lib.glmgym_q8_matmul, lib.glmgym_q8t_matmul, lib.glmgym_bf16_matmul,
+              lib.glmgym_attn_decode, lib.glmgym_epilogue):
         f.restype = i32
 
 
@@ -206,6 +214,28 @@ def tile_q4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return {"weight": hugepage_copy(weight), "scale": tiles(scale), "zero": tiles(zero)}
 
 
+def tile_q8(weight: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An INT8 weight with one scale per row -> the q8 kernel's tiles.
+
+    Args:
+        weight: int8 [N, K] codes, K a multiple of 32.
+        scale: [N] row scales.
+
+    Returns:
+        `weight`: int8 [T, K/32, TILE_ROWS, 32] with T = ceil(N / TILE_ROWS): per tile, block by
+        block of 32 columns, the TILE_ROWS rows' codes; `scale`: fp32 [T * TILE_ROWS]. Rows past N
+        are zero.
+    """
+    (N, K), R = weight.shape, TILE_ROWS
+    T = -(-N // R)
+    padded = torch.zeros(T * R, K, dtype=torch.int8)
+    padded[:N] = weight
+    tiles = padded.view(T, R, K // 32, 32).transpose(1, 2)  # [T, R, blocks, 32] -> [T, blocks, R, 32]
+    scales = torch.zeros(T * R, dtype=torch.float32)
+    scales[:N] = scale.float()
+    return {"weight": hugepage_copy(tiles), "scale": scales}
+
+
 def q4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
               out_features: int, group_size: int) -> torch.Tensor:
     """[M, K] @ a tiled q4 weight -> [M, N] fp32.
@@ -227,22 +257,33 @@ def q4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: 
     return y
 
 
-def q8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[M, K] @ an int8 [N, K] weight -> [M, N] fp32.
+def q8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+              out_features: int | None = None) -> torch.Tensor:
+    """[M, K] @ an INT8 weight -> [M, N] fp32.
 
     Args:
         x: [M, K] activations (fp32 or bf16; others are converted), K a multiple of 32.
-        weight: int8 [N, K] codes.
-        scale: fp32 [N] (one scale per row) or [N, K / 32] (one per block of 32 columns, the
-            INT8 lm_head).
+        weight: the tiles `tile_q8` returns (one scale per row), or int8 [N, K] rows with fp32
+            [N, K / 32] scales, one per block of 32 columns (the INT8 lm_head, whose rows the
+            embeddings look up).
+        scale: the scales that go with `weight`.
+        out_features: N (tiles only: they are padded to whole tiles).
     """
     lib = load()
     x = _acts(x)
-    (M, K), N = x.shape, weight.shape[0]
-    G = K // scale.shape[1] if scale.dim() == 2 else K
-    y = torch.empty(M, N, dtype=torch.float32)
-    rc = lib.glmgym_q8_matmul(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(),
-                              scale.data_ptr(), G, N, y.data_ptr(), torch.get_num_threads())
+    M, K = x.shape
+    if weight.dim() == 4:
+        N = out_features
+        y = torch.empty(M, N, dtype=torch.float32)
+        rc = lib.glmgym_q8t_matmul(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(),
+                                   scale.data_ptr(), N, y.data_ptr(), torch.get_num_threads())
+    else:
+        N = weight.shape[0]
+        if tuple(scale.shape) != (N, K // 32):
+            raise ValueError(f"q8_matmul: a weight in rows takes [N, K/32] scales, got {tuple(scale.shape)}")
+        y = torch.empty(M, N, dtype=torch.float32)
+        rc = lib.glmgym_q8_matmul(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(),
+                                  scale.data_ptr(), N, y.data_ptr(), torch.get_num_threads())
     _check(rc, "q8_matmul")
     return y
 
