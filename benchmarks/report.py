@@ -115,11 +115,13 @@ def dt_table(out: Path, img: Path) -> None:
         return _fmt(sum(e["normalized_score_mean"] for e in scores) / len(names)) if all(scores) else "—"
 
     lines.append("| **average** | " + " | ".join(mean_over(DT_ROWS, get) for _, get in columns) + " |")
+    row_sets: dict[tuple, list[str]] = {}  # the same rows for every column while some are not rerun
     for _, short, rows, _ in variants:
-        if 0 < len(rows) < len(DT_ROWS):  # the same rows for every column while some are not rerun
-            names = [n for n in DT_ROWS if n in rows]
-            lines.append(f"| average of the {len(names)} rows with {short} | "
-                         + " | ".join(mean_over(names, get) for _, get in columns) + " |")
+        if 0 < len(rows) < len(DT_ROWS):
+            row_sets.setdefault(tuple(n for n in DT_ROWS if n in rows), []).append(short)
+    for names, shorts in row_sets.items():  # one line per set of rows, however many columns share it
+        lines.append(f"| average of the {len(names)} rows with {' and with '.join(shorts)} | "
+                     + " | ".join(mean_over(list(names), get) for _, get in columns) + " |")
     trained_on = []
     for _, short, _, devices in variants:
         by_device: dict[str, list[str]] = {}
