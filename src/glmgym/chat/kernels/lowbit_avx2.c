@@ -146,6 +146,19 @@ static void free_acts(QActs *a) {
         }                                                                               \
     }
 
+/* The work split of the tiled q4 and q8 products: tiles of ROWS output rows over the threads;
+ * TILE_FN(m, t, out) writes out[0 .. ROWS) = y[m, ROWS t .. ROWS t + ROWS), of which the rows
+ * below N are kept. Needs a variable `nthreads` in scope. */
+#define FOR_TILES(M, N, y, TILE_FN)                                                     \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                 \
+    for (int64_t t = 0; t < ((N) + ROWS - 1) / ROWS; t++) {                             \
+        float out[ROWS];                                                                \
+        for (int64_t m = 0; m < (M); m++) {                                             \
+            TILE_FN(m, t, out);                                                         \
+            for (int r = 0; r < ROWS && t * ROWS + r < (N); r++) (y)[m * (N) + t * ROWS + r] = out[r]; \
+        }                                                                               \
+    }
+
 /* y[m, 4t .. 4t+ROWS) from tile t of a q4 weight. A tile interleaves ROWS rows chunk by chunk, so
  * the kernel reads one contiguous stream of codes and one of scales and zeros per tile (ROWS
  * separate row streams plus their scale streams defeated the hardware prefetcher: 1.5x slower).
@@ -201,14 +214,10 @@ int glmgym_q4_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const uint
     QActs a;
     if (quantize_acts(x, x_bf16, M, K, QP, G, &a, nthreads)) return -1;
     const int64_t ng = K / G;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < (N + ROWS - 1) / ROWS; t++) {
-        float out[ROWS];
-        for (int64_t m = 0; m < M; m++) {
-            q4_tile(&a, m, K, G, w + t * (ROWS * K / 2), scale + t * ng * ROWS, zero + t * ng * ROWS, out);
-            for (int r = 0; r < ROWS && t * ROWS + r < N; r++) y[m * N + t * ROWS + r] = out[r];
-        }
-    }
+#define Q4_TILE(m, t, out) q4_tile(&a, m, K, G, w + (t) * (ROWS * K / 2), scale + (t) * ng * ROWS, \
+                                  zero + (t) * ng * ROWS, out)
+    FOR_TILES(M, N, y, Q4_TILE)
+#undef Q4_TILE
     free_acts(&a);
     return 0;
 }
@@ -291,14 +300,9 @@ int glmgym_q8t_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const int
     if (K % QK) return -2;
     QActs a;
     if (quantize_acts(x, x_bf16, M, K, QK, K, &a, nthreads)) return -1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < (N + ROWS - 1) / ROWS; t++) {
-        float out[ROWS];
-        for (int64_t m = 0; m < M; m++) {
-            q8_tile(&a, m, K, w + t * (ROWS * K), scale + t * ROWS, out);
-            for (int r = 0; r < ROWS && t * ROWS + r < N; r++) y[m * N + t * ROWS + r] = out[r];
-        }
-    }
+#define Q8_TILE(m, t, out) q8_tile(&a, m, K, w + (t) * (ROWS * K), scale + (t) * ROWS, out)
+    FOR_TILES(M, N, y, Q8_TILE)
+#undef Q8_TILE
     free_acts(&a);
     return 0;
 }
