@@ -226,7 +226,8 @@ class Server:
     """`glmgym chat serve` in a subprocess on a free loopback port (PYTHONPATH=`src`: another
     checkout's glmgym, for a before/after comparison)."""
 
-    def __init__(self, model: str, max_queue: int, max_batch: int | None, src: str | None = None) -> None:
+    def __init__(self, model: str, max_queue: int, max_batch: int | None, src: str | None = None,
+                 threads: int | None = None) -> None:
         self.url = f"http://127.0.0.1:{_free_port()}"
         cmd = [sys.executable, "-m", "glmgym.cli", "chat", "serve", "--model", model,
                "--port", self.url.rsplit(":", 1)[1], "--max-queue", str(max_queue), "--no-ui",
@@ -234,6 +235,8 @@ class Server:
         if max_batch:
             cmd += ["--max-batch", str(max_batch)]
         env = {**os.environ, **({"PYTHONPATH": src} if src else {})}
+        if threads:  # read by PyTorch at start-up, so that the baseline (no --threads flag) gets it too
+            env["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env)
 
@@ -277,6 +280,8 @@ def main() -> None:
     p.add_argument("--workdir", default="benchmarks/runs/serve_load")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
     p.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="PyTorch threads of every server (OMP_NUM_THREADS; default: PyTorch's)")
     p.add_argument("--rounds", type=int, default=1, help="repeat every measurement; medians are reported")
     p.add_argument("--baseline-src", default=None, metavar="DIR",
                    help="also serve from this checkout's src/ (its default options), interleaved by round")
@@ -296,7 +301,7 @@ def main() -> None:
         rounds: dict[str, list[list[dict]]] = {label: [] for label, *_ in variants}
         for _ in range(args.rounds):
             for label, src, max_batch in variants:  # interleaved: drifts in machine speed hit both
-                with Server(model, max_queue, max_batch, src) as server:
+                with Server(model, max_queue, max_batch, src, args.threads) as server:
                     runs = []
                     for c in args.concurrency:
                         r = asyncio.run(load(server.url, c, args.requests, args.max_tokens))
@@ -328,6 +333,7 @@ def main() -> None:
         result["soak"] = r
     result["config"] = {"max_tokens": args.max_tokens, "requests": args.requests, "dtype": "float32",
                         "max_batch": args.max_batch or "server default", "rounds": args.rounds,
+                        "threads": args.threads or "PyTorch's default",
                         "date": time.strftime("%Y-%m-%d"), **machine_facts(),
                         "note": "server and client share this machine's CPUs"}
     from glmgym._io import atomic_write_json
