@@ -104,9 +104,10 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, dim]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
-        # rotate-half's signs: the first half of the rotated vector is -x2
-        self.register_buffer("sin_signs", torch.cat((-torch.ones(dim // 2), torch.ones(dim // 2))),
-                             persistent=False)
+        # the sine with rotate-half's signs (the first half of the rotated vector is -x2), made
+        # once here rather than over the whole table at every step
+        signs = torch.cat((-torch.ones(dim // 2), torch.ones(dim // 2)))
+        self.register_buffer("signed_sin", self.sin * signs, persistent=False)
 
 
 def _apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -440,7 +441,8 @@ class GLMModel(GLMBase):
         second half those of the block positions; the sine negated on each half's first quarter
         (rotate-half puts -x2 there)."""
         r = self.rotary
-        # [B, 2, T] -> [B, T, 2 (pos, block), d/2] -> [B, T, 1, 1, d]
-        cos = r.cos[position_ids.transpose(1, 2)].flatten(-2)[:, :, None, None].to(dtype)
-        sin = (r.sin * r.sin_signs)[position_ids.transpose(1, 2)].flatten(-2)[:, :, None, None].to(dtype)
+        p = position_ids.transpose(1, 2)  # [B, 2, T] -> [B, T, 2 (pos, block)]
+        # [B, T, 2, d/2] -> [B, T, 1, 1, d]
+        cos = r.cos[p].flatten(-2)[:, :, None, None].to(dtype)
+        sin = r.signed_sin[p].flatten(-2)[:, :, None, None].to(dtype)
         return cos, sin
