@@ -137,8 +137,7 @@ def dt_table(out: Path, img: Path) -> None:
         "its best of three target returns; 10k gradient steps, 10 evaluation episodes per seed and "
         "target. A dash: not run on the row's current file. Start windows (kzl's cut) were "
         "glmgym's default until 2026-12-05, GPT-2's N(0, 0.02) init of the embeddings and the "
-        "action head until "
-        "2026-12-06. The newer columns trained in fp32. " + ". ".join(trained_on) + ".",
+        "action head until 2026-12-06. The newer columns trained in fp32. " + ". ".join(trained_on) + ".",
     ]
     (out / "dt_table.md").write_text("\n".join(lines) + "\n")
 

@@ -317,7 +317,7 @@ def main() -> None:
     if args.short_under_long:
         model = str(write_mid_model(work / "mid"))
         for label, src, max_batch in variants:
-            with Server(model, max_queue, max_batch, src) as server:
+            with Server(model, max_queue, max_batch, src, args.threads) as server:
                 r = asyncio.run(short_under_long(server.url, args.short_under_long))
             equal = {n: c["equal"] for n, c in r["plain_vs_streamed"].items()}
             print(f"{label} mid short under a {r['long_prompt_tokens']}-token prompt: first token "
@@ -325,7 +325,8 @@ def main() -> None:
                   f"({r['ratio']:.2f}x); plain == streamed by prompt tokens: {equal}", flush=True)
             result.setdefault("short_under_long", {})[label] = r
     if args.soak_seconds:
-        with Server(str(write_mid_model(work / "mid")), max_queue, args.max_batch) as server:
+        mid = str(write_mid_model(work / "mid"))
+        with Server(mid, max_queue, args.max_batch, None, args.threads) as server:
             r = asyncio.run(soak(server.url, server.proc.pid, args.soak_concurrency, args.soak_seconds,
                                  args.max_tokens))
         print(f"soak x{args.soak_concurrency} {r['seconds']:.0f} s: {r['outcomes']}, RSS "
