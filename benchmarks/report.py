@@ -447,7 +447,8 @@ def quickstart(out: Path, img: Path) -> None:
 
 _INIT_NAMES = {"gpt2": "GPT-2 init", "paper": "paper init", "ptime": "paper init, timestep x 7",
                "ronly": "GPT-2 init, return at default",
-               "psum": "paper init, loss summed over action dims", "d3rlpy": "d3rlpy DT"}
+               "psum": "paper init, loss summed over action dims", "d3rlpy": "d3rlpy DT",
+               "dlike": "paper init, d3rlpy's transformer details"}
 
 
 def dt_sweep(out: Path, img: Path) -> None:
@@ -573,6 +574,8 @@ def dt_heldout(out: Path, img: Path) -> None:
         "figures of the table's end-window runs (at 4844 only). Timestep x 7: the paper init with the "
         "timestep embedding drawn from N(0, 1/sqrt(3 x state_dim)) instead of N(0, 0.02). Loss "
         "summed over action dims: d3rlpy's reduction, so that the 0.25 clip binds as in d3rlpy. "
+        "d3rlpy's transformer details: the paper init with d3rlpy's LayerNorm epsilon (0.003) in the "
+        "blocks, its residual projections at N(0, 0.02) unscaled, and no position embedding. "
         "d3rlpy DT: d3rlpy 2.8.1 trained as in the table, evaluated on the same episodes.",
     ]
     (out / "dt_heldout.md").write_text("\n".join(lines) + "\n")
