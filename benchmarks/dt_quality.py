@@ -252,7 +252,7 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--windows", choices=("start", "end"), default="start",
                    help="glmgym DT's training windows (TrainConfig.windows)")
-    p.add_argument("--init", choices=("paper", "gpt2", "dlike"), default="gpt2",
+    p.add_argument("--init", choices=("paper", "gpt2"), default="gpt2",
                    help="glmgym DT's embedding and head init (TrainConfig.init); like --windows, the "
                         "default is the recipe of dt_quality.json's runs, not train's (paper)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",

@@ -156,7 +156,7 @@ class TrainConfig:
     every step as often) or start (a uniform start, as kzl/decision-transformer: an episode's
     first steps are trained about 1/K as often as its middle, and on mixed data the return-to-go
     barely steers the model; see docs/agents/datasets.md)."""
-    init: str = field(default="paper", metadata={"choices": ("paper", "gpt2", "dlike")})
+    init: str = field(default="paper", metadata={"choices": ("paper", "gpt2")})
     """How the return, state and action embeddings and the action head start: paper (PyTorch's
     nn.Linear default, uniform in +-1/sqrt(fan_in), as the paper's code and d3rlpy leave them) or
     gpt2 (N(0, 0.02) like the transformer, as transformers' DecisionTransformerModel; glmgym's

@@ -140,10 +140,10 @@ def _build_model(cfg: TrainConfig, dataset: OfflineDataset,
         state_dim=dataset.state_dim, act_dim=dataset.act_dim, hidden_size=cfg.hidden_size,
         max_ep_len=cfg.max_ep_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
         n_positions=3 * cfg.context_len, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout, **({"layer_norm_epsilon": 0.003} if cfg.init == "dlike" else {}),
+        attn_pdrop=cfg.dropout,
     )
     model = DecisionTransformer(model_cfg)
-    if cfg.init in ("paper", "dlike"):
+    if cfg.init == "paper":
         # The paper's code (kzl/decision-transformer) builds these layers beside transformers'
         # GPT2Model, and d3rlpy after its weight init, so both leave them at nn.Linear's default;
         # DecisionTransformerModel (and `DecisionTransformer`) gives them GPT-2's N(0, 0.02). The
@@ -158,12 +158,6 @@ def _build_model(cfg: TrainConfig, dataset: OfflineDataset,
         # 10k steps: part of this init's deficit on walker2d-medium-expert. Drawn at GPT-2's ratio
         # to the state instead, it gained 12 points there (held-out) and lost 45 on
         # hopper-medium-replay, so it stays (docs/benchmarks.md).
-    if cfg.init == "dlike":  # EXPERIMENT: d3rlpy's transformer: c_proj N(0, 0.02) unscaled, no wpe
-        for name, p in model.named_parameters():
-            if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, std=0.02)
-        torch.nn.init.zeros_(model.encoder.wpe.weight)
-        model.encoder.wpe.requires_grad_(False)
     model = model.to(device)
     # Heads the paper does not train, and GPT-2's unused token embedding: frozen, so that DDP
     # does not wait for their gradients (the optimizer would skip them anyway: no grad).
