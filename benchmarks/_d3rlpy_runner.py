@@ -16,6 +16,25 @@ import h5py
 import numpy as np
 
 
+def save_model(algo, path: str) -> None:
+    """The transformer's weights (without the causal-mask buffers) and the observation scaler, as
+    plain arrays: loadable with `np.load(allow_pickle=False)`. Written to a temp file, then renamed."""
+    import os
+
+    state = {k: v.detach().cpu().numpy() for k, v in algo.impl.modules.transformer.state_dict().items()
+             if not k.endswith("_mask")}
+    scaler = algo.observation_scaler
+    arrays = {**state, "__observation_mean": np.asarray(scaler.mean, np.float64),
+              "__observation_std": np.asarray(scaler.std, np.float64),
+              "__observation_eps": np.asarray(scaler.eps, np.float64),
+              "__reward_scale": np.asarray(algo.reward_scaler.multiplier, np.float64),
+              "__num_heads": np.asarray(algo.config.num_heads),
+              "__context_size": np.asarray(algo.config.context_size)}
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", required=True)
@@ -28,6 +47,9 @@ def main() -> None:
     p.add_argument("--episode-seed", type=int, default=None,
                    help="episode seed of the first episode (default: --seed, as glmgym's table)")
     p.add_argument("--targets", type=float, nargs="*", default=[])
+    p.add_argument("--save-model", metavar="NPZ",
+                   help="also write the trained DT's weights and observation scaler here (numpy arrays, "
+                        "d3rlpy's names; `_d3rlpy_convert.py` turns them into a glmgym checkpoint)")
     args = p.parse_args()
 
     import d3rlpy
@@ -59,6 +81,8 @@ def main() -> None:
     algo.fit(dataset, n_steps=args.steps, n_steps_per_epoch=args.steps, show_progress=False,
              save_interval=10**9, experiment_name=f"bench_{args.algo}_{args.seed}", with_timestamp=True)
     train_seconds = time.perf_counter() - t0
+    if args.save_model and args.algo == "dt":
+        save_model(algo, args.save_model)
 
     env = gym.make(args.env)
     results = {}

@@ -13,7 +13,9 @@ its checkpoint or targets changed); `benchmarks/report.py` tabulates them.
         --d3rlpy-python VENV/bin/python --d3rlpy-seeds 0 1
 
 trains d3rlpy's DT as `dt_quality.py` does (10k steps, one run at a time, not resumable) and
-evaluates it on the same episodes, for the peer's figure beside glmgym's.
+evaluates it on the same episodes, for the peer's figure beside glmgym's. Its weights are kept
+as a glmgym run folder (`--runs-dir`/<dataset>-d3rlpy-dt-end-seed<N>, `_d3rlpy_convert.py`), so
+that this script (as a run folder: glmgym's evaluation loop) and `dt_tokens.py` take it too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _machine import cpu_kind  # beside this script (sys.path[0])
+from _d3rlpy_convert import write_run  # beside this script (sys.path[0])
+from _machine import cpu_kind
 from dt_quality import find_dataset, load_with_env, run_d3rlpy
 from dt_sweep import policy_and_ref, run_key
 from glmgym._io import atomic_write_json, read_json
@@ -46,8 +49,16 @@ def d3rlpy_entries(args, result: dict) -> None:
         if result.get(key, {}).get("targets") == args.targets:
             print(f"{key}: done before")
             continue
-        r = run_d3rlpy(path, env_id, args, "dt", seed, args.targets, episode_seed=args.seed)
+        weights = Path(args.runs_dir) / f"{args.d3rlpy}-d3rlpy-dt-seed{seed}.npz"
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        r = run_d3rlpy(path, env_id, args, "dt", seed, args.targets, episode_seed=args.seed,
+                       save_model=weights)
         result[key] = d3rlpy_entry(args, seed, r, ref)
+        if weights.is_file():  # d3rlpy's weights as a glmgym run, for glmgym's evaluation and dt_tokens.py
+            run = write_run(weights, Path(args.runs_dir) / f"{args.d3rlpy}-d3rlpy-dt-end-seed{seed}", path,
+                            env_id, seed, args.steps)
+            result[key]["run"] = run.name
+            print(f"{key}: d3rlpy's weights as a glmgym run: {run}")
         atomic_write_json(Path(args.out), result)
         print(f"{key}: " + ", ".join(f"{t}: {x['normalized_mean']:.1f}"
                                      for t, x in result[key]["results"].items()))

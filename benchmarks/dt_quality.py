@@ -133,16 +133,17 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
 
 
 def run_d3rlpy(path: Path, env_id: str, args, algo: str, seed: int, targets,
-               episode_seed: int | None = None) -> dict:
+               episode_seed: int | None = None, save_model: Path | None = None) -> dict:
     """Train and evaluate one d3rlpy run in its own venv; episodes from `episode_seed` (default:
-    `seed`, as glmgym's table)."""
+    `seed`, as glmgym's table); the trained DT's weights to `save_model` (an .npz) if given."""
     with tempfile.TemporaryDirectory() as cwd:  # d3rlpy writes d3rlpy_logs/ there
         proc = subprocess.run(
             [args.d3rlpy_python, str(Path(__file__).resolve().with_name("_d3rlpy_runner.py")),
              "--dataset", str(path.resolve()), "--algo", algo, "--env", env_id,
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(seed),
              "--episodes", str(args.episodes), "--targets", *map(str, targets),
-             *(["--episode-seed", str(episode_seed)] if episode_seed is not None else [])],
+             *(["--episode-seed", str(episode_seed)] if episode_seed is not None else []),
+             *(["--save-model", str(Path(save_model).resolve())] if save_model is not None else [])],
             capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
         raise SystemExit(f"d3rlpy {algo} failed:\n{proc.stderr[-3000:]}")

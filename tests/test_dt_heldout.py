@@ -10,13 +10,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "dt_heldout.py"
+FIXTURE = ROOT / "tests" / "agents" / "fixtures" / "d3rlpy_dt_tiny.npz"
 
 
 def _fake_d3rlpy_python(tmp_path: Path, returns: dict) -> Path:
-    """A stand-in for a d3rlpy venv's python: records the runner's arguments, prints its JSON line."""
+    """A stand-in for a d3rlpy venv's python: records the runner's arguments, saves a tiny d3rlpy
+    model (the converter's fixture) where `--save-model` says, prints the runner's JSON line."""
     fake = tmp_path / "python"
     line = json.dumps({"train_seconds": 12.5, "returns": returns, "d3rlpy": "2.8.1", "gymnasium": "1.0.0"})
-    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args.txt'}\necho '{line}'\n")
+    save = f'while [ $# -gt 0 ]; do [ "$1" = --save-model ] && cp {FIXTURE} "$2"; shift; done\n'
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args.txt'}\n{save}echo '{line}'\n")
     fake.chmod(0o755)
     return fake
 
@@ -48,6 +51,12 @@ def test_d3rlpy_runs_on_the_held_out_episodes_and_are_normalized_like_glmgyms(tm
     assert np.isclose(entry["results"]["3600.0"]["normalized_mean"],
                       normalized_score(np.array([1615.0, 2415.0]), ref).mean())
     assert entry["results"]["1800.0"]["returns"] == [1000.0, 1200.0]
+    # d3rlpy's weights are kept as a glmgym run folder beside glmgym's runs
+    saved = Path(args[args.index("--save-model") + 1])
+    assert saved == tmp_path / "benchmarks" / "runs" / "hopper-medium-d3rlpy-dt-seed1.npz"
+    run = tmp_path / "benchmarks" / "runs" / entry["run"]
+    assert json.loads((run / "train_config.json").read_text())["init"] == "d3rlpy"
+    assert (run / "checkpoints" / "step_0000020" / "model.safetensors").is_file()
 
     # a second call with the same targets trains nothing
     (tmp_path / "args.txt").unlink()
