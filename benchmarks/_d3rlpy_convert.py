@@ -83,7 +83,7 @@ def write_run(npz: Path, run_dir: Path, dataset_path: Path, env_id: str, seed: i
     model.save_pretrained(run_dir / "checkpoints" / f"step_{steps:07d}", extras=extras)
     atomic_write_json(run_dir / "train_config.json", {
         "dataset": f"d4rl:{dataset_path}", "env": env_id, "steps": steps, "seed": seed, "windows": "end",
-        "init": "d3rlpy", "context_len": facts["context_len"], "reward_scale": facts["reward_scale"],
+        "init": "d3rlpy-weights", "context_len": facts["context_len"], "reward_scale": facts["reward_scale"],
         "max_ep_len": model.config.max_ep_len, "trained_by": "d3rlpy"})
     return run_dir
 

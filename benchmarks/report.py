@@ -448,7 +448,8 @@ def quickstart(out: Path, img: Path) -> None:
 _INIT_NAMES = {"gpt2": "GPT-2 init", "paper": "paper init", "ptime": "paper init, timestep x 7",
                "ronly": "GPT-2 init, return at default",
                "psum": "paper init, loss summed over action dims", "d3rlpy": "d3rlpy DT",
-               "dlike": "paper init, d3rlpy's transformer details"}
+               "dlike": "paper init, d3rlpy's transformer details",
+               "d3rlpy-weights": "d3rlpy DT, glmgym's evaluation loop"}
 
 
 def dt_sweep(out: Path, img: Path) -> None:

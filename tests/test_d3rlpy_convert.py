@@ -72,7 +72,7 @@ def test_written_run_loads_as_a_policy_with_its_data_facts(convert, tmp_path):
         "terminals": np.zeros(n, bool), "timeouts": timeouts}, {"env_id": "Hopper-v5"})
     run = convert.write_run(FIXTURE, tmp_path / "run", data, "Hopper-v5", seed=3, steps=10_000)
     cfg = json.loads((run / "train_config.json").read_text())
-    assert (cfg["init"], cfg["windows"], cfg["seed"], cfg["steps"]) == ("d3rlpy", "end", 3, 10_000)
+    assert (cfg["init"], cfg["windows"], cfg["seed"], cfg["steps"]) == ("d3rlpy-weights", "end", 3, 10_000)
     policy = Policy.from_pretrained(run)
     assert policy.context_len == 6 and policy.reward_scale == pytest.approx(1000.0)
     returns = policy.extras["dataset_returns"]

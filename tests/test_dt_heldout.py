@@ -55,7 +55,7 @@ def test_d3rlpy_runs_on_the_held_out_episodes_and_are_normalized_like_glmgyms(tm
     saved = Path(args[args.index("--save-model") + 1])
     assert saved == tmp_path / "benchmarks" / "runs" / "hopper-medium-d3rlpy-dt-seed1.npz"
     run = tmp_path / "benchmarks" / "runs" / entry["run"]
-    assert json.loads((run / "train_config.json").read_text())["init"] == "d3rlpy"
+    assert json.loads((run / "train_config.json").read_text())["init"] == "d3rlpy-weights"
     assert (run / "checkpoints" / "step_0000020" / "model.safetensors").is_file()
 
     # a second call with the same targets trains nothing
