@@ -449,7 +449,7 @@ _INIT_NAMES = {"gpt2": "GPT-2 init", "paper": "paper init", "ptime": "paper init
                "ronly": "GPT-2 init, return at default",
                "psum": "paper init, loss summed over action dims", "d3rlpy": "d3rlpy DT",
                "dlike": "paper init, d3rlpy's transformer details",
-               "d3rlpy-weights": "d3rlpy DT, glmgym's evaluation loop"}
+               "d3rlpy-weights": "d3rlpy DT's weights, run by glmgym"}
 
 
 def dt_sweep(out: Path, img: Path) -> None:
