@@ -577,7 +577,10 @@ def dt_heldout(out: Path, img: Path) -> None:
         "summed over action dims: d3rlpy's reduction, so that the 0.25 clip binds as in d3rlpy. "
         "d3rlpy's transformer details: the paper init with d3rlpy's LayerNorm epsilon (0.003) in the "
         "blocks, its residual projections at N(0, 0.02) unscaled, and no position embedding. "
-        "d3rlpy DT: d3rlpy 2.8.1 trained as in the table, evaluated on the same episodes.",
+        "d3rlpy DT: d3rlpy 2.8.1 trained as in the table, evaluated on the same episodes. d3rlpy DT's "
+        "weights, run by glmgym: the same trained models converted to glmgym checkpoints "
+        "(`_d3rlpy_convert.py`) and evaluated by glmgym's loop (the seeds whose weights were kept: "
+        "3 and 4 on walker2d-medium-expert).",
     ]
     (out / "dt_heldout.md").write_text("\n".join(lines) + "\n")
 
@@ -610,8 +613,8 @@ def dt_tokens(out: Path, img: Path) -> None:
         f"RMS 1 before its gain): time shift, a state token between timesteps {times[0]} and "
         f"{times[1]} (256 random normalized states); return shift, the return token at timestep "
         f"{times[0]} between the data's mean and best episode return. At init: a fresh model of the "
-        "run's recipe and seed (a dash: an ablation arm whose code was removed). "
-        "`benchmarks/dt_tokens.py`.",
+        "run's recipe and seed (a dash: an ablation arm whose code was removed, or d3rlpy's model, "
+        "whose init is the paper init). `benchmarks/dt_tokens.py`.",
     ]
     (out / "dt_tokens.md").write_text("\n".join(lines) + "\n")
 
