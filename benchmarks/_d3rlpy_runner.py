@@ -16,6 +16,23 @@ import h5py
 import numpy as np
 
 
+def dt_config(d3rlpy, warmup: int, hidden: int = 128, context: int = 20, heads: int = 1, layers: int = 3,
+              max_timestep: int = 1000):
+    """d3rlpy's Decision Transformer as its reproduction script configures it (the paper's
+    hyperparameters; the sizes are arguments so that a test fixture can build a tiny one)."""
+    return d3rlpy.algos.DecisionTransformerConfig(
+        batch_size=64, learning_rate=1e-4,
+        optim_factory=d3rlpy.optimizers.AdamWFactory(
+            weight_decay=1e-4, clip_grad_norm=0.25,
+            lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(warmup_steps=warmup)),
+        encoder_factory=d3rlpy.models.VectorEncoderFactory([hidden], exclude_last_activation=True),
+        observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+        reward_scaler=d3rlpy.preprocessing.MultiplyRewardScaler(0.001),
+        position_encoding_type=d3rlpy.PositionEncodingType.SIMPLE,
+        context_size=context, num_heads=heads, num_layers=layers, max_timestep=max_timestep,
+    )
+
+
 def save_model(algo, path: str) -> None:
     """The transformer's weights (without the causal-mask buffers) and the observation scaler, as
     plain arrays: loadable with `np.load(allow_pickle=False)`. Written to a temp file, then renamed."""
@@ -62,17 +79,7 @@ def main() -> None:
                                         data["timeouts"].astype(np.float32))
     d3rlpy.seed(args.seed)
     if args.algo == "dt":
-        algo = d3rlpy.algos.DecisionTransformerConfig(
-            batch_size=64, learning_rate=1e-4,
-            optim_factory=d3rlpy.optimizers.AdamWFactory(
-                weight_decay=1e-4, clip_grad_norm=0.25,
-                lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(warmup_steps=args.warmup)),
-            encoder_factory=d3rlpy.models.VectorEncoderFactory([128], exclude_last_activation=True),
-            observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
-            reward_scaler=d3rlpy.preprocessing.MultiplyRewardScaler(0.001),
-            position_encoding_type=d3rlpy.PositionEncodingType.SIMPLE,
-            context_size=20, num_heads=1, num_layers=3, max_timestep=1000,
-        ).create(device="cpu:0")
+        algo = dt_config(d3rlpy, args.warmup).create(device="cpu:0")
     else:
         algo = d3rlpy.algos.BCConfig(
             batch_size=64, observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
