@@ -16,7 +16,6 @@ scaler divides by std + eps, which becomes glmgym's `state_std`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from glmgym.agents.config import DTConfig
 from glmgym.agents.data import load_dataset
 from glmgym.agents.envs import reference_scores
 from glmgym.agents.model import DecisionTransformer
+from glmgym.agents.train import _data_extras, default_target_returns
 
 D3RLPY_LAYER_NORM_EPS = 0.003
 """d3rlpy 2.8.1's epsilon in `Block` and `GPT2`'s LayerNorms."""
@@ -70,16 +70,12 @@ def glmgym_model(arrays: dict[str, np.ndarray]) -> tuple[DecisionTransformer, di
 
 def write_run(npz: Path, run_dir: Path, dataset_path: Path, env_id: str, seed: int, steps: int) -> Path:
     """A glmgym run folder (train_config.json, checkpoints/step_N) for d3rlpy's saved model,
-    with the checkpoint facts glmgym's training records (data returns, reference scores)."""
+    with the data facts glmgym's training records (data returns, reference scores, targets)."""
     with np.load(npz, allow_pickle=False) as z:
         model, facts = glmgym_model(dict(z))
     ds = load_dataset(f"d4rl:{dataset_path}")
-    ref = reference_scores(env_id, ds.metadata)
-    returns = ds.episode_returns()
-    extras = {"env_id": env_id, "dataset": ds.name, "dataset_source": ds.source, **facts,
-              "max_ep_len": model.config.max_ep_len, "trained_by": "d3rlpy",
-              "ref_scores": None if ref is None else dataclasses.asdict(ref),
-              "dataset_returns": {k: float(getattr(returns, k)()) for k in ("min", "mean", "max")}}
+    data = _data_extras(ds, env_id, reference_scores(env_id, ds.metadata), default_target_returns(env_id, ds))
+    extras = {**data, **facts, "max_ep_len": model.config.max_ep_len, "trained_by": "d3rlpy"}
     model.save_pretrained(run_dir / "checkpoints" / f"step_{steps:07d}", extras=extras)
     atomic_write_json(run_dir / "train_config.json", {
         "dataset": f"d4rl:{dataset_path}", "env": env_id, "steps": steps, "seed": seed, "windows": "end",

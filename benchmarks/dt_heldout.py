@@ -54,11 +54,11 @@ def d3rlpy_entries(args, result: dict) -> None:
         r = run_d3rlpy(path, env_id, args, "dt", seed, args.targets, episode_seed=args.seed,
                        save_model=weights)
         result[key] = d3rlpy_entry(args, seed, r, ref)
-        if weights.is_file():  # d3rlpy's weights as a glmgym run, for glmgym's evaluation and dt_tokens.py
-            run = write_run(weights, Path(args.runs_dir) / f"{args.d3rlpy}-d3rlpy-dt-end-seed{seed}", path,
-                            env_id, seed, args.steps)
-            result[key]["run"] = run.name
-            print(f"{key}: d3rlpy's weights as a glmgym run: {run}")
+        # d3rlpy's weights as a glmgym run, for glmgym's evaluation loop and dt_tokens.py
+        run = write_run(weights, Path(args.runs_dir) / f"{args.d3rlpy}-d3rlpy-dt-end-seed{seed}", path,
+                        env_id, seed, args.steps)
+        result[key]["run"] = run.name
+        print(f"{key}: d3rlpy's weights as a glmgym run: {run}")
         atomic_write_json(Path(args.out), result)
         print(f"{key}: " + ", ".join(f"{t}: {x['normalized_mean']:.1f}"
                                      for t, x in result[key]["results"].items()))

@@ -75,6 +75,7 @@ def test_written_run_loads_as_a_policy_with_its_data_facts(convert, tmp_path):
     assert (cfg["init"], cfg["windows"], cfg["seed"], cfg["steps"]) == ("d3rlpy-weights", "end", 3, 10_000)
     policy = Policy.from_pretrained(run)
     assert policy.context_len == 6 and policy.reward_scale == pytest.approx(1000.0)
+    assert len(policy.extras["target_returns"]) >= 1  # `glmgym agent evaluate` runs without --target
     returns = policy.extras["dataset_returns"]
     assert returns["max"] == pytest.approx(max(rewards[:10].sum(), rewards[10:].sum()), rel=1e-5)
     g = _golden()

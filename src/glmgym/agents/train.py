@@ -264,13 +264,10 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.batch_size % ddp.world:
         raise GlmgymError(f"--batch-size {cfg.batch_size} is not divisible by {ddp.world} processes")
     state_mean, state_std = dataset.state_stats()
-    returns = dataset.episode_returns()
     extras = {
-        "env_id": run.env_id, "dataset": dataset.name, "dataset_source": dataset.source,
+        **_data_extras(dataset, run.env_id, run.ref, run.targets),
         "state_mean": state_mean, "state_std": state_std, "reward_scale": cfg.reward_scale,
-        "target_returns": list(run.targets), "context_len": cfg.context_len, "max_ep_len": cfg.max_ep_len,
-        "ref_scores": None if run.ref is None else dataclasses.asdict(run.ref),
-        "dataset_returns": {k: float(getattr(returns, k)()) for k in ("min", "mean", "max")},
+        "context_len": cfg.context_len, "max_ep_len": cfg.max_ep_len,
     }
     model, params = _build_model(cfg, dataset, device)
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
@@ -334,6 +331,19 @@ def train(cfg: TrainConfig) -> Path:
         print(f"checkpoint: {ckpt}")
         print(f"evaluate it: glmgym agent evaluate --checkpoint {ckpt}")
     return run.run_dir
+
+
+def _data_extras(dataset: OfflineDataset, env_id: str, ref: RefScores | None,
+                 targets: tuple[float, ...]) -> dict[str, Any]:
+    """What a checkpoint's `glmgym.json` records about its training data and evaluation: env,
+    dataset, reference scores, the data's episode returns and the target returns."""
+    returns = dataset.episode_returns()
+    return {
+        "env_id": env_id, "dataset": dataset.name, "dataset_source": dataset.source,
+        "target_returns": list(targets),
+        "ref_scores": None if ref is None else dataclasses.asdict(ref),
+        "dataset_returns": {k: float(getattr(returns, k)()) for k in ("min", "mean", "max")},
+    }
 
 
 def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
