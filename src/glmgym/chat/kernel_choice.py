@@ -74,9 +74,11 @@ def copies_to_stream(layer_bytes: int) -> int:
 
 def machine_key(capability: str) -> str:
     """What a timing holds for: the CPU model, its capability, PyTorch's version, glmgym's kernels
-    (a digest of their source: a changed kernel is timed again), the threads."""
+    (a digest of their source: a changed kernel is timed again, and whether the AVX-512 VNNI products
+    run), the threads."""
+    kernels = avx2.source_digest() + (" vnni" if avx2.vnni() is not None else "")
     return (f"{_cpu_model()} | {capability} | torch {torch.__version__} | glmgym kernels "
-            f"{avx2.source_digest()} | {torch.get_num_threads()} threads")
+            f"{kernels} | {torch.get_num_threads()} threads")
 
 
 def _read() -> dict:

@@ -78,6 +78,71 @@ def test_int8_kernel_handles_the_full_code_range():
     assert _rel(avx2.q8_matmul(x, w, blocks), exact) < 1e-5
 
 
+@pytest.fixture
+def kernels_env(monkeypatch):
+    """Switch between the AVX-512 VNNI and the AVX2 products (`GLMGYM_KERNELS`), as a load would."""
+    def use(name: str) -> None:
+        monkeypatch.setenv("GLMGYM_KERNELS", name)
+        avx2.vnni.cache_clear()
+    yield use
+    monkeypatch.delenv("GLMGYM_KERNELS", raising=False)
+    avx2.vnni.cache_clear()
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize(("bits", "group_size", "N", "K"), [
+    (4, 64, 5, 192), (4, 128, 37, 384), (4, 0, 9, 320), (8, 0, 5, 96), (8, 0, 37, 4096),
+    (8, 32, 12, 128), (8, 32, 5, 64)])  # INT8 in rows with block scales: the lm_head
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vnni_products_equal_the_avx2_products(bits, group_size, N, K, M, dtype, kernels_env):
+    """Same layouts, same int8 activations, same integer sums: the two agree for every row count (the
+    VNNI products take activation rows four at a time, then the rest), odd tile counts included."""
+    kernels_env("")
+    if avx2.vnni() is None:
+        pytest.skip("this CPU has no AVX-512 VNNI (or it is told to act as AVX2)")
+    g = torch.Generator().manual_seed(M * 100 + N)
+    t = quantize_weight(torch.randn(N, K, generator=g) * 0.02, bits, group_size)
+    from glmgym.chat.quantize import _avx2_tensors
+
+    layer = QuantizedLinear(K, N, bits, group_size, "avx2", _avx2_tensors(t, bits, group_size), None)
+    x = (torch.randn(M, K, generator=g) * 3).to(dtype)
+    x[0, -(64 if K >= 128 else 32):] = 0  # an all-zero activation block (scale 0), not the whole row
+    y_vnni = layer.matmul(x)
+    kernels_env("avx2")
+    assert avx2.vnni() is None
+    y_avx2 = layer.matmul(x)
+    assert y_vnni.shape == (M, N)
+    assert _rel(y_vnni, y_avx2) < 1e-6
+    exact = _quantized_acts(x, 64 if bits == 4 else 32) @ dequantize_weight(t, bits, group_size).t()
+    assert _rel(y_vnni, exact) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs_kernels
+def test_vnni_int8_product_holds_the_full_code_range(kernels_env):
+    kernels_env("")
+    if avx2.vnni() is None:
+        pytest.skip("this CPU has no AVX-512 VNNI (or it is told to act as AVX2)")
+    N, K = 8, 128
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    w[1, :] = -128  # |w| = 128 does not fit a signed byte: the sign must move onto x
+    w[2, :] = 127
+    scale = torch.rand(N) + 0.5
+    x = torch.randn(6, K)
+    tiles = avx2.tile_q8(w, scale)
+    exact = _quantized_acts(x) @ (w.float() * scale[:, None]).t()
+    assert _rel(avx2.q8_matmul(x, tiles["weight"], tiles["scale"], N), exact) < 1e-5
+
+
+def test_vnni_products_are_off_where_the_cpu_acts_as_avx2(kernels_env, monkeypatch):
+    kernels_env("avx2")
+    assert avx2.vnni() is None  # asked to keep the AVX2 products
+    kernels_env("")
+    monkeypatch.setattr(avx2, "cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    avx2.vnni.cache_clear()
+    assert avx2.vnni() is None
+
+
 @pytest.mark.parametrize("N", [1, 4, 5, 4098])
 def test_int8_tiles_interleave_four_rows_block_by_block(N):
     K = 96
@@ -173,6 +238,7 @@ def test_bf16_matmul_matches_float():
 ])
 def test_backend_choice_per_cpu_capability(capability, bits, expected, monkeypatch):
     monkeypatch.setattr(avx2, "load", lambda: object())  # as if built
+    monkeypatch.setattr(avx2, "vnni", lambda: None)
     # AVX-512: the faster of both, timed (tests/chat/test_kernel_choice.py times them for real)
     monkeypatch.setattr(kernel_choice, "choose",
                         lambda machine, layer, candidates: "timed: " + ", ".join(candidates))

@@ -1,12 +1,15 @@
-"""glmgym's AVX2 low-bit matmul kernels: build once with the system C compiler, call through ctypes.
+"""glmgym's x86 low-bit matmul kernels: build once with the system C compiler, call through ctypes.
 
 PyTorch's packed low-bit CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are
 vectorized for AVX-512 only; on AVX2 CPUs they run a generic path about 2x slower than
-llama.cpp-style integer dot products. `lowbit_avx2.c` beside this module implements those (see its header).
-It has no Python or torch headers, so it compiles in about a second, with `$CC` (default `cc`),
-into `$GLMGYM_CACHE/kernels` (default `~/.cache/glmgym/kernels`), named by the hash of its source
-and flags. Without a compiler nothing breaks: `load()` returns None, `unavailable_reason()` says
-why, and the quantized layers use PyTorch's kernels.
+llama.cpp-style integer dot products. `lowbit_avx2.c` beside this module implements those (see its
+header). On CPUs with AVX-512 VNNI the three low-bit products (q4, q8 in tiles and in rows) run
+`lowbit_avx512.c` instead: the same layouts and activations, `vpdpbusd` dot products, and several
+activation rows per read of the weights (`vnni()`; `GLMGYM_KERNELS=avx2` keeps the AVX2 products).
+The files have no Python or torch headers, so each compiles in about a second, with `$CC`
+(default `cc`), into `$GLMGYM_CACHE/kernels` (default `~/.cache/glmgym/kernels`), named by the hash
+of its sources and flags. Without a compiler nothing breaks: `load()` returns None,
+`unavailable_reason()` says why, and the quantized layers use PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ from pathlib import Path
 import torch
 
 from glmgym._io import atomic_path
+from glmgym.devices import cpu_capability
 
 __all__ = ["TILE_ROWS", "attend_decode", "bf16_matmul", "epilogue", "hugepage_copy", "load", "pack_int4",
            "q4_matmul", "q8_matmul", "source_digest", "tile_q4", "tile_q8", "unavailable_reason",
-           "unpack_int4"]
+           "unpack_int4", "vnni"]
 
 _SOURCE = Path(__file__).with_name("lowbit_avx2.c")
+_SOURCE_VNNI = Path(__file__).with_name("lowbit_avx512.c")
+_HEADER = Path(__file__).with_name("lowbit_common.h")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
+_FLAGS_VNNI = [*_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 _reason: str | None = None
 TILE_ROWS = 4  # ROWS in kernels/lowbit_avx2.c: output rows per tile of a q4 weight
 _CHUNK_ROWS = 4096  # rows repacked at a time: bounds the temporaries for embedding-sized weights
@@ -80,8 +87,8 @@ def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
 
 @cache
 def source_digest() -> str:
-    """The first 12 hex digits of the kernels' C source's sha256."""
-    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    """The first 12 hex digits of the sha256 of the kernels' C sources (both files and their header)."""
+    return hashlib.sha256(b"".join(f.read_bytes() for f in (_SOURCE, _SOURCE_VNNI, _HEADER))).hexdigest()[:12]
 
 
 def _cache_dir() -> Path:
@@ -89,12 +96,12 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build(compiler: str, flags: list[str], out: Path) -> str | None:
+def _build(compiler: str, source: Path, flags: list[str], out: Path) -> str | None:
     """Compile into a temp file beside `out`, then rename (concurrent builders never see half a
     file). Returns the compiler's complaint, or None on success."""
     try:
         with atomic_path(out, suffix=".so.tmp") as tmp:
-            proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(tmp)], capture_output=True,
+            proc = subprocess.run([compiler, *flags, str(source), "-o", str(tmp)], capture_output=True,
                                   text=True)
             if proc.returncode:
                 raise _BuildFailed((proc.stderr.strip().splitlines() or ["failed"])[-1])
@@ -109,31 +116,63 @@ class _BuildFailed(Exception):
     pass
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _library(compiler: str, source: Path, flags: list[str]) -> tuple[ctypes.CDLL | None, str | None]:
+    """`source` built with `flags` (cached by the hash of the sources, compiler and flags) and
+    loaded, with OpenMP first (threads from torch's own libgomp), then single-threaded (e.g. a clang
+    without libomp). Returns the library, or None and the last complaint."""
+    sources = source.read_bytes() + _HEADER.read_bytes()
+    error = None
+    for fl in ([*flags, "-fopenmp"], flags):
+        tag = hashlib.sha256(sources + " ".join([compiler, *fl]).encode()).hexdigest()[:16]
+        path = _cache_dir() / f"{source.stem}-{tag}.so"
+        error = None if path.exists() else _build(compiler, source, fl, path)
+        if error is None:
+            try:
+                return ctypes.CDLL(str(path)), None
+            except OSError as exc:
+                error = str(exc)
+    return None, error
+
+
 @cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernels (built on first use), or None when they cannot be built here."""
     global _reason
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
         _reason = "no C compiler found (set $CC or install gcc)"
         return None
-    source = _SOURCE.read_bytes()
-    # with OpenMP first (threads from torch's own libgomp), then single-threaded (e.g. a clang
-    # without libomp)
-    for flags in ([*_FLAGS, "-fopenmp"], _FLAGS):
-        tag = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"lowbit_avx2-{tag}.so"
-        error = None if path.exists() else _build(compiler, flags, path)
-        if error is None:
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as exc:
-                error = str(exc)
-            else:
-                _declare(lib)
-                return lib
-    _reason = f"{compiler} could not build {_SOURCE.name}: {error}"
-    return None
+    lib, error = _library(compiler, _SOURCE, _FLAGS)
+    if lib is None:
+        _reason = f"{compiler} could not build {_SOURCE.name}: {error}"
+        return None
+    _declare(lib)
+    return lib
+
+
+@cache
+def vnni() -> ctypes.CDLL | None:
+    """The AVX-512 VNNI products (`lowbit_avx512.c`), or None: where CPUID lacks AVX-512 F/BW/VL or
+    VNNI, where PyTorch is told to act as an AVX2 machine (`ATEN_CPU_CAPABILITY=avx2`, to measure
+    one), where `GLMGYM_KERNELS=avx2`, or where the compiler cannot build them (the AVX2 products
+    then serve)."""
+    base = load()
+    if (base is None or not base.glmgym_cpu_has_avx512_vnni() or not cpu_capability().startswith("AVX512")
+            or os.environ.get("GLMGYM_KERNELS", "").lower() == "avx2"):
+        return None
+    lib, _ = _library(_compiler(), _SOURCE_VNNI, _FLAGS_VNNI)
+    if lib is not None:
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.glmgym_q4_matmul_vnni.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, i32]
+        lib.glmgym_q8t_matmul_vnni.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
+        lib.glmgym_q8_matmul_vnni.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
+        for f in (lib.glmgym_q4_matmul_vnni, lib.glmgym_q8t_matmul_vnni, lib.glmgym_q8_matmul_vnni):
+            f.restype = i32
+    return lib
 
 
 def unavailable_reason() -> str | None:
@@ -150,8 +189,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.glmgym_attn_decode.argtypes = [p, i32, i64, i64, p, p, i64, i64, i64, i64, i64, i64, i64,
                                        p, i64, ctypes.c_float, p, i32, i32]
     lib.glmgym_epilogue.argtypes = [p, i64, i64, p, i32, i32, i32, p, i32]
+    lib.glmgym_cpu_has_avx512_vnni.argtypes = []
     for f in (lib.glmgym_q4_matmul, lib.glmgym_q8_matmul, lib.glmgym_q8t_matmul, lib.glmgym_bf16_matmul,
-              lib.glmgym_attn_decode, lib.glmgym_epilogue):
+              lib.glmgym_attn_decode, lib.glmgym_epilogue, lib.glmgym_cpu_has_avx512_vnni):
         f.restype = i32
 
 
@@ -246,13 +286,13 @@ def q4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: 
         out_features: N.
         group_size: columns per scale/zero group: a multiple of 64 dividing K.
     """
-    lib = load()
+    fast = vnni()
     x = _acts(x)
     M, K = x.shape
     y = torch.empty(M, out_features, dtype=torch.float32)
-    rc = lib.glmgym_q4_matmul(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(),
-                              scale.data_ptr(), zero.data_ptr(), out_features, group_size,
-                              y.data_ptr(), torch.get_num_threads())
+    kernel = fast.glmgym_q4_matmul_vnni if fast is not None else load().glmgym_q4_matmul
+    rc = kernel(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(), scale.data_ptr(),
+                zero.data_ptr(), out_features, group_size, y.data_ptr(), torch.get_num_threads())
     _check(rc, "q4_matmul")
     return y
 
@@ -275,15 +315,19 @@ def q8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if weight.dim() == 4:
         N = out_features
         y = torch.empty(M, N, dtype=torch.float32)
-        rc = lib.glmgym_q8t_matmul(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(),
-                                   scale.data_ptr(), N, y.data_ptr(), torch.get_num_threads())
+        fast = vnni()
+        kernel = fast.glmgym_q8t_matmul_vnni if fast is not None else lib.glmgym_q8t_matmul
+        rc = kernel(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(), scale.data_ptr(), N,
+                    y.data_ptr(), torch.get_num_threads())
     else:
         N = weight.shape[0]
         if tuple(scale.shape) != (N, K // 32):
             raise ValueError(f"q8_matmul: a weight in rows takes [N, K/32] scales, got {tuple(scale.shape)}")
         y = torch.empty(M, N, dtype=torch.float32)
-        rc = lib.glmgym_q8_matmul(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(),
-                                  scale.data_ptr(), N, y.data_ptr(), torch.get_num_threads())
+        fast = vnni() if N % TILE_ROWS == 0 else None  # it takes the rows four at a time
+        kernel = fast.glmgym_q8_matmul_vnni if fast is not None else lib.glmgym_q8_matmul
+        rc = kernel(x.data_ptr(), x.dtype == torch.bfloat16, M, K, weight.data_ptr(), scale.data_ptr(), N,
+                    y.data_ptr(), torch.get_num_threads())
     _check(rc, "q8_matmul")
     return y
 
