@@ -657,6 +657,45 @@ def gpu_speed(out: Path, img: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Speculative decoding (prompt lookup)
 
+KERNEL_NAMES = {"avx2": "glmgym AVX2", "vnni": "glmgym AVX-512 VNNI", "torch": "PyTorch"}
+KERNEL_LAYERS = {"qkv": "query-key-value", "dense": "attention output", "h_to_4h": "MLP in",
+                 "4h_to_h": "MLP out"}
+
+
+def chat_kernels(out: Path, img: Path) -> None:
+    """`chat_kernels.py`: microseconds of one low-bit product per layer shape, row count and kernel."""
+    result = _load("chat_kernels.json")
+    if not result:
+        return
+    lines = []
+    for kind, entry in result.get("by_cpu", {}).items():
+        facts = entry.get("machine", {})
+        rows = entry["rows"]
+        lines += [
+            f"**One product of a ChatGLM-6B layer, {KINDS.get(kind, kind)}** (microseconds; M rows of "
+            "activations: 1 a decoded token, 2-9 a token and its drafts, 128 a prefill):",
+            "",
+            "| format | layer (K x N) | kernel | " + " | ".join(f"M = {m}" for m in rows) + " |",
+            "|---|---|---|" + "---:|" * len(rows),
+        ]
+        for name, layer in entry["layers"].items():
+            fmt, shape = name.split(" ", 1)
+            where = f"{KERNEL_LAYERS.get(shape, shape)} ({layer['K']}x{layer['N']})"
+            for kernel, us in layer["us"].items():
+                times = " | ".join(f"{us[str(m)]:.0f}" for m in rows)
+                name = KERNEL_NAMES.get(kernel, kernel)
+                lines.append(f"| {CHAT_FORMATS.get(fmt, fmt)} | {where} | {name} | {times} |")
+        lines += [
+            "",
+            f"Fastest of {entry['rounds']} interleaved rounds, each call on the next of enough copies of the "
+            f"layer that its weights come from memory; {facts.get('cpu', 'x86_64')} "
+            f"({', '.join(facts.get('cpu_flags', []))}), {facts.get('threads', '?')} threads, "
+            f"{entry['date']}.",
+            "",
+        ]
+    (out / "chat_kernels.md").write_text("\n".join(lines).rstrip() + "\n")
+
+
 SPEC_MODELS = {"chatglm-6b": "ChatGLM-6B", **FAMILY_NAMES}
 
 
@@ -680,13 +719,13 @@ def speculative(out: Path, img: Path) -> None:
                 "| model | format | k = 0 (ms) | k = 1 | k = 2 | k = 4 | k = 8 |",
                 "|---|---|---:|---:|---:|---:|---:|",
             ]
-            for model, formats in cost.items():
-                for fmt, c in formats.items():
-                    r = c["ratio"]
-                    lines.append(
-                        f"| {SPEC_MODELS.get(model, model)} | {CHAT_FORMATS.get(fmt, fmt)} | "
-                        f"{c['ms']['0']:.0f} | " + " | ".join(f"{r[str(k)]:.2f}" for k in (1, 2, 4, 8)) + " |"
-                    )
+            # on AVX-512 VNNI CPUs, also the same forwards on the AVX2 products (GLMGYM_KERNELS=avx2)
+            for costs, note in ((cost, ""), (entry.get("cost_avx2_products", {}), ", AVX2 products")):
+                for model, formats in costs.items():
+                    for fmt, c in formats.items():
+                        ratios = " | ".join(f"{c['ratio'][str(k)]:.2f}" for k in (1, 2, 4, 8))
+                        label = f"{SPEC_MODELS.get(model, model)} | {CHAT_FORMATS.get(fmt, fmt)}{note}"
+                        lines.append(f"| {label} | {c['ms']['0']:.0f} | {ratios} |")
             dates = sorted({c.get("date", "?") for f in cost.values() for c in f.values()})
             first = next(c for f in cost.values() for c in f.values())
             lines += [
@@ -749,7 +788,7 @@ def speculative(out: Path, img: Path) -> None:
 
 
 MAKERS = (dt_table, dt_sweep, dt_variant, dt_heldout, dt_tokens,
-          chat_speed, serve_load, finetune, dt_speed, quickstart, speculative,
+          chat_speed, chat_kernels, serve_load, finetune, dt_speed, quickstart, speculative,
           gpu_speed)
 
 
