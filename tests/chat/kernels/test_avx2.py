@@ -143,6 +143,21 @@ def test_vnni_products_are_off_where_the_cpu_acts_as_avx2(kernels_env, monkeypat
     assert avx2.vnni() is None
 
 
+@needs_kernels
+def test_a_compiler_without_avx512_flags_keeps_the_avx2_products(kernels_env, monkeypatch, tmp_path):
+    kernels_env("")
+    monkeypatch.setattr(avx2, "_FLAGS_VNNI", [*avx2._FLAGS, "-mno-such-flag"])
+    monkeypatch.setenv("GLMGYM_CACHE", str(tmp_path))
+    avx2.vnni.cache_clear()
+    assert avx2.vnni() is None
+    assert not list(tmp_path.rglob("lowbit_avx512*"))  # no half-built file left behind
+    t = quantize_weight(torch.randn(8, 128) * 0.02, 4, 64)
+    tiles = avx2.tile_q4(t["weight"], t["weight_scale"].float(), t["weight_zero"].float())
+    x = torch.randn(3, 128)
+    y = avx2.q4_matmul(x, tiles["weight"], tiles["scale"], tiles["zero"], 8, 64)
+    assert _rel(y, _quantized_acts(x, 64) @ dequantize_weight(t, 4, 64).t()) < 1e-5
+
+
 @pytest.mark.parametrize("N", [1, 4, 5, 4098])
 def test_int8_tiles_interleave_four_rows_block_by_block(N):
     K = 96

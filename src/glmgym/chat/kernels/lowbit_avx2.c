@@ -20,12 +20,22 @@
  */
 #include "lowbit_common.h"
 
-/* 1 when this CPU runs lowbit_avx512.c (AVX-512 F/BW/VL and VNNI), from CPUID: asked here, in code
- * built for AVX2, because the other library may use AVX-512 anywhere, its own checks included. */
+/* 1 when this CPU runs lowbit_avx512.c: AVX-512 F/BW/VL and VNNI in CPUID leaf 7, and the OS saving
+ * the AVX-512 registers (XCR0 bits 1, 2, 5, 6, 7). Asked here, in code built for AVX2, because the
+ * other library may use AVX-512 anywhere, its own checks included; CPUID directly rather than
+ * `__builtin_cpu_supports`, whose feature names older compilers do not all know. */
 int glmgym_cpu_has_avx512_vnni(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    unsigned int a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+    if (a < 7) return 0;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    if (!(c & (1u << 27))) return 0; /* OSXSAVE: xgetbv is there */
+    unsigned int xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    if ((xlo & 0xE6) != 0xE6) return 0;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    const unsigned int f = 1u << 16, bw = 1u << 30, vl = 1u << 31, vnni = 1u << 11;
+    return (b & f) && (b & bw) && (b & vl) && (c & vnni);
 }
 
 /* The work split of the q8 and bf16 products: output rows in tiles of ROWS over the threads;
