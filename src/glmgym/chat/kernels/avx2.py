@@ -39,7 +39,7 @@ _HEADER = Path(__file__).with_name("lowbit_common.h")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
 _FLAGS_VNNI = [*_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 _reason: str | None = None
-TILE_ROWS = 4  # ROWS in kernels/lowbit_avx2.c: output rows per tile of a q4 weight
+TILE_ROWS = 4  # ROWS in kernels/lowbit_common.h: output rows per tile of a q4 or q8 weight
 _CHUNK_ROWS = 4096  # rows repacked at a time: bounds the temporaries for embedding-sized weights
 
 
