@@ -155,9 +155,14 @@ def measure_child(model_dir: Path, prompt: int, new: int, logits_out: Path) -> d
             pos = batch.decode_positions(i)
             token = decode_one_token(model, token, pos, None, cache, prompt + i).argmax(-1, keepdim=True)
         decode_s = (time.perf_counter() - t0) / new
-    # which kernel each quantized layer runs (on AVX-512 CPUs a timed choice per layer shape)
+    # which kernel each quantized layer runs (on AVX-512 CPUs a timed choice per layer shape);
+    # glmgym's own ("avx2") run their AVX-512 VNNI products where the CPU has them
+    from glmgym.chat.kernels import avx2
+
     backends = Counter(getattr(m, "backend", None) for m in model.modules())
     backends.pop(None, None)
+    if backends.get("avx2") and avx2.vnni() is not None:
+        backends["avx2 (VNNI products)"] = backends.pop("avx2")
     return {"load_seconds": load_s, "load_peak_rss_gb": load_peak, "resident_gb": resident,
             "generate_peak_rss_gb": status_gb("VmHWM"), "weights_gb": nbytes(model) / GIB,
             "bytes_per_token_gb": bytes_per_token / GIB, "prefill_tokens_per_s": prompt / prefill_s,
