@@ -451,3 +451,22 @@ def test_hugepage_copy_is_a_contiguous_equal_copy(shape):
     assert y.data_ptr() != x.data_ptr()
     f = torch.randn(shape)
     assert torch.equal(avx2.hugepage_copy(f), f)
+
+
+def test_every_kernel_source_ships_in_the_package():
+    """An installed (non-editable) glmgym builds the kernels from the files its wheel carries: each
+    C source and header beside `kernels/avx2.py` must match the package data of pyproject.toml."""
+    import fnmatch
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    # the package-data line itself (tomllib is 3.11+, glmgym supports 3.10)
+    line = re.search(r'^"glmgym\.chat\.kernels" = (\[.*\])$', (root / "pyproject.toml").read_text(), re.M)
+    assert line, "pyproject.toml has no package data for glmgym.chat.kernels"
+    globs = json.loads(line.group(1))
+    sources = [avx2._SOURCE, avx2._SOURCE_VNNI, avx2._HEADER]
+    sources += [p for p in avx2._SOURCE.parent.iterdir() if p.suffix in (".c", ".h")]
+    for path in sources:
+        assert any(fnmatch.fnmatch(path.name, g) for g in globs), f"{path.name} is not in the package data"
