@@ -671,6 +671,7 @@ def chat_kernels(out: Path, img: Path) -> None:
     for kind, entry in result.get("by_cpu", {}).items():
         facts = entry.get("machine", {})
         rows = entry["rows"]
+        held = ", held to AVX2 (ATEN_CPU_CAPABILITY=avx2)" if facts.get("simulated_by") else ""
         lines += [
             f"**One product of a ChatGLM-6B layer, {KINDS.get(kind, kind)}** (microseconds; M rows of "
             "activations: 1 a decoded token, 2-9 a token and its drafts, 128 a prefill):",
@@ -690,7 +691,7 @@ def chat_kernels(out: Path, img: Path) -> None:
             f"Fastest of {entry['rounds']} interleaved rounds, each call on the next of enough copies of the "
             f"layer that its weights come from memory; {facts.get('cpu', 'x86_64')} "
             f"({', '.join(facts.get('cpu_flags', []))}), {facts.get('threads', '?')} threads, "
-            f"{entry['date']}.",
+            f"{entry['date']}{held}.",
             "",
         ]
     (out / "chat_kernels.md").write_text("\n".join(lines).rstrip() + "\n")
