@@ -4,11 +4,12 @@
 
 Each RUN is a run folder of `glmgym agent train` (or of `dt_quality.py`) with a checkpoint every
 1k steps. The script evaluates the trained weights of the last `--checkpoints` checkpoints one by
-one, and the uniform mean of those weights (what `TrainConfig.average_from` computes every step,
-here sampled every 1k steps), on the same held-out episodes as `dt_heldout.py` (30 from episode
-seed 100) at one target return. A weight-averaged run's checkpoints hold the average; its trained
-weights come from the trainer state. Results go to `--out`, one entry per run, kept across calls;
-`benchmarks/report.py` tabulates them.
+one, and the uniform mean of those weights (stochastic weight averaging sampled every 1k steps),
+on the same held-out episodes as `dt_heldout.py` (30 from episode seed 100) at one target
+return. Runs trained with weight averaging (`--average-from`, in glmgym at commit e68aaf3 only)
+hold the average in their checkpoints and the trained weights in the trainer state, which this
+script reads. Results go to `--out`, one entry per run, kept across calls; `benchmarks/report.py`
+tabulates them.
 """
 
 from __future__ import annotations

@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from _machine import cpu_kind, gpu_name  # beside this script (sys.path[0])
 from glmgym._io import atomic_write_json
@@ -120,8 +119,8 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
     if done != args.steps:  # (a run that finished training but not its evaluation skips this)
         train(TrainConfig(dataset=f"d4rl:{path}", env=env_id, steps=args.steps, warmup_steps=args.warmup,
                           seed=seed, eval_episodes=0, save_every=min(1_000, args.steps), out=str(run_dir),
-                          windows=args.windows, init=args.init, average_from=args.average_from,
-                          precision=args.precision, progress=False, resume=resume))
+                          windows=args.windows, init=args.init, precision=args.precision,
+                          progress=False, resume=resume))
     # training time from the log (each record: steps/s since the previous one), so that the
     # parts of a resumed run add up and checkpoint writes are left out
     records = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines() if ln.strip()]
@@ -129,15 +128,8 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
     seconds = sum((s - prev) / rate for (prev, _), (s, rate) in zip([(0, 0.0), *steps], steps))
     policy = Policy.from_pretrained(run_dir)
     report = evaluate(policy, env_id, targets, episodes=args.episodes, seed=seed, ref=ref)
-    out = {"train_seconds": seconds, "resumed": resume is not None,
-           "returns": {str(r["target_return"]): r["returns"] for r in report["results"]}}
-    ckpt = latest_checkpoint(run_dir)
-    trained = torch.load(ckpt / "trainer_state.pt", weights_only=True).get("trained_model")
-    if trained is not None:  # a weight-averaged run: its last weights too, on the same episodes
-        policy.model.load_state_dict(trained)
-        last = evaluate(policy, env_id, targets, episodes=args.episodes, seed=seed, ref=ref)
-        out["returns_last_weights"] = {str(r["target_return"]): r["returns"] for r in last["results"]}
-    return out
+    return {"train_seconds": seconds, "resumed": resume is not None,
+            "returns": {str(r["target_return"]): r["returns"] for r in report["results"]}}
 
 
 def run_d3rlpy(path: Path, env_id: str, args, algo: str, seed: int, targets,
@@ -161,37 +153,28 @@ def run_d3rlpy(path: Path, env_id: str, args, algo: str, seed: int, targets,
             "versions": {"d3rlpy": result["d3rlpy"], "gymnasium": result["gymnasium"]}}
 
 
-def _summary(runs: dict, seeds: list[int], method: str, returns_key: str, ref) -> dict:
-    """The best target's normalized score over seeds (mean, std), and every target's."""
-    per_target: dict[str, list[float]] = {}
-    for s in seeds:
-        for target, returns in runs[f"{method}/{s}"][returns_key].items():
-            per_target.setdefault(target, []).append(float(np.mean(normalized_score(returns, ref))))
-    best = max(per_target, key=lambda t: np.mean(per_target[t]))
-    return {
-        "normalized_score_mean": float(np.mean(per_target[best])),
-        "normalized_score_std": float(np.std(per_target[best])),
-        "best_target_return": None if best == "none" else float(best),
-        "by_target": {t: {"mean": float(np.mean(v)), "std": float(np.std(v))} for t, v in per_target.items()},
-        "train_seconds": float(np.mean([runs[f"{method}/{s}"]["train_seconds"] for s in seeds])),
-        "seeds": seeds,
-    }
-
-
 def summarize(entry: dict, ref, ds) -> None:
-    """Per method: the best target's normalized score over seeds; and the dataset's own score.
-    Weight-averaged glmgym runs also get `glmgym_dt_last_weights`: the same runs' last weights
-    (before averaging) on the same episodes."""
+    """Per method: the best target's normalized score over seeds; and the dataset's own score."""
     runs = entry["runs"]
     for method in METHODS:
         seeds = sorted(int(k.split("/")[1]) for k in runs if k.startswith(f"{method}/"))
-        entry.pop(method, None)
-        if seeds:
-            entry[method] = _summary(runs, seeds, method, "returns", ref)
-    seeds = entry.get("glmgym_dt", {}).get("seeds", [])
-    entry.pop("glmgym_dt_last_weights", None)
-    if seeds and all("returns_last_weights" in runs[f"glmgym_dt/{s}"] for s in seeds):
-        entry["glmgym_dt_last_weights"] = _summary(runs, seeds, "glmgym_dt", "returns_last_weights", ref)
+        if not seeds:
+            entry.pop(method, None)
+            continue
+        per_target: dict[str, list[float]] = {}
+        for s in seeds:
+            for target, returns in runs[f"{method}/{s}"]["returns"].items():
+                per_target.setdefault(target, []).append(float(np.mean(normalized_score(returns, ref))))
+        best = max(per_target, key=lambda t: np.mean(per_target[t]))
+        entry[method] = {
+            "normalized_score_mean": float(np.mean(per_target[best])),
+            "normalized_score_std": float(np.std(per_target[best])),
+            "best_target_return": None if best == "none" else float(best),
+            "by_target": {t: {"mean": float(np.mean(v)), "std": float(np.std(v))}
+                          for t, v in per_target.items()},
+            "train_seconds": float(np.mean([runs[f"{method}/{s}"]["train_seconds"] for s in seeds])),
+            "seeds": seeds,
+        }
     ds_norm = normalized_score(ds.episode_returns(), ref)
     entry["dataset"] = {"normalized_score_mean": float(ds_norm.mean()),
                         "normalized_score_std": float(ds_norm.std()),
@@ -273,9 +256,6 @@ def main() -> None:
     p.add_argument("--init", choices=("paper", "gpt2"), default="gpt2",
                    help="glmgym DT's embedding and head init (TrainConfig.init); like --windows, the "
                         "default is the recipe of dt_quality.json's runs, not train's (paper)")
-    p.add_argument("--average-from", type=float, default=1.0,
-                   help="glmgym DT's weight averaging (TrainConfig.average_from); like --windows, the "
-                        "default is the recipe of dt_quality.json's runs (1: none), not train's")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="glmgym DT training precision (auto: bf16 autocast on a GPU with native bf16)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -292,8 +272,7 @@ def main() -> None:
     runs_root = Path(args.runs)
     # run folders of each recipe (window cut, init), so that one never resumes another's checkpoints
     tag = ("" if args.windows == "start" else f"{args.windows}-") + (
-        "" if args.init == "gpt2" else f"{args.init}-init-") + (
-        "" if args.average_from == 1.0 else f"avg{args.average_from:g}-")
+        "" if args.init == "gpt2" else f"{args.init}-init-")
 
     def save() -> None:
         result["average"] = average(result["datasets"])
@@ -319,7 +298,6 @@ def main() -> None:
                    "episodes": args.episodes, "targets": targets,
                    **({"windows": args.windows} if args.windows != "start" else {}),
                    **({"init": args.init} if args.init != "gpt2" else {}),
-                   **({"average_from": args.average_from} if args.average_from != 1.0 else {}),
                    "reference_scores": {"min": ref.min, "max": ref.max, "source": ref.source}}
         entry = result["datasets"].get(name, {})
         if entry.get("config") != setting:

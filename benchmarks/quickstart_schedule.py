@@ -7,12 +7,7 @@ evaluation, per seed and as mean ± std over the seeds:
 - `4k`: 4000 steps, 1000 warmup (the `cpu` preset until 2026-12-06), GPT-2's init;
 - `1.5k`: 1500 steps, 250 warmup, GPT-2's init (the default until 2026-12-06);
 - `1.5k-paper-init`: the same with the paper's init of the embeddings and the action head
-  (`TrainConfig.init`, the default since 2026-12-06);
-- `1.25k-average`: the Quickstart's own run, 1250 steps with the paper's init and the weights
-  averaged over the second half (`TrainConfig.average_from`, the default since 2026-12-07). Each
-  of its runs is also evaluated with its last weights (before averaging) on the same episodes.
-
-The first three schedules average no weights (`average_from` 1), as they ran.
+  (`TrainConfig.init`, the default since 2026-12-06).
 
 The learning rate is constant after warmup, so the evaluation at step n of a run is the final
 score of an n-step run with the same warmup and seed: one run per seed and warmup answers "does a
@@ -40,14 +35,9 @@ from glmgym._io import atomic_write_json
 ROOT = Path(__file__).resolve().parent
 TARGET = 3600.0
 SCHEDULES = {
-    "4k": {"steps": 4000, "warmup_steps": 1000, "eval_every": 500, "init": "gpt2", "average_from": 1.0},
-    "1.5k": {"steps": 1500, "warmup_steps": 250, "eval_every": 250, "init": "gpt2", "average_from": 1.0},
-    "1.5k-paper-init": {"steps": 1500, "warmup_steps": 250, "eval_every": 250, "init": "paper",
-                        "average_from": 1.0},
-    # the weight average's start depends on the run's length, so only its final evaluation is a
-    # run's result: one evaluation, at the end
-    "1.25k-average": {"steps": 1250, "warmup_steps": 250, "eval_every": 1250, "init": "paper",
-                      "average_from": 0.5},
+    "4k": {"steps": 4000, "warmup_steps": 1000, "eval_every": 500, "init": "gpt2"},
+    "1.5k": {"steps": 1500, "warmup_steps": 250, "eval_every": 250, "init": "gpt2"},
+    "1.5k-paper-init": {"steps": 1500, "warmup_steps": 250, "eval_every": 250, "init": "paper"},
 }
 
 
@@ -64,23 +54,6 @@ def _evals(run: Path) -> dict[int, float]:
             if hit:
                 out[int(e["step"])] = hit[0]["normalized_mean"]
     return out
-
-
-def _last_weights_score(run: Path, seed: int) -> float:
-    """A weight-averaged run's last trained weights (from the trainer state), evaluated as its
-    final evaluation was: at TARGET, 10 episodes from episode seed `seed`."""
-    import torch
-
-    from glmgym.agents import Policy, evaluate
-    from glmgym.agents.checkpoint import latest_checkpoint
-    from glmgym.agents.envs import RefScores
-
-    ckpt = latest_checkpoint(run)
-    policy = Policy.from_pretrained(ckpt)
-    policy.model.load_state_dict(torch.load(ckpt / "trainer_state.pt", weights_only=True)["trained_model"])
-    ref = RefScores(**policy.extras["ref_scores"])
-    report = evaluate(policy, policy.extras["env_id"], [TARGET], episodes=10, seed=seed, ref=ref)
-    return float(report["results"][0]["normalized_mean"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     schedules = {k: v for k, v in kept.get("schedules", {}).items() if k not in args.schedules}
     for name in args.schedules:
         sched = SCHEDULES[name]
-        per_seed, last_weights = {}, {}
+        per_seed = {}
         for seed in args.seeds:
             run = args.runs / f"quickstart-{name}-seed{seed}"
             if sched["steps"] not in _evals(run):
@@ -111,8 +84,6 @@ def main(argv: list[str] | None = None) -> None:
                 train(TrainConfig(dataset="embedded:hopper-medium", **sched, seed=seed, progress=False,
                                   out=None if resume else str(run), resume=str(resume) if resume else None))
             per_seed[seed] = _evals(run)
-            if sched["average_from"] < 1.0:
-                last_weights[seed] = _last_weights_score(run, seed)
         common = sorted(set.intersection(*(set(e) for e in per_seed.values())))
         by_step = {
             str(s): {"normalized_mean": float(np.mean([per_seed[k][s] for k in args.seeds])),
@@ -121,12 +92,6 @@ def main(argv: list[str] | None = None) -> None:
             for s in common
         }
         schedules[name] = {**sched, "by_step": by_step}
-        if last_weights:
-            scores = [last_weights[k] for k in args.seeds]
-            schedules[name]["last_weights"] = {"normalized_mean": float(np.mean(scores)),
-                                               "normalized_std": float(np.std(scores)), "per_seed": scores}
-            print(f"{name} last weights: {np.mean(scores):5.1f} ± {np.std(scores):4.1f}  "
-                  + " ".join(f"{x:5.1f}" for x in scores))
         for s in common:
             e = by_step[str(s)]
             print(f"{name:5s} step {s:5d}: {e['normalized_mean']:5.1f} ± {e['normalized_std']:4.1f}  "

@@ -788,7 +788,30 @@ def speculative(out: Path, img: Path) -> None:
         plt.close(fig)
 
 
-MAKERS = (dt_table, dt_sweep, dt_variant, dt_heldout, dt_tokens,
+def dt_average(out: Path, img: Path) -> None:
+    """`dt_average.py`: one run's trained weights at its last checkpoints, and the mean of those
+    weights, on the same held-out episodes."""
+    result = _load("dt_average.json")
+    if not result:
+        return
+    lines = ["| dataset | recipe | seed | target | per checkpoint | their mean score "
+             "| mean of their weights |", "|---|---|---:|---:|---|---:|---:|"]
+    for r in sorted(result.values(), key=lambda r: (r["dataset"], r["recipe"], r["seed"])):
+        scores = [r["checkpoints"][str(s)]["normalized_mean"] for s in r["steps"]]
+        lines.append(f"| {r['dataset']} | {r['recipe']} | {r['seed']} | {r['target']:.0f} | "
+                     f"{', '.join(f'{x:.1f}' for x in scores)} | {np.mean(scores):.1f} | "
+                     f"{r['mean_of_weights']['normalized_mean']:.1f} |")
+    r0 = next(iter(result.values()))
+    steps = ", ".join(f"{s // 1000}k" for s in r0["steps"])
+    lines += ["", f"Normalized score of each checkpoint's trained weights (steps {steps}) and of the "
+              "uniform mean of those weights, on the same held-out episodes (episode seeds "
+              f"{r0['episode_seeds'][0]}–{r0['episode_seeds'][1]}) at one target. Runs of 10k steps, "
+              "end windows. Their mean score: the average of the checkpoints' scores, what a run "
+              "stopped at one of them scores on average."]
+    (out / "dt_average.md").write_text("\n".join(lines) + "\n")
+
+
+MAKERS = (dt_table, dt_sweep, dt_variant, dt_heldout, dt_tokens, dt_average,
           chat_speed, chat_kernels, serve_load, finetune, dt_speed, quickstart, speculative,
           gpu_speed)
 

@@ -140,60 +140,12 @@ def test_a_run_saved_before_init_and_windows_existed_resumes_with_their_old_beha
     train(TrainConfig(dataset="d4rl:hopper-medium-v2", steps=2, out=str(run), init="gpt2", windows="start",
                       **SMALL))
     saved = json.loads((run / "train_config.json").read_text())
-    del saved["init"], saved["windows"], saved["average_from"]  # as runs of 2026-12-04 wrote it
+    del saved["init"], saved["windows"]  # as runs of 2026-12-04 wrote it
     (run / "train_config.json").write_text(json.dumps(saved))
     # today's defaults (paper, end) mean "not given": the run keeps what it did; naming its old
     # values, as dt_quality.py --init gpt2 does, is no change either
     train(TrainConfig(steps=4, resume=str(run), progress=False))
     resumed = json.loads((run / "train_config.json").read_text())
     assert (resumed["init"], resumed["windows"], resumed["steps"]) == ("gpt2", "start", 4)
-    assert resumed["average_from"] == 1.0  # nor did it average its weights
     train(TrainConfig(steps=6, init="gpt2", windows="start", resume=str(run), progress=False))
     assert json.loads((run / "train_config.json").read_text())["steps"] == 6
-
-
-def test_checkpoints_hold_the_mean_of_the_weights_after_average_from(hopper_file, tmp_path):
-    import torch
-
-    run = train(TrainConfig(dataset="d4rl:hopper-medium-v2", steps=6, save_every=1, average_from=0.5,
-                            out=str(tmp_path / "avg"), **SMALL))
-
-    from glmgym.agents.model import DecisionTransformer
-
-    def saved(step: int) -> dict:  # the checkpoint's model, in the module's own layout
-        return DecisionTransformer.from_pretrained(run / "checkpoints" / f"step_{step:07d}").state_dict()
-
-    def trained(step: int) -> dict:  # the raw weights training went on from
-        state = torch.load(run / "checkpoints" / f"step_{step:07d}" / "trainer_state.pt", weights_only=True)
-        return state.get("trained_model") or saved(step)
-
-    for step in (1, 2, 3):  # before the averaging: the model is the trained weights themselves
-        state = torch.load(run / "checkpoints" / f"step_{step:07d}" / "trainer_state.pt", weights_only=True)
-        assert "trained_model" not in state
-    raw = {step: trained(step) for step in (4, 5, 6)}
-    assert any((raw[4][n] != raw[6][n]).any() for n in raw[6])  # the weights moved
-    for name, value in saved(6).items():
-        expected = (raw[4][name] + raw[5][name] + raw[6][name]) / 3
-        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
-    for name, value in saved(4).items():  # a mean of one step's weights
-        torch.testing.assert_close(value, raw[4][name], rtol=0, atol=0, msg=name)
-    state = json.loads((run / "checkpoints" / "step_0000006" / "trainer_state.json").read_text())
-    assert state["averaged_steps"] == 3
-
-
-def test_a_resumed_run_continues_its_weight_average(hopper_file, tmp_path):
-    cfg = dict(dataset="d4rl:hopper-medium-v2", steps=12, average_from=0.5, **SMALL)
-    train(TrainConfig(save_every=100, out=str(tmp_path / "one"), **cfg))
-    run = train(TrainConfig(save_every=9, out=str(tmp_path / "two"), **cfg))
-    import shutil
-
-    shutil.rmtree(run / "checkpoints" / "step_0000012")  # as if stopped after the checkpoint at 9
-    train(TrainConfig(steps=12, resume=str(run), progress=False))
-    one, two = _weights(tmp_path / "one"), _weights(run)
-    for name in one:  # the mean over steps 7..12, three of them from before the resume
-        assert (one[name] == two[name]).all(), name
-
-
-def test_average_from_outside_zero_to_one_is_refused():
-    with pytest.raises(GlmgymError, match="--average-from must be in"):
-        TrainConfig(average_from=1.5)

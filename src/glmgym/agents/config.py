@@ -162,10 +162,6 @@ class TrainConfig:
     gpt2 (N(0, 0.02) like the transformer, as transformers' DecisionTransformerModel; glmgym's
     default until 2026-12-06, and the better one on walker2d-medium-expert). The transformer and
     the timestep embedding start as GPT-2's either way (as d3rlpy's); see docs/agents/training.md."""
-    average_from: float = 1.0
-    """Stochastic weight averaging: after this fraction of --steps, every step's weights enter a
-    running mean, and checkpoints and evaluations hold the mean from then on (the trainer state
-    keeps the raw weights). 1: no averaging, the last weights, as the paper's code and d3rlpy."""
     hidden_size: int = 128
     """Transformer width."""
     n_layer: int = 3
@@ -229,8 +225,6 @@ class TrainConfig:
         for name in ("eval_every", "eval_episodes", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise GlmgymError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.average_from <= 1.0:
-            raise GlmgymError(f"--average-from must be in [0, 1], got {self.average_from}")
         if not 0.0 <= self.dropout < 1.0:
             raise GlmgymError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.learning_rate <= 0 or self.reward_scale <= 0 or self.grad_clip <= 0:

@@ -8,11 +8,8 @@ Run directory layout::
     OUT/checkpoints/step_000100/     HF-compatible checkpoint + trainer state, written atomically
     OUT/eval.json                    the last evaluation report
 
-Resuming restores weights, the weight average, optimizer, LR schedule, step and every RNG (batch
-sampler per process, torch CPU/CUDA), so N steps + resume + N steps gives the same weights as 2N
-steps in one run. Once weight averaging has begun (`TrainConfig.average_from`), a checkpoint's
-`model.safetensors` holds the average, the policy to evaluate, and `trainer_state.pt` the raw
-weights that training continues from.
+Resuming restores weights, optimizer, LR schedule, step and every RNG (batch sampler per process,
+torch CPU/CUDA), so N steps + resume + N steps gives the same weights as 2N steps in one run.
 Multi-GPU (or multi-process CPU) through `torchrun`: DistributedDataParallel, one shard of the
 batch per process, rank 0 logs, evaluates and saves.
 """
@@ -65,7 +62,7 @@ __all__ = ["default_target_returns", "make_optimizer", "train", "train_step"]
 _RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_episodes", "save_every", "log_every",
                         "progress", "device", "target_returns")
 # what runs saved before these options existed did (both defaults have changed since)
-_OLDER_RUNS = {"windows": "start", "init": "gpt2", "average_from": 1.0}
+_OLDER_RUNS = {"windows": "start", "init": "gpt2"}
 
 
 def default_target_returns(env_id: str, dataset: OfflineDataset) -> tuple[float, ...]:
@@ -169,52 +166,6 @@ def _build_model(cfg: TrainConfig, dataset: OfflineDataset,
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-class _WeightAverage:
-    """Stochastic weight averaging (Izmailov et al., 2018) over the steps after `start`: the
-    uniform mean of the weights after each of them, kept beside the trained model.
-
-    Why: at a constant learning rate one run's weights keep moving, and the policy they give
-    swings from one checkpoint to the next far more than the loss shows (one walker2d-medium-expert
-    run: 23 to 74 normalized on the same held-out episodes between 6k and 10k steps). The seed
-    spread of the table is mostly that swing; the mean of the late weights sits in the middle of
-    the region they wander over (docs/benchmarks.md). kzl's code and d3rlpy evaluate the last
-    weights; this is glmgym's deviation from both.
-    """
-
-    def __init__(self, model: DecisionTransformer, start: int | None) -> None:
-        from torch.optim.swa_utils import AveragedModel
-
-        self.start = start
-        self.averaged = None if start is None else AveragedModel(model, use_buffers=False)
-
-    @property
-    def count(self) -> int:
-        """How many steps' weights the mean holds (0: none yet)."""
-        return 0 if self.averaged is None else int(self.averaged.n_averaged.item())
-
-    def update(self, model: DecisionTransformer, step: int) -> None:
-        """Add the weights after `step` once the averaging has begun."""
-        if self.averaged is not None and step > self.start:
-            self.averaged.update_parameters(model)
-
-    def policy_model(self, model: DecisionTransformer) -> DecisionTransformer:
-        """The weights to evaluate and to save as the checkpoint's model: the mean once it holds
-        any step, else the trained model itself."""
-        return self.averaged.module if self.count else model
-
-    def load(self, weights: dict[str, torch.Tensor], count: int) -> None:
-        """Continue an average saved with a checkpoint (`weights`: its module's state dict)."""
-        if self.averaged is not None and count:
-            self.averaged.module.load_state_dict(weights)
-            self.averaged.n_averaged.fill_(count)
-
-
-def _average_start(cfg: TrainConfig) -> int | None:
-    """The step after which weights are averaged (None: no averaging)."""
-    start = round(cfg.average_from * cfg.steps)
-    return None if start >= cfg.steps else start
-
-
 class _RunLog:
     """Rank 0's log: `train_config.json`, `log.jsonl` and TensorBoard (other ranks: no-ops)."""
 
@@ -263,19 +214,16 @@ def _evaluate(policy: Policy, run: _Inputs, step: int, log: _RunLog) -> dict[str
     return report
 
 
-def _save(path: Path, step: int, model, average: _WeightAverage, optimizer, scheduler, rng, ddp: ProcessGroup,
-          device: torch.device, extras: dict[str, Any]) -> Path:
-    """A checkpoint with the trainer state of every process (rank 0 writes it, atomically): the
-    weight average as the model once it has begun, the raw weights then in the trainer state."""
+def _save(path: Path, step: int, model, optimizer, scheduler, rng, ddp: ProcessGroup, device: torch.device,
+          extras: dict[str, Any]) -> Path:
+    """A checkpoint with the trainer state of every process (rank 0 writes it, atomically)."""
     states = ddp.gather({"numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
     if ddp.main:
         pt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
               "torch_rng": [s["torch_rng"] for s in states], "cuda_rng": [s["cuda_rng"] for s in states]}
-        if average.count:
-            pt["trained_model"] = model.state_dict()
-        average.policy_model(model).save_pretrained(path, extras=extras, extra_files={
-            TRAINER_STATE_JSON: {"step": step, "world_size": ddp.world, "averaged_steps": average.count,
+        model.save_pretrained(path, extras=extras, extra_files={
+            TRAINER_STATE_JSON: {"step": step, "world_size": ddp.world,
                                  "numpy_rng": [s["numpy_rng"] for s in states]},
             TRAINER_STATE_PT: lambda p: torch.save(pt, p),
         })
@@ -327,10 +275,9 @@ def train(cfg: TrainConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
     rng = np.random.default_rng([cfg.seed, ddp.rank])
     torch.manual_seed(cfg.seed * 7919 + 1 + ddp.rank)  # dropout stream, distinct per process
-    average = _WeightAverage(model, _average_start(cfg))
     step = 0
     if run.resume_ckpt is not None:
-        step = _load_trainer_state(run.resume_ckpt, model, average, optimizer, scheduler, rng, ddp, device)
+        step = _load_trainer_state(run.resume_ckpt, model, optimizer, scheduler, rng, ddp, device)
     if step >= cfg.steps:
         raise GlmgymError(f"the run is already at step {step}; pass a larger --steps to continue it")
     sampler = WindowSampler(dataset, cfg.context_len, state_mean, state_std, cfg.reward_scale,
@@ -341,9 +288,7 @@ def train(cfg: TrainConfig) -> Path:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     bf16 = use_bf16(cfg.precision, device)
     log = _RunLog(run, ddp.main, step if run.resume_ckpt is not None else None)
-
-    def policy() -> Policy:
-        return Policy(average.policy_model(model), state_mean, state_std, cfg.reward_scale, cfg.context_len)
+    policy = Policy(model, state_mean, state_std, cfg.reward_scale, cfg.context_len)
 
     model.train()
     if ddp.main:
@@ -359,7 +304,6 @@ def train(cfg: TrainConfig) -> Path:
             loss = train_step(train_model, params, optimizer, scheduler,
                               sampler.sample(cfg.batch_size // ddp.world), device, bf16, cfg.grad_clip)
             step += 1
-            average.update(model, step)
             steps_since += 1
             bar.update(1)
             final = step == cfg.steps
@@ -372,17 +316,17 @@ def train(cfg: TrainConfig) -> Path:
                 t_log, steps_since = now, 0
             due = final or (cfg.eval_every and step % cfg.eval_every == 0)
             if cfg.eval_episodes > 0 and ddp.main and due:
-                last_report = _evaluate(policy(), run, step, log)
+                last_report = _evaluate(policy, run, step, log)
                 bar.write(f"step {step}: " + format_report(last_report).replace("\n", "\n  "))
             if final or step % cfg.save_every == 0:
-                ckpt = _save(run.run_dir / "checkpoints" / f"step_{step:07d}", step, model, average,
-                             optimizer, scheduler, rng, ddp, device, extras)
+                ckpt = _save(run.run_dir / "checkpoints" / f"step_{step:07d}", step, model, optimizer,
+                             scheduler, rng, ddp, device, extras)
     finally:
         bar.close()
         log.close()
         ddp.close()
     if ddp.main:
-        sweep = _final_sweep(policy(), run, last_report) if cfg.eval_episodes > 0 else None
+        sweep = _final_sweep(policy, run, last_report) if cfg.eval_episodes > 0 else None
         print(f"report: {write_report(run.run_dir, sweep, dataset.summary())}")
         print(f"checkpoint: {ckpt}")
         print(f"evaluate it: glmgym agent evaluate --checkpoint {ckpt}")
@@ -435,25 +379,18 @@ def train_step(model: torch.nn.Module, params: list[torch.Tensor], optimizer, sc
     return loss.detach()
 
 
-def _load_trainer_state(ckpt: Path, model, average: _WeightAverage, optimizer, scheduler, rng,
-                        ddp: ProcessGroup, device) -> int:
+def _load_trainer_state(ckpt: Path, model, optimizer, scheduler, rng, ddp: ProcessGroup, device) -> int:
     state_json = check_world_size(ckpt, ddp.world)
-    step = int(state_json["step"])
-    saved = DecisionTransformer.from_pretrained(ckpt, device=device).state_dict()
+    loaded = DecisionTransformer.from_pretrained(ckpt, device=device)
+    model.load_state_dict(loaded.state_dict())
     pt = torch.load(ckpt / TRAINER_STATE_PT, map_location=device, weights_only=True)
-    count = int(state_json.get("averaged_steps", 0))
-    # with an average, the checkpoint's model is the mean and the trained weights are in the state
-    model.load_state_dict(pt["trained_model"] if count else saved)
-    if average.start is not None and step > average.start:
-        average.load(saved, count)
-    # else: a longer --steps moved the start past this step, so the average begins again later
     optimizer.load_state_dict(pt["optimizer"])
     scheduler.load_state_dict(pt["scheduler"])
     rng.bit_generator.state = state_json["numpy_rng"][ddp.rank]
     torch.set_rng_state(pt["torch_rng"][ddp.rank].cpu())
     if device.type == "cuda" and pt["cuda_rng"][ddp.rank] is not None:
         torch.cuda.set_rng_state(pt["cuda_rng"][ddp.rank].cpu(), device)
-    return step
+    return int(state_json["step"])
 
 
 def _tensorboard(path: Path):
