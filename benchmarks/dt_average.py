@@ -56,10 +56,10 @@ def main() -> None:
         steps = sorted(policies)
         first, ref = policies[steps[-1]]
         mean = copy.deepcopy(first)
+        states = [policies[s][0].model.state_dict() for s in steps]
         # the uniform mean of the checkpoints' weights, tensor by tensor (shapes: as the model's)
-        mean.model.load_state_dict({name: torch.stack([policies[s][0].model.state_dict()[name].float()
-                                                       for s in steps]).mean(0)
-                                    for name in first.model.state_dict()})
+        mean.model.load_state_dict({name: torch.stack([st[name].float() for st in states]).mean(0)
+                                    for name in states[-1]})
         recipe = args.label or f"{init} init" + ("" if windows == "end" else f", {windows} windows")
         entry = {"dataset": Path(cfg["dataset"]).stem, "recipe": recipe,
                  "seed": cfg["seed"], "target": args.target, "steps": steps,
