@@ -449,7 +449,8 @@ _INIT_NAMES = {"gpt2": "GPT-2 init", "paper": "paper init", "ptime": "paper init
                "ronly": "GPT-2 init, return at default",
                "psum": "paper init, loss summed over action dims", "d3rlpy": "d3rlpy DT",
                "dlike": "paper init, d3rlpy's transformer details",
-               "d3rlpy-weights": "d3rlpy DT's weights, run by glmgym"}
+               "d3rlpy-weights": "d3rlpy DT's weights, run by glmgym",
+               "d3rlpy-recipe": "d3rlpy DT's recipe and initial weights, trained by glmgym"}
 
 
 def dt_sweep(out: Path, img: Path) -> None:
@@ -811,7 +812,52 @@ def dt_average(out: Path, img: Path) -> None:
     (out / "dt_average.md").write_text("\n".join(lines) + "\n")
 
 
-MAKERS = (dt_table, dt_sweep, dt_variant, dt_heldout, dt_tokens, dt_average,
+def dt_step_parity(out: Path, img: Path) -> None:
+    """`dt_step_parity.py`: glmgym's training steps against d3rlpy's own on the same windows."""
+    result = _load("dt_step_parity.json")
+    runs = {k: r for k, r in (result or {}).get("runs", {}).items() if r["mode"] == "parity"}
+    if not runs:
+        return
+    lines = ["| dataset | gradient steps | loss: largest relative gap | weights after: largest gap "
+             "| control: loss gap | d3rlpy | torch |", "|---|---:|---:|---:|---:|---|---|"]
+    for key, r in sorted(runs.items()):
+        v = r["versions"]
+        lines.append(f"| {key.split('/')[0]} | {r['steps']} | {r['loss_max_rel_gap']:.1e} | "
+                     f"{r['weights_max_abs_gap']:.1e} | {r['control_max_rel_gap']:.1e} | {v['d3rlpy']} "
+                     f"| {v['torch']} |")
+    lines += ["", "d3rlpy's DT (its initial weights, its `update`) and glmgym's network, window cut, "
+              "AdamW, warmup and clip from the same initial weights, on the same windows, with "
+              "d3rlpy's loss and dropout off. Largest relative gap: over every step's loss; weights "
+              "after: the largest absolute difference of any trained parameter after the last step. "
+              "Control: glmgym against itself, each initial weight moved by one float32 step, the "
+              "largest relative gap between the two runs' losses."]
+    (out / "dt_step_parity.md").write_text("\n".join(lines) + "\n")
+    import matplotlib.pyplot as plt
+
+    key, r = sorted(runs.items())[0]
+    ours, theirs = np.array(r["loss_glmgym"]), np.array(r["loss_d3rlpy"])
+    steps = np.arange(1, len(ours) + 1)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 4.8), sharex=True)
+    top.plot(steps, theirs, lw=2.5, color="0.7", label="d3rlpy 2.8.1")
+    top.plot(steps, ours, lw=0.8, color="C0", label="glmgym")
+    top.set_ylabel("training loss")
+    top.set_yscale("log")
+    top.legend(fontsize=8)
+    top.set_title(f"{key.split('/')[0]}: the same training steps")
+    bottom.semilogy(steps, np.maximum(np.abs(ours - theirs) / theirs, 1e-9), lw=0.8, color="C0",
+                    label="glmgym against d3rlpy")
+    control = np.array(r["loss_control"])
+    bottom.semilogy(steps, np.maximum(np.abs(control - ours) / ours, 1e-9), lw=0.8, color="C1",
+                    label="glmgym against itself, weights one float step apart")
+    bottom.legend(fontsize=7)
+    bottom.set_ylabel("relative loss gap")
+    bottom.set_xlabel("gradient step")
+    fig.tight_layout()
+    fig.savefig(img / "dt_step_parity.png", dpi=110)
+    plt.close(fig)
+
+
+MAKERS = (dt_table, dt_sweep, dt_variant, dt_heldout, dt_tokens, dt_average, dt_step_parity,
           chat_speed, chat_kernels, serve_load, finetune, dt_speed, quickstart, speculative,
           gpu_speed)
 

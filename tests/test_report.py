@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PLOTS = ("dt_table.png", "dt_sweep.png", "chat_speed.png", "serve_load.png", "speculative.png",
-         "quickstart_schedule.png")
+         "quickstart_schedule.png", "dt_step_parity.png")
 
 
 def test_report_makes_the_committed_tables_and_the_plots(tmp_path):
@@ -21,7 +21,8 @@ def test_report_makes_the_committed_tables_and_the_plots(tmp_path):
     committed = {p.name: p.read_text() for p in (ROOT / "docs" / "results").glob("*.md")}
     tables = {"dt_table.md", "dt_sweep.md", "chat_speed.md", "serve_load.md", "finetune.md", "dt_speed.md",
               "family_speed.md", "speculative.md", "chat_kernels.md", "quickstart.md", "dt_variant.md",
-              "gpu_speed.md", "dt_heldout.md", "dt_tokens.md", "dt_average.md"}
+              "gpu_speed.md", "dt_heldout.md", "dt_tokens.md", "dt_average.md",
+              "dt_step_parity.md"}
     assert set(made) == tables
     for name, text in made.items():
         assert committed.get(name) == text, f"docs/results/{name} is stale: run python benchmarks/report.py"

@@ -437,14 +437,20 @@ class WindowSampler:
             # a transition drawn uniformly over the episodes' steps: episode ep, step t within it
             k = self.rng.integers(0, self.cum_lengths[-1], size=batch_size)
             ep = np.searchsorted(self.cum_lengths, k, side="right")
-            t = k - (self.cum_lengths[ep] - self.lengths[ep])
-            n_real = np.minimum(K, t + 1)
-            start = t - n_real + 1  # within the episode
-        else:
-            ep = self.rng.choice(len(self.lengths), size=batch_size, p=self.probs)
-            length = self.lengths[ep]
-            start = (self.rng.random(batch_size) * length).astype(np.int64)  # uniform in [0, length)
-            n_real = np.minimum(K, length - start)  # steps in the window
+            return self.ending_at(ep, k - (self.cum_lengths[ep] - self.lengths[ep]))
+        ep = self.rng.choice(len(self.lengths), size=batch_size, p=self.probs)
+        length = self.lengths[ep]
+        start = (self.rng.random(batch_size) * length).astype(np.int64)  # uniform in [0, length)
+        return self._cut(ep, start, np.minimum(K, length - start))  # n_real: steps in the window
+
+    def ending_at(self, ep: np.ndarray, t: np.ndarray) -> WindowBatch:
+        """The end windows that end at step `t` (within the episode) of episodes `ep`, both [B]."""
+        n_real = np.minimum(self.K, t + 1)
+        return self._cut(ep, t - n_real + 1, n_real)
+
+    def _cut(self, ep: np.ndarray, start: np.ndarray, n_real: np.ndarray) -> WindowBatch:
+        """Windows of `n_real` steps from `start` (within the episode) of episodes `ep`, left-padded."""
+        K = self.K
         pad = K - n_real
         j = np.arange(K)[None, :]  # [1, K]
         real = j >= pad[:, None]  # [B, K]
