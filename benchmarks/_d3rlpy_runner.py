@@ -33,6 +33,15 @@ def dt_config(d3rlpy, warmup: int, hidden: int = 128, context: int = 20, heads: 
     )
 
 
+def mdp_dataset(d3rlpy, path: str):
+    """A D4RL-layout HDF5 file as d3rlpy's `MDPDataset` (episodes end at terminals and timeouts)."""
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    return d3rlpy.dataset.MDPDataset(data["observations"], data["actions"], data["rewards"],
+                                     data["terminals"].astype(np.float32),
+                                     data["timeouts"].astype(np.float32))
+
+
 def save_model(algo, path: str) -> None:
     """The transformer's weights (without the causal-mask buffers) and the observation scaler, as
     plain arrays: loadable with `np.load(allow_pickle=False)`. Written to a temp file, then renamed."""
@@ -72,11 +81,7 @@ def main() -> None:
     import d3rlpy
     import torch
 
-    with h5py.File(args.dataset, "r") as f:
-        data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    dataset = d3rlpy.dataset.MDPDataset(data["observations"], data["actions"], data["rewards"],
-                                        data["terminals"].astype(np.float32),
-                                        data["timeouts"].astype(np.float32))
+    dataset = mdp_dataset(d3rlpy, args.dataset)
     d3rlpy.seed(args.seed)
     if args.algo == "dt":
         algo = dt_config(d3rlpy, args.warmup).create(device="cpu:0")

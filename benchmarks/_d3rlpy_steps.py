@@ -14,10 +14,9 @@ import argparse
 import dataclasses
 import os
 
-import h5py
 import numpy as np
 
-from _d3rlpy_runner import dt_config, save_model  # beside this script (sys.path[0])
+from _d3rlpy_runner import dt_config, mdp_dataset, save_model  # beside this script (sys.path[0])
 
 
 def take_steps(algo, dataset, steps: int, batch_size: int, context: int, rng: np.random.Generator):
@@ -59,11 +58,7 @@ def main() -> None:
     import torch
     from d3rlpy.algos.utility import build_scalers_with_trajectory_slicer
 
-    with h5py.File(args.dataset, "r") as f:
-        data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    dataset = d3rlpy.dataset.MDPDataset(data["observations"], data["actions"], data["rewards"],
-                                        data["terminals"].astype(np.float32),
-                                        data["timeouts"].astype(np.float32))
+    dataset = mdp_dataset(d3rlpy, args.dataset)
     d3rlpy.seed(args.seed)
     config = dt_config(d3rlpy, args.warmup)
     if args.no_dropout:
