@@ -68,6 +68,17 @@ GLMGYM_VARIANTS = (
 )
 
 
+def welch_t(a: dict, b: dict) -> float | None:
+    """Welch's t of two summaries' means (a - b), from their std over seeds (numpy's, ddof 0,
+    turned into the sample deviation) and seed counts; None below two seeds on either side."""
+    na, nb = len(a.get("seeds", [])), len(b.get("seeds", []))
+    if na < 2 or nb < 2:
+        return None
+    var = sum(e["normalized_score_std"] ** 2 * n / (n - 1) / n for e, n in ((a, na), (b, nb)))
+    diff = a["normalized_score_mean"] - b["normalized_score_mean"]
+    return diff / var**0.5 if var > 0 else None
+
+
 def _variant_rows(pattern: str, data: dict) -> tuple[dict[str, dict], dict[str, str]]:
     """glmgym's DT summaries per dataset from the result files matching `pattern`; and per
     dataset the device its runs trained on (the GPU's name, or the CPU kind).
@@ -103,25 +114,36 @@ def dt_table(out: Path, img: Path) -> None:
         ("glmgym DT, start windows (before)", lambda n: data.get(n, {}).get("glmgym_dt")),
         *((label, rows.get) for label, _, rows, _ in variants),
     ]
-    lines = ["| dataset | " + " | ".join(label for label, _ in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    default, d3rlpy = variants[-1][2].get, columns[2][1]  # the last variant is train's default recipe
+
+    def against_d3rlpy(name: str) -> str:
+        """The default's lead over d3rlpy's DT, and Welch's t of it: is a row's gap seed noise?"""
+        a, b = default(name), d3rlpy(name)
+        if not a or not b:
+            return "—"
+        t = welch_t(a, b)
+        return f"{a['normalized_score_mean'] - b['normalized_score_mean']:+.1f}" + (
+            f" ({t:+.1f})" if t is not None else "")
+
+    lines = ["| dataset | " + " | ".join(label for label, _ in columns) + " | default − d3rlpy (Welch's t) |",
+             "|---|" + "---:|" * (len(columns) + 1)]
     for name in DT_ROWS:
         cells = [_fmt(get(name)["normalized_score_mean"]) if c == 0 and get(name) else _score(get(name))
                  for c, (_, get) in enumerate(columns)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {against_d3rlpy(name)} |")
 
     def mean_over(names: list[str], get) -> str:
         scores = [get(n) for n in names]
         return _fmt(sum(e["normalized_score_mean"] for e in scores) / len(names)) if all(scores) else "—"
 
-    lines.append("| **average** | " + " | ".join(mean_over(DT_ROWS, get) for _, get in columns) + " |")
+    lines.append("| **average** | " + " | ".join(mean_over(DT_ROWS, get) for _, get in columns) + " | |")
     row_sets: dict[tuple, list[str]] = {}  # the same rows for every column while some are not rerun
     for _, short, rows, _ in variants:
         if 0 < len(rows) < len(DT_ROWS):
             row_sets.setdefault(tuple(n for n in DT_ROWS if n in rows), []).append(short)
     for names, shorts in row_sets.items():  # one line per set of rows, however many columns share it
         lines.append(f"| average of the {len(names)} rows with {' and with '.join(shorts)} | "
-                     + " | ".join(mean_over(list(names), get) for _, get in columns) + " |")
+                     + " | ".join(mean_over(list(names), get) for _, get in columns) + " | |")
     trained_on = []
     for _, short, _, devices in variants:
         by_device: dict[str, list[str]] = {}
@@ -137,7 +159,10 @@ def dt_table(out: Path, img: Path) -> None:
         "its best of three target returns; 10k gradient steps, 10 evaluation episodes per seed and "
         "target. A dash: not run on the row's current file. Start windows (kzl's cut) were "
         "glmgym's default until 2026-12-05, GPT-2's N(0, 0.02) init of the embeddings and the "
-        "action head until 2026-12-06. The newer columns trained in fp32. " + ". ".join(trained_on) + ".",
+        "action head until 2026-12-06. The newer columns trained in fp32. " + ". ".join(trained_on) + ". "
+        "The last column: the default's mean minus d3rlpy's, and Welch's t from the seeds' sample "
+        "deviations: with three seeds a side, |t| below 2.78 (the two-sided 5% bound at 4 degrees "
+        "of freedom, the most Welch's test allows there) cannot tell the two apart.",
     ]
     (out / "dt_table.md").write_text("\n".join(lines) + "\n")
 

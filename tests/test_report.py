@@ -66,3 +66,24 @@ def test_the_dt_table_refuses_a_row_whose_columns_ran_on_different_files(tmp_pat
         json.dumps({"datasets": {"walker2d-medium-replay": entry("b" * 64)}}))
     with pytest.raises(SystemExit, match=r"dt_init_paper_walker2d\.json: walker2d-medium-replay ran on"):
         report.dt_table(out, img)
+
+
+def test_the_dt_table_gives_each_rows_gap_to_d3rlpy_with_welchs_t(tmp_path, monkeypatch):
+    report = _load_report()
+    # seeds 95.5, 81.6, 101.2 (d3rlpy) and 87.0, 89.5, 88.7 (glmgym) as numpy's mean and std
+    d3rlpy = {"normalized_score_mean": 92.7667, "normalized_score_std": 8.2318, "seeds": [0, 1, 2]}
+    glmgym = {"normalized_score_mean": 88.4, "normalized_score_std": 1.0424, "seeds": [0, 1, 2]}
+    assert report.welch_t(glmgym, d3rlpy) == pytest.approx(-0.744, abs=1e-3)  # from the seeds with statistics.variance
+    assert report.welch_t(glmgym, {**d3rlpy, "seeds": [0]}) is None  # one seed: no deviation
+    entry = {"config": {"dataset_sha256": "a" * 64}, "dataset": glmgym, "bc": glmgym, "d3rlpy_dt": d3rlpy,
+             "runs": {"glmgym_dt/0": {"cpu": "avx2"}}}
+    (tmp_path / "dt_quality.json").write_text(json.dumps({"datasets": {"halfcheetah-medium-expert": entry}}))
+    (tmp_path / "dt_init_paper_halfcheetah.json").write_text(
+        json.dumps({"datasets": {"halfcheetah-medium-expert": {**entry, "glmgym_dt": glmgym}}}))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    out, img = tmp_path / "t", tmp_path / "p"
+    out.mkdir(), img.mkdir()
+    report.dt_table(out, img)
+    row = next(line for line in (out / "dt_table.md").read_text().splitlines()
+               if line.startswith("| halfcheetah-medium-expert"))
+    assert row.endswith("| -4.4 (-0.7) |")
