@@ -73,7 +73,7 @@ def test_the_dt_table_gives_each_rows_gap_to_d3rlpy_with_welchs_t(tmp_path, monk
     # seeds 95.5, 81.6, 101.2 (d3rlpy) and 87.0, 89.5, 88.7 (glmgym) as numpy's mean and std
     d3rlpy = {"normalized_score_mean": 92.7667, "normalized_score_std": 8.2318, "seeds": [0, 1, 2]}
     glmgym = {"normalized_score_mean": 88.4, "normalized_score_std": 1.0424, "seeds": [0, 1, 2]}
-    assert report.welch_t(glmgym, d3rlpy) == pytest.approx(-0.744, abs=1e-3)  # from the seeds with statistics.variance
+    assert report.welch_t(glmgym, d3rlpy) == pytest.approx(-0.744, abs=1e-3)  # by hand from the seeds
     assert report.welch_t(glmgym, {**d3rlpy, "seeds": [0]}) is None  # one seed: no deviation
     entry = {"config": {"dataset_sha256": "a" * 64}, "dataset": glmgym, "bc": glmgym, "d3rlpy_dt": d3rlpy,
              "runs": {"glmgym_dt/0": {"cpu": "avx2"}}}
