@@ -74,7 +74,7 @@ def welch_t(a: dict, b: dict) -> float | None:
     na, nb = len(a.get("seeds", [])), len(b.get("seeds", []))
     if na < 2 or nb < 2:
         return None
-    var = sum(e["normalized_score_std"] ** 2 * n / (n - 1) / n for e, n in ((a, na), (b, nb)))
+    var = sum(e["normalized_score_std"] ** 2 / (n - 1) for e, n in ((a, na), (b, nb)))  # s^2 / n
     diff = a["normalized_score_mean"] - b["normalized_score_mean"]
     return diff / var**0.5 if var > 0 else None
 
@@ -106,15 +106,18 @@ def dt_table(out: Path, img: Path) -> None:
         return
     data = result["datasets"]
     variants = [(label, short, *_variant_rows(pattern, data)) for label, short, pattern in GLMGYM_VARIANTS]
+    def d3rlpy(name: str) -> dict | None:
+        return data.get(name, {}).get("d3rlpy_dt")
+
     # every column as a function of the dataset's name -> its summary (or None)
     columns = [
         ("data mean", lambda n: data.get(n, {}).get("dataset")),
         ("BC", lambda n: data.get(n, {}).get("bc")),
-        ("d3rlpy DT", lambda n: data.get(n, {}).get("d3rlpy_dt")),
+        ("d3rlpy DT", d3rlpy),
         ("glmgym DT, start windows (before)", lambda n: data.get(n, {}).get("glmgym_dt")),
         *((label, rows.get) for label, _, rows, _ in variants),
     ]
-    default, d3rlpy = variants[-1][2].get, columns[2][1]  # the last variant is train's default recipe
+    default = variants[-1][2].get  # the last variant is train's default recipe
 
     def against_d3rlpy(name: str) -> str:
         """The default's lead over d3rlpy's DT, and Welch's t of it: is a row's gap seed noise?"""
