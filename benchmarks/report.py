@@ -140,6 +140,20 @@ def dt_table(out: Path, img: Path) -> None:
         return _fmt(sum(e["normalized_score_mean"] for e in scores) / len(names)) if all(scores) else "—"
 
     lines.append("| **average** | " + " | ".join(mean_over(DT_ROWS, get) for _, get in columns) + " | |")
+
+    def spread_over(names: list[str], get) -> str:
+        """A column's seed spread over rows: the root mean square of its rows' std over seeds (three
+        seeds give each row's std too loosely to compare methods row by row)."""
+        scores = [get(n) for n in names]
+        if not all(e and len(e.get("seeds", [])) > 1 for e in scores):
+            return "—"
+        return _fmt((sum(e["normalized_score_std"] ** 2 for e in scores) / len(names)) ** 0.5)
+
+    narrower = sum(default(n)["normalized_score_std"] <= d3rlpy(n)["normalized_score_std"]
+                   for n in DT_ROWS if default(n) and d3rlpy(n))
+    lines.append("| seed std, root mean square over the rows | "
+                 + " | ".join(spread_over(DT_ROWS, get) for _, get in columns)
+                 + f" | default's std ≤ d3rlpy's on {narrower} of {len(DT_ROWS)} rows |")
     row_sets: dict[tuple, list[str]] = {}  # the same rows for every column while some are not rerun
     for _, short, rows, _ in variants:
         if 0 < len(rows) < len(DT_ROWS):

@@ -87,3 +87,32 @@ def test_the_dt_table_gives_each_rows_gap_to_d3rlpy_with_welchs_t(tmp_path, monk
     row = next(line for line in (out / "dt_table.md").read_text().splitlines()
                if line.startswith("| halfcheetah-medium-expert"))
     assert row.endswith("| -4.4 (-0.7) |")
+
+
+def test_the_dt_table_pools_each_columns_seed_spread_over_the_rows(tmp_path, monkeypatch):
+    report = _load_report()
+    rows = report.DT_ROWS
+    stds = [3.0 * (i % 2) + 1.0 for i in range(len(rows))]  # 1, 4, 1, 4, ...: rms sqrt(mean(std^2))
+
+    def summary(std, seeds=(0, 1, 2)):
+        return {"normalized_score_mean": 50.0, "normalized_score_std": std, "seeds": list(seeds)}
+
+    def entry(i):
+        return {"config": {"dataset_sha256": "a" * 64}, "dataset": summary(9.0, ()), "bc": summary(2.0),
+                "d3rlpy_dt": summary(2.0), "glmgym_dt": summary(stds[i], seeds=(0,)),
+                "runs": {"glmgym_dt/0": {"cpu": "avx2"}}}
+
+    (tmp_path / "dt_quality.json").write_text(
+        json.dumps({"datasets": {n: entry(i) for i, n in enumerate(rows)}}))
+    (tmp_path / "dt_init_paper_all.json").write_text(json.dumps(
+        {"datasets": {n: {**entry(i), "glmgym_dt": summary(stds[i])} for i, n in enumerate(rows)}}))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    out, img = tmp_path / "t", tmp_path / "p"
+    out.mkdir(), img.mkdir()
+    report.dt_table(out, img)
+    line = next(x for x in (out / "dt_table.md").read_text().splitlines() if x.startswith("| seed std"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    expected = f"{(sum(s * s for s in stds) / len(stds)) ** 0.5:.1f}"
+    # data mean: an episode spread, not a seed spread; start windows: one seed a row, no deviation
+    assert cells[1:] == ["—", "2.0", "2.0", "—", "—", expected,
+                         f"default's std ≤ d3rlpy's on {stds.count(1.0)} of {len(rows)} rows"]
