@@ -170,6 +170,11 @@ def dt_table(out: Path, img: Path) -> None:
         if by_device:
             trained_on.append(f"{short[0].upper()}{short[1:]}: " + "; ".join(f"{', '.join(names)} on {dev}"
                                                          for dev, names in by_device.items()))
+    by_refs: dict[str, list[str]] = {}  # the rows of one pair of references, in table order
+    for name in DT_ROWS:
+        refs = data.get(name, {}).get("config", {}).get("reference_scores")
+        if refs:
+            by_refs.setdefault(f"{refs['min']:.1f} / {refs['max']:.1f}", []).append(name)
     lines += [
         "",
         "Normalized score (mean ± std over training seeds, their number in brackets), each DT at "
@@ -179,7 +184,12 @@ def dt_table(out: Path, img: Path) -> None:
         "action head until 2026-12-06. The newer columns trained in fp32. " + ". ".join(trained_on) + ". "
         "The last column: the default's mean minus d3rlpy's, and Welch's t from the seeds' sample "
         "deviations: with three seeds a side, |t| below 2.78 (the two-sided 5% bound at 4 degrees "
-        "of freedom, the most Welch's test allows there) cannot tell the two apart.",
+        "of freedom, the most Welch's test allows there) cannot tell the two apart."
+        + (" Each row is normalized by its file's references, the random policy's and the expert "
+           "policy's mean return in the collection run it was cut from; rows of one environment "
+           "from different runs have different scales: "
+           + "; ".join(f"{', '.join(names)} {refs}" for refs, names in by_refs.items()) + "."
+           if by_refs else ""),
     ]
     (out / "dt_table.md").write_text("\n".join(lines) + "\n")
 

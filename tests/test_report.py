@@ -98,7 +98,9 @@ def test_the_dt_table_pools_each_columns_seed_spread_over_the_rows(tmp_path, mon
         return {"normalized_score_mean": 50.0, "normalized_score_std": std, "seeds": list(seeds)}
 
     def entry(i):
-        return {"config": {"dataset_sha256": "a" * 64}, "dataset": summary(9.0, ()), "bc": summary(2.0),
+        refs = {"min": -1.0, "max": 100.0 + (i == 2)}  # one row from another collection run
+        return {"config": {"dataset_sha256": "a" * 64, "reference_scores": refs},
+                "dataset": summary(9.0, ()), "bc": summary(2.0),
                 "d3rlpy_dt": summary(2.0), "glmgym_dt": summary(stds[i], seeds=(0,)),
                 "runs": {"glmgym_dt/0": {"cpu": "avx2"}}}
 
@@ -116,3 +118,6 @@ def test_the_dt_table_pools_each_columns_seed_spread_over_the_rows(tmp_path, mon
     # data mean: an episode spread, not a seed spread; start windows: one seed a row, no deviation
     assert cells[1:] == ["—", "2.0", "2.0", "—", "—", expected,
                          f"default's std ≤ d3rlpy's on {stds.count(1.0)} of {len(rows)} rows"]
+    others = ", ".join(rows[:2] + rows[3:])  # each row's references, grouped
+    text = (out / "dt_table.md").read_text()
+    assert f"different scales: {others} -1.0 / 100.0; {rows[2]} -1.0 / 101.0." in text
