@@ -106,6 +106,7 @@ def dt_table(out: Path, img: Path) -> None:
         return
     data = result["datasets"]
     variants = [(label, short, *_variant_rows(pattern, data)) for label, short, pattern in GLMGYM_VARIANTS]
+
     def d3rlpy(name: str) -> dict | None:
         return data.get(name, {}).get("d3rlpy_dt")
 
@@ -141,18 +142,18 @@ def dt_table(out: Path, img: Path) -> None:
 
     lines.append("| **average** | " + " | ".join(mean_over(DT_ROWS, get) for _, get in columns) + " | |")
 
-    def spread_over(names: list[str], get) -> str:
-        """A column's seed spread over rows: the root mean square of its rows' std over seeds (three
-        seeds give each row's std too loosely to compare methods row by row)."""
-        scores = [get(n) for n in names]
+    def spread(get) -> str:
+        """A column's seed spread over the rows: the root mean square of its rows' std over seeds
+        (three seeds give each row's std too loosely to compare methods row by row)."""
+        scores = [get(n) for n in DT_ROWS]
         if not all(e and len(e.get("seeds", [])) > 1 for e in scores):
             return "—"
-        return _fmt((sum(e["normalized_score_std"] ** 2 for e in scores) / len(names)) ** 0.5)
+        return _fmt((sum(e["normalized_score_std"] ** 2 for e in scores) / len(scores)) ** 0.5)
 
     narrower = sum(default(n)["normalized_score_std"] <= d3rlpy(n)["normalized_score_std"]
                    for n in DT_ROWS if default(n) and d3rlpy(n))
     lines.append("| seed std, root mean square over the rows | "
-                 + " | ".join(spread_over(DT_ROWS, get) for _, get in columns)
+                 + " | ".join(spread(get) for _, get in columns)
                  + f" | default's std ≤ d3rlpy's on {narrower} of {len(DT_ROWS)} rows |")
     row_sets: dict[tuple, list[str]] = {}  # the same rows for every column while some are not rerun
     for _, short, rows, _ in variants:
