@@ -3,6 +3,7 @@
 Runs inside a virtual environment of its own (d3rlpy pins gymnasium==1.0.0); started by
 `dt_quality.py`. Hyperparameters follow d3rlpy's own Decision Transformer reproduction script
 (the paper's), with the warmup given on the command line so that every method shares the schedule.
+`--load-model` evaluates weights an earlier run kept (`--save-model`) instead of training.
 """
 
 from __future__ import annotations
@@ -61,6 +62,32 @@ def save_model(algo, path: str) -> None:
     os.replace(tmp, path)
 
 
+def load_model(d3rlpy, algo, dataset, path: str) -> None:
+    """Build `algo` on `dataset` as `fit` does, then put `save_model`'s weights into it. The
+    observation scaler is fitted on `dataset` again and must equal the saved one, which also
+    checks that the weights were trained on these data."""
+    import torch
+    from d3rlpy.algos.utility import build_scalers_with_trajectory_slicer
+
+    build_scalers_with_trajectory_slicer(algo, dataset)
+    algo.create_impl(dataset.sample_transition().observation_signature.shape[0],
+                     dataset.dataset_info.action_size)
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    scaler = algo.observation_scaler
+    for name, fitted in (("mean", scaler.mean), ("std", scaler.std)):
+        kept, fitted = arrays[f"__observation_{name}"], np.asarray(fitted)
+        if kept.shape != fitted.shape or not np.allclose(kept, fitted, rtol=1e-6, atol=1e-9):
+            raise SystemExit(f"{path}: its observation {name} differs from this dataset's; "
+                             "the weights were trained on other data")
+    state = {k: torch.from_numpy(v) for k, v in arrays.items() if not k.startswith("__")}
+    result = algo.impl.modules.transformer.load_state_dict(state, strict=False)
+    # the causal-mask buffers are not saved (they are rebuilt by the constructor); nothing else may miss
+    missing = [k for k in result.missing_keys if not k.endswith("_mask")]
+    if missing or result.unexpected_keys:
+        raise SystemExit(f"{path}: missing {missing}, unexpected {result.unexpected_keys}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", required=True)
@@ -76,7 +103,11 @@ def main() -> None:
     p.add_argument("--save-model", metavar="NPZ",
                    help="also write the trained DT's weights and observation scaler here (numpy arrays, "
                         "d3rlpy's names; `_d3rlpy_convert.py` turns them into a glmgym checkpoint)")
+    p.add_argument("--load-model", metavar="NPZ",
+                   help="evaluate these weights (written by --save-model) instead of training (DT only)")
     args = p.parse_args()
+    if args.load_model and (args.algo != "dt" or args.save_model):
+        p.error("--load-model is for --algo dt, without --save-model")
 
     import d3rlpy
     import torch
@@ -89,10 +120,14 @@ def main() -> None:
         algo = d3rlpy.algos.BCConfig(
             batch_size=64, observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
         ).create(device="cpu:0")
-    t0 = time.perf_counter()
-    algo.fit(dataset, n_steps=args.steps, n_steps_per_epoch=args.steps, show_progress=False,
-             save_interval=10**9, experiment_name=f"bench_{args.algo}_{args.seed}", with_timestamp=True)
-    train_seconds = time.perf_counter() - t0
+    if args.load_model:
+        load_model(d3rlpy, algo, dataset, args.load_model)
+        train_seconds = None
+    else:
+        t0 = time.perf_counter()
+        algo.fit(dataset, n_steps=args.steps, n_steps_per_epoch=args.steps, show_progress=False,
+                 save_interval=10**9, experiment_name=f"bench_{args.algo}_{args.seed}", with_timestamp=True)
+        train_seconds = time.perf_counter() - t0
     if args.save_model and args.algo == "dt":
         save_model(algo, args.save_model)
 

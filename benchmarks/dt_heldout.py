@@ -13,7 +13,9 @@ its checkpoint or targets changed); `benchmarks/report.py` tabulates them.
         --d3rlpy-python VENV/bin/python --d3rlpy-seeds 0 1
 
 trains d3rlpy's DT as `dt_quality.py` does (10k steps, one run at a time, not resumable) and
-evaluates it on the same episodes, for the peer's figure beside glmgym's. Its weights are kept
+evaluates it on the same episodes, for the peer's figure beside glmgym's; where `dt_quality.py`
+(or this script) already trained that seed on that dataset (`--runs-dir`/<dataset>-d3rlpy-dt-
+seed<N>.npz), those weights are evaluated in d3rlpy's loop instead. Its weights are kept
 as a glmgym run folder (`--runs-dir`/<dataset>-d3rlpy-dt-end-seed<N>, `_d3rlpy_convert.py`), so
 that this script (as a run folder: glmgym's evaluation loop) and `dt_tokens.py` take it too.
 """
@@ -51,9 +53,12 @@ def d3rlpy_entries(args, result: dict) -> None:
             continue
         weights = Path(args.runs_dir) / f"{args.d3rlpy}-d3rlpy-dt-seed{seed}.npz"
         weights.parent.mkdir(parents=True, exist_ok=True)
+        kept = weights.exists()  # trained before (by dt_quality.py): evaluate, do not train again
         r = run_d3rlpy(path, env_id, args, "dt", seed, args.targets, episode_seed=args.seed,
-                       save_model=weights)
+                       **({"load_model": weights} if kept else {"save_model": weights}))
         result[key] = d3rlpy_entry(args, seed, r, ref)
+        if kept:
+            result[key]["weights_from"] = weights.name
         # d3rlpy's weights as a glmgym run, for glmgym's evaluation loop and dt_tokens.py
         run = write_run(weights, Path(args.runs_dir) / f"{args.d3rlpy}-d3rlpy-dt-end-seed{seed}", path,
                         env_id, seed, args.steps)

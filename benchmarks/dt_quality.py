@@ -22,7 +22,9 @@ environment of its own (it pins gymnasium 1.0.0):
 
 Results are cached per (dataset, method, seed) in the output JSON as each run ends, so an
 interrupted run resumes and the table can be filled over several sessions; a dataset's cached
-runs are dropped when its file (sha256) or the settings change. Seeds run in parallel processes
+runs are dropped when its file (sha256) or the settings change. d3rlpy's trained DTs are kept as
+`--runs`/<dataset>-d3rlpy-dt-seed<N>.npz, which `dt_heldout.py --d3rlpy` evaluates on more
+episodes without training them again. Seeds run in parallel processes
 write separate output files (`--out`); `--merge PART.json ...` then folds their runs into `--out`
 (same data and settings only) and summarizes, without training anything:
 
@@ -133,9 +135,11 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
 
 
 def run_d3rlpy(path: Path, env_id: str, args, algo: str, seed: int, targets,
-               episode_seed: int | None = None, save_model: Path | None = None) -> dict:
+               episode_seed: int | None = None, save_model: Path | None = None,
+               load_model: Path | None = None) -> dict:
     """Train and evaluate one d3rlpy run in its own venv; episodes from `episode_seed` (default:
-    `seed`, as glmgym's table); the trained DT's weights to `save_model` (an .npz) if given."""
+    `seed`, as glmgym's table); the trained DT's weights to `save_model` (an .npz) if given; or,
+    with `load_model`, evaluate the weights kept there without training (train_seconds None)."""
     with tempfile.TemporaryDirectory() as cwd:  # d3rlpy writes d3rlpy_logs/ there
         proc = subprocess.run(
             [args.d3rlpy_python, str(Path(__file__).resolve().with_name("_d3rlpy_runner.py")),
@@ -143,7 +147,8 @@ def run_d3rlpy(path: Path, env_id: str, args, algo: str, seed: int, targets,
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(seed),
              "--episodes", str(args.episodes), "--targets", *map(str, targets),
              *(["--episode-seed", str(episode_seed)] if episode_seed is not None else []),
-             *(["--save-model", str(Path(save_model).resolve())] if save_model is not None else [])],
+             *(["--save-model", str(Path(save_model).resolve())] if save_model is not None else []),
+             *(["--load-model", str(Path(load_model).resolve())] if load_model is not None else [])],
             capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
         raise SystemExit(f"d3rlpy {algo} failed:\n{proc.stderr[-3000:]}")
@@ -317,8 +322,14 @@ def main() -> None:
             if method == "glmgym_dt":
                 run_dir = runs_root / f"{name}-glmgym-dt-{tag}seed{seed}"
                 r = run_glmgym(path, env_id, args, seed, targets, ref, run_dir)
+            elif method == "d3rlpy_dt":
+                # its weights are kept, so that `dt_heldout.py --d3rlpy` evaluates this run again
+                # without training it again
+                runs_root.mkdir(parents=True, exist_ok=True)
+                r = run_d3rlpy(path, env_id, args, "dt", seed, targets,
+                               save_model=runs_root / f"{name}-d3rlpy-dt-seed{seed}.npz")
             else:
-                r = run_d3rlpy(path, env_id, args, "dt" if method == "d3rlpy_dt" else "bc", seed, targets)
+                r = run_d3rlpy(path, env_id, args, "bc", seed, targets)
             gpu = gpu_name() if method == "glmgym_dt" else None  # d3rlpy's and BC's run on the CPU
             runs[f"{method}/{seed}"] = {**r, "date": time.strftime("%Y-%m-%d"), "cpu": cpu_kind(),
                                         **({"gpu": gpu} if gpu else {})}

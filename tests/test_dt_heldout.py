@@ -65,6 +65,33 @@ def test_d3rlpy_runs_on_the_held_out_episodes_and_are_normalized_like_glmgyms(tm
     assert not (tmp_path / "args.txt").exists()
 
 
+def test_the_tables_d3rlpy_runs_are_evaluated_again_without_training(tmp_path):
+    """dt_quality.py keeps each d3rlpy DT's weights; dt_heldout.py then hands them to the runner
+    (`--load-model`) instead of training that seed again."""
+    fake = _fake_d3rlpy_python(tmp_path, {"3600.0": [1615.0, 2415.0], "1800.0": [1000.0, 1200.0]})
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dt_quality.py"), "--methods", "d3rlpy_dt",
+         "--datasets", "hopper-medium", "--d3rlpy-seeds", "1", "--d3rlpy-python", str(fake),
+         "--steps", "20", "--episodes", "2", "--out", str(tmp_path / "table.json")],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    args = (tmp_path / "args.txt").read_text().split()
+    kept = tmp_path / "benchmarks" / "runs" / "hopper-medium-d3rlpy-dt-seed1.npz"
+    assert Path(args[args.index("--save-model") + 1]) == kept and kept.is_file()
+    assert "--load-model" not in args
+
+    out = tmp_path / "heldout.json"
+    proc = _run(tmp_path, fake, out)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "args.txt").read_text().split()
+    assert Path(args[args.index("--load-model") + 1]) == kept and "--save-model" not in args
+    assert args[args.index("--episode-seed") + 1] == "100"
+    entry = json.loads(out.read_text())["hopper-medium/end-d3rlpy/seed1/20"]
+    assert entry["weights_from"] == kept.name
+    assert entry["results"]["1800.0"]["returns"] == [1000.0, 1200.0]
+    assert (tmp_path / "benchmarks" / "runs" / entry["run"] / "train_config.json").is_file()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--d3rlpy", "hopper-medium"], "--d3rlpy needs --d3rlpy-python"),
     ([], "give run folders"),
