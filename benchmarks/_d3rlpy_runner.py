@@ -43,9 +43,10 @@ def mdp_dataset(d3rlpy, path: str):
                                      data["timeouts"].astype(np.float32))
 
 
-def save_model(algo, path: str) -> None:
+def save_model(algo, path: str, steps: int | None = None) -> None:
     """The transformer's weights (without the causal-mask buffers) and the observation scaler, as
-    plain arrays: loadable with `np.load(allow_pickle=False)`. Written to a temp file, then renamed."""
+    plain arrays: loadable with `np.load(allow_pickle=False)`; with the training `steps` if given.
+    Written to a temp file, then renamed."""
     import os
 
     state = {k: v.detach().cpu().numpy() for k, v in algo.impl.modules.transformer.state_dict().items()
@@ -56,16 +57,18 @@ def save_model(algo, path: str) -> None:
               "__observation_eps": np.asarray(scaler.eps, np.float64),
               "__reward_scale": np.asarray(algo.reward_scaler.multiplier, np.float64),
               "__num_heads": np.asarray(algo.config.num_heads),
-              "__context_size": np.asarray(algo.config.context_size)}
+              "__context_size": np.asarray(algo.config.context_size),
+              **({"__steps": np.asarray(steps)} if steps is not None else {})}
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
-def load_model(d3rlpy, algo, dataset, path: str) -> None:
+def load_model(d3rlpy, algo, dataset, path: str, steps: int) -> None:
     """Build `algo` on `dataset` as `fit` does, then put `save_model`'s weights into it. The
     observation scaler is fitted on `dataset` again and must equal the saved one, which also
-    checks that the weights were trained on these data."""
+    checks that the weights were trained on these data; the saved training steps (where the file
+    has them) must equal `steps`."""
     import torch
     from d3rlpy.algos.utility import build_scalers_with_trajectory_slicer
 
@@ -74,6 +77,8 @@ def load_model(d3rlpy, algo, dataset, path: str) -> None:
                      dataset.dataset_info.action_size)
     with np.load(path, allow_pickle=False) as saved:
         arrays = {k: saved[k] for k in saved.files}
+    if "__steps" in arrays and int(arrays["__steps"]) != steps:
+        raise SystemExit(f"{path}: trained for {int(arrays['__steps'])} steps, not {steps}")
     scaler = algo.observation_scaler
     for name, fitted in (("mean", scaler.mean), ("std", scaler.std)):
         kept, fitted = arrays[f"__observation_{name}"], np.asarray(fitted)
@@ -121,7 +126,7 @@ def main() -> None:
             batch_size=64, observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
         ).create(device="cpu:0")
     if args.load_model:
-        load_model(d3rlpy, algo, dataset, args.load_model)
+        load_model(d3rlpy, algo, dataset, args.load_model, args.steps)
         train_seconds = None
     else:
         t0 = time.perf_counter()
@@ -129,7 +134,7 @@ def main() -> None:
                  save_interval=10**9, experiment_name=f"bench_{args.algo}_{args.seed}", with_timestamp=True)
         train_seconds = time.perf_counter() - t0
     if args.save_model and args.algo == "dt":
-        save_model(algo, args.save_model)
+        save_model(algo, args.save_model, args.steps)
 
     env = gym.make(args.env)
     results = {}
