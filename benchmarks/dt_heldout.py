@@ -31,7 +31,7 @@ import numpy as np
 
 from _d3rlpy_convert import write_run  # beside this script (sys.path[0])
 from _machine import cpu_kind
-from dt_quality import find_dataset, load_with_env, run_d3rlpy
+from dt_quality import d3rlpy_weights, find_dataset, load_with_env, run_d3rlpy
 from dt_sweep import policy_and_ref, run_key
 from glmgym._io import atomic_write_json, read_json
 from glmgym.agents.checkpoint import latest_checkpoint
@@ -51,8 +51,7 @@ def d3rlpy_entries(args, result: dict) -> None:
         if result.get(key, {}).get("targets") == args.targets:
             print(f"{key}: done before")
             continue
-        weights = Path(args.runs_dir) / f"{args.d3rlpy}-d3rlpy-dt-seed{seed}.npz"
-        weights.parent.mkdir(parents=True, exist_ok=True)
+        weights = d3rlpy_weights(Path(args.runs_dir), args.d3rlpy, seed)
         kept = weights.exists()  # trained before (by dt_quality.py): evaluate, do not train again
         r = run_d3rlpy(path, env_id, args, "dt", seed, args.targets, episode_seed=args.seed,
                        **({"load_model": weights} if kept else {"save_model": weights}))

@@ -134,6 +134,13 @@ def run_glmgym(path: Path, env_id: str, args, seed: int, targets, ref, run_dir: 
             "returns": {str(r["target_return"]): r["returns"] for r in report["results"]}}
 
 
+def d3rlpy_weights(runs_root: Path, name: str, seed: int) -> Path:
+    """Where d3rlpy's DT trained on dataset `name` with `seed` is kept (its folder made), for this
+    table and `dt_heldout.py --d3rlpy` alike."""
+    runs_root.mkdir(parents=True, exist_ok=True)
+    return runs_root / f"{name}-d3rlpy-dt-seed{seed}.npz"
+
+
 def run_d3rlpy(path: Path, env_id: str, args, algo: str, seed: int, targets,
                episode_seed: int | None = None, save_model: Path | None = None,
                load_model: Path | None = None) -> dict:
@@ -325,9 +332,8 @@ def main() -> None:
             elif method == "d3rlpy_dt":
                 # its weights are kept, so that `dt_heldout.py --d3rlpy` evaluates this run again
                 # without training it again
-                runs_root.mkdir(parents=True, exist_ok=True)
                 r = run_d3rlpy(path, env_id, args, "dt", seed, targets,
-                               save_model=runs_root / f"{name}-d3rlpy-dt-seed{seed}.npz")
+                               save_model=d3rlpy_weights(runs_root, name, seed))
             else:
                 r = run_d3rlpy(path, env_id, args, "bc", seed, targets)
             gpu = gpu_name() if method == "glmgym_dt" else None  # d3rlpy's and BC's run on the CPU
